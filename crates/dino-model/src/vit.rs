@@ -1,0 +1,259 @@
+//! The Vision Transformer backbone of `vision_transformer.py`, one struct per layer.
+//!
+//! Field names are the official state_dict keys (`blocks.N.attn.qkv`, `patch_embed.proj`, ...),
+//! so official weights load by name; `crate::weights` handles burn's `[in, out]` Linear layout
+//! and its LayerNorm `gamma`/`beta` names.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+
+use crate::config::VitConfig;
+use crate::init::{linear, torch_default_uniform, trunc_normal};
+use crate::pos_embed::interpolation_matrix;
+
+/// Image to patch embeddings: a Conv2d with kernel = stride = patch size.
+#[derive(Module, Debug)]
+pub struct PatchEmbed {
+    pub proj: Conv2d,
+}
+
+impl PatchEmbed {
+    fn new(patch: usize, dim: usize, device: &Device) -> Self {
+        // The official code keeps PyTorch's default Conv2d init for this layer.
+        let fan_in = 3 * patch * patch;
+        let mut proj = Conv2dConfig::new([3, dim], [patch, patch]).with_stride([patch, patch]).init(device);
+        proj.weight = Param::from_tensor(torch_default_uniform([dim, 3, patch, patch], fan_in, device));
+        proj.bias = Some(Param::from_tensor(torch_default_uniform([dim], fan_in, device)));
+        Self { proj }
+    }
+
+    /// `[B, 3, H, W]` -> (`[B, N, D]` with N = (H/p)(W/p), grid height H/p, grid width W/p).
+    /// Pixels beyond the last whole patch are ignored, as with PyTorch's strided conv.
+    pub fn forward(&self, images: Tensor<4>) -> (Tensor<3>, usize, usize) {
+        let x = self.proj.forward(images); // [B, D, h, w]
+        let [_, _, h, w] = x.dims();
+        (x.flatten::<3>(2, 3).swap_dims(1, 2), h, w)
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    num_heads: usize,
+}
+
+impl Attention {
+    /// `[B, N, D]` -> q, k, v, each `[B, heads, N, D/heads]`.
+    fn qkv(&self, x: Tensor<3>) -> [Tensor<4>; 3] {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, n, d / h]);
+        [part(0), part(1), part(2)]
+    }
+
+    /// `[B, heads, N, D/heads]` -> `[B, N, D]` through the output projection.
+    fn merge(&self, heads: Tensor<4>) -> Tensor<3> {
+        let [b, h, n, dh] = heads.dims();
+        self.proj.forward(heads.swap_dims(1, 2).reshape([b, n, h * dh]))
+    }
+
+    /// `[B, N, D]` -> `[B, N, D]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [q, k, v] = self.qkv(x);
+        // The fused op's default scale is head_dim^-0.5, the official one.
+        self.merge(attention(q, k, v, None, None, AttentionModuleOptions::default()))
+    }
+
+    /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
+    pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let [q, k, v] = self.qkv(x);
+        let scale = (q.dims()[3] as f64).powf(-0.5);
+        let weights = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3);
+        (self.merge(weights.clone().matmul(v)), weights)
+    }
+}
+
+/// The transformer MLP: fc1, GELU (exact, erf), fc2.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    /// `[B, N, D]` -> `[B, N, D]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+/// A pre-norm transformer block with per-sample stochastic depth.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+    drop_path: f64,
+}
+
+/// Stochastic depth: drops a residual branch for whole samples with probability `rate`, and
+/// rescales the kept ones. Active only on an autodiff device, i.e. while training the student.
+fn drop_path(x: Tensor<3>, rate: f64) -> Tensor<3> {
+    if rate == 0.0 || !x.device().is_autodiff() {
+        return x;
+    }
+    let keep = 1.0 - rate;
+    let mask = Tensor::<3>::random([x.dims()[0], 1, 1], Distribution::Bernoulli(keep), &x.device());
+    x * mask / keep
+}
+
+impl Block {
+    /// `[B, N, D]` -> `[B, N, D]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x)), self.drop_path);
+        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path)
+    }
+
+    /// `[B, N, D]` -> the softmax attention weights of this block, `[B, heads, N, N]`.
+    pub fn attention_weights(&self, x: Tensor<3>) -> Tensor<4> {
+        self.attn.forward_with_weights(self.norm1.forward(x)).1
+    }
+}
+
+/// The ViT backbone (`num_classes=0`: no classifier).
+#[derive(Module, Debug)]
+pub struct VisionTransformer {
+    /// `[1, 1, D]`.
+    pub cls_token: Param<Tensor<3>>,
+    /// `[1, 1 + grid^2, D]`: CLS slot, then the patch grid in row-major order.
+    pub pos_embed: Param<Tensor<3>>,
+    pub patch_embed: PatchEmbed,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+    grid: usize,
+}
+
+impl VisionTransformer {
+    /// A randomly initialised backbone with the official init.
+    pub fn new(config: &VitConfig, device: &Device) -> Self {
+        let d = config.embed_dim;
+        let grid = config.grid_size();
+        let norm = || LayerNormConfig::new(d).with_epsilon(config.layer_norm_eps).init(device);
+        let blocks = (0..config.depth)
+            .map(|i| Block {
+                norm1: norm(),
+                attn: Attention {
+                    qkv: linear(d, 3 * d, config.qkv_bias, device),
+                    proj: linear(d, d, true, device),
+                    num_heads: config.num_heads,
+                },
+                norm2: norm(),
+                mlp: Mlp {
+                    fc1: linear(d, config.mlp_hidden(), true, device),
+                    fc2: linear(config.mlp_hidden(), d, true, device),
+                },
+                // torch.linspace(0, drop_path_rate, depth)
+                drop_path: if config.depth > 1 {
+                    config.drop_path_rate * i as f64 / (config.depth - 1) as f64
+                } else {
+                    0.0
+                },
+            })
+            .collect();
+        Self {
+            cls_token: Param::from_tensor(trunc_normal([1, 1, d], 0.02, device)),
+            pos_embed: Param::from_tensor(trunc_normal([1, 1 + grid * grid, d], 0.02, device)),
+            patch_embed: PatchEmbed::new(config.patch_size, d, device),
+            blocks,
+            norm: norm(),
+            grid,
+        }
+    }
+
+    /// Token width D.
+    pub fn embed_dim(&self) -> usize {
+        self.cls_token.dims()[2]
+    }
+
+    /// Number of attention heads of each block.
+    pub fn num_heads(&self) -> usize {
+        self.blocks[0].attn.num_heads
+    }
+
+    /// Side of the patches.
+    pub fn patch_size(&self) -> usize {
+        self.patch_embed.proj.weight.dims()[2]
+    }
+
+    /// The position embeddings for an `h x w` patch grid, `[1, 1 + h*w, D]`.
+    fn pos_embed_for(&self, h: usize, w: usize) -> Tensor<3> {
+        let pos = self.pos_embed.val();
+        let Some(matrix) = interpolation_matrix(self.grid, h, w) else {
+            return pos;
+        };
+        let [_, n, d] = pos.dims();
+        let cls = pos.clone().narrow(1, 0, 1);
+        let patches = pos.narrow(1, 1, n - 1).reshape([n - 1, d]);
+        let matrix = Tensor::<2>::from_data(TensorData::new(matrix, [h * w, n - 1]), &patches.device());
+        Tensor::cat(vec![cls, matrix.matmul(patches).reshape([1, h * w, d])], 1)
+    }
+
+    /// Images `[B, 3, H, W]` -> tokens `[B, 1 + N, D]` (CLS first) with position embeddings.
+    pub fn prepare_tokens(&self, images: Tensor<4>) -> Tensor<3> {
+        let (patches, h, w) = self.patch_embed.forward(images);
+        let [b, _, d] = patches.dims();
+        let cls = self.cls_token.val().expand([b, 1, d]);
+        Tensor::cat(vec![cls, patches], 1) + self.pos_embed_for(h, w)
+    }
+
+    /// Images `[B, 3, H, W]` -> every token after the final norm, `[B, 1 + N, D]`.
+    pub fn forward_features(&self, images: Tensor<4>) -> Tensor<3> {
+        let x = self.blocks.iter().fold(self.prepare_tokens(images), |x, blk| blk.forward(x));
+        self.norm.forward(x)
+    }
+
+    /// Images `[B, 3, H, W]` -> the final-normed CLS token `[B, D]` (the DINO feature).
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = self.forward_features(images);
+        let [b, _, d] = x.dims();
+        x.narrow(1, 0, 1).reshape([b, d])
+    }
+
+    /// Images `[B, 3, H, W]` -> the final-normed patch tokens `[B, N, D]`.
+    pub fn patch_tokens(&self, images: Tensor<4>) -> Tensor<3> {
+        let x = self.forward_features(images);
+        let n = x.dims()[1];
+        x.narrow(1, 1, n - 1)
+    }
+
+    /// Images `[B, 3, H, W]` -> the last block's softmax self-attention `[B, heads, 1+N, 1+N]`.
+    pub fn last_self_attention(&self, images: Tensor<4>) -> Tensor<4> {
+        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
+        let x = rest.iter().fold(self.prepare_tokens(images), |x, blk| blk.forward(x));
+        last.attention_weights(x)
+    }
+
+    /// Images `[B, 3, H, W]` -> the outputs of the last `n` blocks, each through the final
+    /// norm, oldest first: `n` tensors `[B, 1+N, D]` (official `get_intermediate_layers`).
+    pub fn intermediate_layers(&self, images: Tensor<4>, n: usize) -> Vec<Tensor<3>> {
+        let first_kept = self.blocks.len().saturating_sub(n);
+        let mut x = self.prepare_tokens(images);
+        let mut kept = Vec::with_capacity(n);
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(x);
+            if i >= first_kept {
+                kept.push(self.norm.forward(x.clone()));
+            }
+        }
+        kept
+    }
+}

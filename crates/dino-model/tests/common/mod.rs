@@ -1,0 +1,77 @@
+//! Access to the reference fixtures produced by the official implementation.
+//!
+//! The directory is `$DINO_REFERENCE_DIR` when set, else the copy in this repository. Every
+//! setting a test needs is read from its `manifest.json`, so the tests run unchanged on any other
+//! fixture set of the same layout.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+pub fn fixture_dir() -> PathBuf {
+    let dir = match std::env::var_os("DINO_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dino-reference"),
+    };
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "reference fixtures not found at {} (set DINO_REFERENCE_DIR to a fixture directory)",
+        dir.display()
+    );
+    dir
+}
+
+/// `manifest.json`'s `config` object.
+pub fn manifest() -> serde_json::Value {
+    let path = fixture_dir().join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest.json is JSON");
+    manifest["config"].clone()
+}
+
+pub fn manifest_usize(key: &str) -> usize {
+    manifest()[key].as_u64().unwrap_or_else(|| panic!("manifest.json: config.{key} is not an integer")) as usize
+}
+
+/// A fixture safetensors file: name -> data (as stored).
+pub fn read_fixture(file: &str) -> BTreeMap<String, TensorData> {
+    let path = fixture_dir().join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture is safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => burn::tensor::DType::F32,
+                safetensors::Dtype::F64 => burn::tensor::DType::F64,
+                safetensors::Dtype::I64 => burn::tensor::DType::I64,
+                other => panic!("unexpected dtype {other:?}"),
+            };
+            (name, TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+        })
+        .collect()
+}
+
+pub fn tensor<const D: usize>(data: &TensorData, device: &Device) -> Tensor<D> {
+    Tensor::from_data(data.clone(), device)
+}
+
+pub fn to_f64(data: &TensorData) -> Vec<f64> {
+    data.iter::<f64>().collect()
+}
+
+/// ||ours - reference|| / ||reference||, after checking the shapes agree.
+pub fn rel_err<const D: usize>(ours: Tensor<D>, reference: &TensorData) -> f64 {
+    let ours = ours.into_data();
+    assert_eq!(ours.shape(), reference.shape(), "shape mismatch");
+    rel_err_vec(&to_f64(&ours), &to_f64(reference))
+}
+
+pub fn rel_err_vec(ours: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let diff: f64 = ours.iter().zip(reference).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = reference.iter().map(|b| b * b).sum::<f64>().sqrt();
+    diff / norm.max(1e-30)
+}
