@@ -1,1 +1,31 @@
-pub fn x(){}
+//! Images to model inputs, as the official scripts prepare them: decoding to RGB, listing image
+//! files, torchvision-style resize and crop, and ImageNet normalisation to CHW `f32` buffers.
+//!
+//! No tensors here: the output is plain `Vec<f32>` that the model crates wrap.
+
+mod image_io;
+mod transform;
+
+pub use image_io::{IMAGE_EXTENSIONS, is_image_file, list_images, load_rgb, read_image_list};
+pub use transform::{
+    EvalTransform, Filter, IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_exact, resize_shorter_side, to_chw,
+};
+
+use std::path::PathBuf;
+
+/// Why an image or a list of images could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file or directory could not be read.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file is not an image we can decode (or it is truncated or corrupt).
+    #[error("{path}: cannot decode image ({reason})")]
+    Decode { path: PathBuf, reason: String },
+    /// A directory or list holds no image.
+    #[error("{path}: no images found (looked for {})", IMAGE_EXTENSIONS.join(", "))]
+    NoImages { path: PathBuf },
+    /// The image is too small for the requested processing.
+    #[error("{path}: image is {width}x{height} px, {problem}")]
+    TooSmall { path: PathBuf, width: u32, height: u32, problem: String },
+}

@@ -1,0 +1,51 @@
+//! Frozen features of a backbone, as the official evaluation scripts compute them.
+
+use burn::tensor::Tensor;
+use dino_model::VisionTransformer;
+
+/// Which tokens make the feature vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureSpec {
+    /// CLS tokens of the last n blocks, each through the final norm, concatenated
+    /// (`eval_linear.py --n_last_blocks`; 1 = the plain DINO feature of `eval_knn.py`).
+    pub n_last_blocks: usize,
+    /// Also the mean of the last block's patch tokens (`--avgpool_patchtokens`).
+    pub avgpool: bool,
+}
+
+impl Default for FeatureSpec {
+    /// The final-normed CLS token, as `eval_knn.py` and the released features.
+    fn default() -> Self {
+        Self { n_last_blocks: 1, avgpool: false }
+    }
+}
+
+impl FeatureSpec {
+    /// Width of the feature vector for a backbone of width `embed_dim`.
+    pub fn dim(&self, embed_dim: usize) -> usize {
+        embed_dim * (self.n_last_blocks + self.avgpool as usize)
+    }
+
+    /// Images `[B, 3, H, W]` -> features `[B, dim]`.
+    ///
+    /// With one block and avgpool, the official code interleaves CLS and pooled values
+    /// (`cat((cls.unsqueeze(-1), avg.unsqueeze(-1)), -1).reshape(B, -1)`); we do the same. With
+    /// several blocks and avgpool the official code fails on a shape mismatch; we append the
+    /// pooled vector after the CLS tokens.
+    pub fn forward(&self, vit: &VisionTransformer, images: Tensor<4>) -> Tensor<2> {
+        let layers = vit.intermediate_layers(images, self.n_last_blocks);
+        let [b, n, d] = layers[0].dims();
+        let cls: Vec<Tensor<2>> = layers.iter().map(|x| x.clone().narrow(1, 0, 1).reshape([b, d])).collect();
+        let cls = Tensor::cat(cls, 1);
+        if !self.avgpool {
+            return cls;
+        }
+        let last = layers.last().expect("n_last_blocks >= 1").clone();
+        let avg = last.narrow(1, 1, n - 1).mean_dim(1).reshape([b, d]);
+        if self.n_last_blocks == 1 {
+            Tensor::stack::<3>(vec![cls, avg], 2).reshape([b, 2 * d])
+        } else {
+            Tensor::cat(vec![cls, avg], 1)
+        }
+    }
+}
