@@ -1,1 +1,41 @@
-fn main(){}
+//! `dino`: self-supervised Vision Transformers (DINO) from the command line.
+//!
+//! The binary only parses arguments and glues the library crates together.
+
+mod commands;
+mod device;
+mod load;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dino", version, about = "DINO self-supervised Vision Transformers: extract features and inspect attention")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Extract one feature vector per image with a trained backbone.
+    Extract(commands::extract::ExtractArgs),
+    /// Draw the last block's per-head self-attention maps for an image.
+    Attention(commands::attention::AttentionArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Extract(args) => commands::extract::run(args),
+        Command::Attention(args) => commands::attention::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `dino extract`: one feature vector per image.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dino_data::{EvalTransform, list_images, read_image_list};
+use dino_eval::{ExtractOptions, FeatureSpec, extract, write_features};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::device::DeviceArg;
+use crate::load::WeightArgs;
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    weights: WeightArgs,
+    /// An image file (repeatable).
+    #[arg(long, value_name = "FILE")]
+    image: Vec<PathBuf>,
+    /// A directory of images, searched recursively (repeatable).
+    #[arg(long, value_name = "DIR")]
+    data: Vec<PathBuf>,
+    /// A text file with one image path per line, relative to the file (repeatable).
+    #[arg(long, value_name = "FILE")]
+    list: Vec<PathBuf>,
+    /// Output: FILE.safetensors (tensor `features`) or FILE.npy; image paths go to FILE.txt.
+    #[arg(long, short, value_name = "FILE")]
+    output: PathBuf,
+    /// Resize the shorter side to N px (bicubic) first; 0 keeps the size.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    resize: u32,
+    /// Then center-crop N x N px; 0 keeps the whole image.
+    #[arg(long, default_value_t = 224, value_name = "N")]
+    crop: u32,
+    /// L2-normalise each feature vector.
+    #[arg(long)]
+    l2_norm: bool,
+    /// Concatenate the CLS tokens of the last N blocks (eval_linear.py's --n_last_blocks).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    n_last_blocks: usize,
+    /// Also append the average of the last block's patch tokens.
+    #[arg(long)]
+    avgpool: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    batch_size: usize,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
+    let mut paths = args.image.clone();
+    for dir in &args.data {
+        paths.extend(list_images(dir)?);
+    }
+    for list in &args.list {
+        paths.extend(read_image_list(list)?);
+    }
+    if paths.is_empty() {
+        bail!("no input images: give --image FILE, --data DIR or --list FILE");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let device = args.device.device()?;
+    let (config, vit) = args.weights.load(&device)?;
+    if args.n_last_blocks == 0 || args.n_last_blocks > config.depth {
+        bail!("--n-last-blocks must be between 1 and the network's depth ({})", config.depth);
+    }
+    let options = ExtractOptions {
+        transform: EvalTransform {
+            resize: (args.resize > 0).then_some(args.resize),
+            crop: (args.crop > 0).then_some(args.crop),
+        },
+        features: FeatureSpec { n_last_blocks: args.n_last_blocks, avgpool: args.avgpool },
+        l2_norm: args.l2_norm,
+        batch_size: args.batch_size,
+    };
+    let bar = ProgressBar::new(paths.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} extracting [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let features = extract(&vit, &paths, &options, &device, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let list = write_features(&features, &paths, &args.output)?;
+    println!(
+        "wrote features [{}, {}] ({} {}/{}) to {} and the image paths to {}",
+        features.rows,
+        features.dim,
+        config.arch_name().unwrap_or("vit"),
+        config.patch_size,
+        config.embed_dim,
+        args.output.display(),
+        list.display()
+    );
+    Ok(())
+}

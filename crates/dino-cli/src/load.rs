@@ -1,0 +1,80 @@
+//! Reading a backbone for inference commands: `--weights` and the flags that describe files
+//! which carry no config.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use burn::tensor::Device;
+use clap::{Args, ValueEnum};
+use dino_model::weights::{CheckpointKey, Weights};
+use dino_model::{VisionTransformer, VitConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyArg {
+    Teacher,
+    Student,
+}
+
+/// Where the backbone comes from.
+#[derive(Debug, Args)]
+pub struct WeightArgs {
+    /// Weights: a released backbone .pth, an official checkpoint.pth, or a .safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub weights: PathBuf,
+    /// Which network of a full training checkpoint to use (released weights are teachers).
+    #[arg(long, value_enum, default_value = "teacher")]
+    pub checkpoint_key: KeyArg,
+    /// Architecture (vit_tiny, vit_small, vit_base) for files that carry no config;
+    /// by default it is inferred from the tensor shapes.
+    #[arg(long, value_name = "NAME")]
+    pub arch: Option<String>,
+    /// Patch size for files that carry no config (default: read off the weights).
+    #[arg(long, value_name = "N")]
+    pub patch_size: Option<usize>,
+    /// Attention heads, for non-standard widths that match no preset.
+    #[arg(long, value_name = "N")]
+    pub num_heads: Option<usize>,
+}
+
+impl WeightArgs {
+    /// The backbone and its config, checked strictly against the file.
+    pub fn load(&self, device: &Device) -> anyhow::Result<(VitConfig, VisionTransformer)> {
+        let key = match self.checkpoint_key {
+            KeyArg::Teacher => CheckpointKey::Teacher,
+            KeyArg::Student => CheckpointKey::Student,
+        };
+        let weights = Weights::read(&self.weights, key)?;
+        let heads = match (&self.arch, self.num_heads) {
+            (Some(arch), None) => {
+                let preset = VitConfig::preset(arch, 16).with_context(|| {
+                    format!("unknown --arch '{arch}'; choose one of {}", dino_model::config::VIT_ARCHS.join(", "))
+                })?;
+                Some(preset.num_heads)
+            }
+            (_, heads) => heads,
+        };
+        let mut config = weights.vit_config(heads)?;
+        if weights.config.is_none() {
+            if let Some(arch) = &self.arch {
+                let preset = VitConfig::preset(arch, config.patch_size).expect("checked above");
+                if (preset.embed_dim, preset.depth) != (config.embed_dim, config.depth) {
+                    bail!(
+                        "{}: --arch {arch} has embed dim {} and {} blocks, but the weights have embed dim {} and {} blocks",
+                        self.weights.display(), preset.embed_dim, preset.depth, config.embed_dim, config.depth
+                    );
+                }
+            }
+            if let Some(p) = self.patch_size
+                && p != config.patch_size
+            {
+                bail!("{}: --patch-size {p}, but the weights have {} px patches", self.weights.display(), config.patch_size);
+            }
+        }
+        if let Err(problem) = config.validate() {
+            bail!("{}: {problem}", self.weights.display());
+        }
+        config.drop_path_rate = 0.0;
+        let vit = weights.backbone(&config, device)?;
+        Ok((config, vit))
+    }
+}

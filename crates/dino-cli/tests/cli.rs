@@ -1,0 +1,237 @@
+//! The real `dino` binary on the reference fixture weights and on images the tests create:
+//! happy paths, and bad input that must end in a one-line error and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use dino_data::{IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
+use dino_model::weights::{CheckpointKey, Weights, save_backbone};
+use dino_model::{VisionTransformer, VitConfig};
+use image::{Rgb, RgbImage};
+
+fn fixture_dir() -> PathBuf {
+    match std::env::var_os("DINO_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dino-reference"),
+    }
+}
+
+fn heads_from_manifest() -> usize {
+    let text = std::fs::read_to_string(fixture_dir().join("manifest.json")).expect("fixture manifest");
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    manifest["config"]["heads"].as_u64().unwrap() as usize
+}
+
+fn dino(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dino")).args(args).output().expect("the dino binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = dino(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "dino {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns its single stderr line.
+fn fails(args: &[&str]) -> String {
+    let out = dino(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success(), "dino {args:?} should fail");
+    assert_eq!(out.status.code(), Some(1), "dino {args:?}: {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected, got: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+/// A test workspace: the fixture backbone saved with its config, and a few images.
+struct Workspace {
+    dir: tempfile::TempDir,
+    config: VitConfig,
+    vit: VisionTransformer,
+}
+
+impl Workspace {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = Weights::read(&fixture_dir().join("vit_backbone.safetensors"), CheckpointKey::Teacher).unwrap();
+        let config = weights.vit_config(Some(heads_from_manifest())).unwrap();
+        let vit = weights.backbone(&config, &Device::flex()).unwrap();
+        save_backbone(&vit, &config, &dir.path().join("backbone.safetensors")).unwrap();
+        let images = dir.path().join("images");
+        for (class, colour) in [("cats", [200u8, 120, 40]), ("dogs", [30, 90, 220])] {
+            std::fs::create_dir_all(images.join(class)).unwrap();
+            for i in 0..2u8 {
+                let img = RgbImage::from_fn(40 + 8 * i as u32, 36, |x, y| {
+                    Rgb([colour[0].wrapping_add((x * 3) as u8), colour[1].wrapping_add((y * 5) as u8), colour[2] ^ i])
+                });
+                let ext = if i == 0 { "png" } else { "jpg" };
+                img.save(images.join(class).join(format!("{i}.{ext}"))).unwrap();
+            }
+        }
+        Self { dir, config, vit }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+fn read_safetensors(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor(name).unwrap();
+    let values = view.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    (view.shape().to_vec(), values)
+}
+
+#[test]
+fn extract_writes_features_equal_to_the_model_forward() {
+    let ws = Workspace::new();
+    let out = ws.path("out/features.safetensors");
+    let stdout = ok(&[
+        "extract", "--weights", &ws.s("backbone.safetensors"), "--data", &ws.s("images"),
+        "--resize", "0", "--crop", "0", "--batch-size", "3", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("[4, 48]") || stdout.contains(&format!("[4, {}]", ws.config.embed_dim)), "{stdout}");
+    let (shape, values) = read_safetensors(&out, "features");
+    assert_eq!(shape, vec![4, ws.config.embed_dim]);
+    let listed: Vec<String> = std::fs::read_to_string(out.with_extension("txt")).unwrap().lines().map(String::from).collect();
+    assert_eq!(listed.len(), 4);
+    assert!(listed[0].ends_with("cats/0.png") && listed[3].ends_with("dogs/1.jpg"), "{listed:?}");
+    // Row i is the final-normed CLS of image i, computed here directly.
+    for (row, path) in listed.iter().enumerate() {
+        let img = load_rgb(Path::new(path)).unwrap();
+        let (w, h) = img.dimensions();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(to_chw(&img, IMAGENET_MEAN, IMAGENET_STD), [1, 3, h as usize, w as usize]),
+            &Device::flex(),
+        );
+        let expected: Vec<f32> = ws.vit.forward(x).into_data().iter::<f32>().collect();
+        let got = &values[row * ws.config.embed_dim..(row + 1) * ws.config.embed_dim];
+        let err = expected.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-4, "row {row}: max abs diff {err}");
+    }
+}
+
+#[test]
+fn extract_supports_official_files_npy_and_feature_options() {
+    let ws = Workspace::new();
+    let heads = heads_from_manifest().to_string();
+    let out = ws.path("f.npy");
+    for weights in ["vit_backbone.pth", "checkpoint.pth"] {
+        let weights = fixture_dir().join(weights);
+        ok(&[
+            "extract", "--weights", weights.to_str().unwrap(), "--num-heads", &heads,
+            "--image", &ws.s("images/cats/0.png"), "--resize", "64", "--crop", "32",
+            "--l2-norm", "--n-last-blocks", "2", "--avgpool", "--output", out.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(&bytes[..6], b"\x93NUMPY");
+        let header = String::from_utf8_lossy(&bytes[10..128]);
+        let dim = 3 * ws.config.embed_dim;
+        assert!(header.contains(&format!("'shape': (1, {dim}, )")), "{header}");
+        // --l2-norm: unit rows.
+        let row: Vec<f32> = bytes[bytes.len() - 4 * dim..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    }
+}
+
+#[test]
+fn attention_writes_maps_masks_and_tensors() {
+    let ws = Workspace::new();
+    let out = ws.path("attn");
+    let p = ws.config.patch_size;
+    let stdout = ok(&[
+        "attention", "--weights", &ws.s("backbone.safetensors"), "--image", &ws.s("images/dogs/1.jpg"),
+        "--image-size", "30", "43", "--threshold", "0.6", "--output", out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("heads"), "{stdout}");
+    let heads = ws.config.num_heads;
+    for h in 0..heads {
+        for file in [format!("attn-head{h}.png"), format!("mask_th0.6_head{h}.png")] {
+            let img = image::open(out.join(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            // 30 x 43 cropped to whole patches.
+            assert_eq!((img.height(), img.width()), ((30 / p * p) as u32, (43 / p * p) as u32), "{file}");
+        }
+    }
+    assert!(image::open(out.join("attention.png")).is_ok());
+    let (shape, values) = read_safetensors(&out.join("attention.safetensors"), "attentions");
+    assert_eq!(shape, vec![heads, 30 / p, 43 / p]);
+    // CLS-to-patch softmax weights: positive, and less than the whole row (CLS keeps some).
+    for h in 0..heads {
+        let n = shape[1] * shape[2];
+        let sum: f32 = values[h * n..(h + 1) * n].iter().sum();
+        assert!(values.iter().all(|&v| v > 0.0) && sum < 1.0 && sum > 0.0, "head {h}: {sum}");
+    }
+}
+
+#[test]
+fn bad_input_fails_with_one_line_naming_the_problem() {
+    let ws = Workspace::new();
+    let weights = ws.s("backbone.safetensors");
+    let out = ws.s("out.safetensors");
+    let extract = |extra: &[&str]| {
+        let mut args = vec!["extract", "--weights", &weights, "--output", &out];
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+
+    let e = extract(&["--image", &ws.s("nope.png")]);
+    assert!(e.contains("nope.png"), "{e}");
+
+    std::fs::write(ws.path("fake.png"), "this is text").unwrap();
+    let e = extract(&["--image", &ws.s("fake.png")]);
+    assert!(e.contains("fake.png") && e.contains("decode"), "{e}");
+
+    RgbImage::new(2, 3).save(ws.path("tiny.png")).unwrap();
+    let e = extract(&["--image", &ws.s("tiny.png"), "--resize", "0", "--crop", "0"]);
+    assert!(e.contains("tiny.png") && e.contains("patch"), "{e}");
+    let e = extract(&["--image", &ws.s("tiny.png"), "--resize", "0"]);
+    assert!(e.contains("tiny.png") && e.contains("crop"), "{e}");
+
+    let e = extract(&[]);
+    assert!(e.contains("no input images"), "{e}");
+
+    // Weights of another architecture, or not a backbone at all.
+    let pth = fixture_dir().join("vit_backbone.pth");
+    let e = fails(&["extract", "--weights", pth.to_str().unwrap(), "--arch", "vit_small", "--image", &ws.s("images/cats/0.png"), "-o", &out]);
+    assert!(e.contains("vit_small") && e.contains("embed dim"), "{e}");
+    let e = fails(&["extract", "--weights", pth.to_str().unwrap(), "--image", &ws.s("images/cats/0.png"), "-o", &out]);
+    assert!(e.contains("--num-heads"), "{e}");
+    let head = fixture_dir().join("head.safetensors");
+    let e = fails(&["extract", "--weights", head.to_str().unwrap(), "--image", &ws.s("images/cats/0.png"), "-o", &out]);
+    assert!(e.contains("head.safetensors") && e.contains("no ViT backbone"), "{e}");
+    let other = VitConfig::new(ws.config.embed_dim, ws.config.depth + 1, ws.config.num_heads)
+        .with_patch_size(ws.config.patch_size)
+        .with_img_size(ws.config.img_size);
+    let mut wrong = Weights::read(&ws.path("backbone.safetensors"), CheckpointKey::Teacher).unwrap();
+    wrong.config = Some(dino_model::ModelConfig::new(other));
+    let e = match wrong.backbone(&wrong.vit_config(None).unwrap(), &Device::flex()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a deeper network must not accept these weights"),
+    };
+    assert!(e.contains("missing keys") && e.contains(&format!("blocks.{}", ws.config.depth)), "{e}");
+
+    // Truncated files.
+    for (name, source) in [("cut.pth", pth.clone()), ("cut.safetensors", ws.path("backbone.safetensors"))] {
+        let bytes = std::fs::read(&source).unwrap();
+        std::fs::write(ws.path(name), &bytes[..bytes.len() / 2]).unwrap();
+        let e = fails(&["extract", "--weights", &ws.s(name), "--num-heads", "3", "--image", &ws.s("images/cats/0.png"), "-o", &out]);
+        assert!(e.contains(name) && e.contains("not a readable weights file"), "{e}");
+    }
+
+    let e = fails(&["attention", "--weights", &weights, "--image", &ws.s("fake.png"), "-o", &ws.s("a")]);
+    assert!(e.contains("fake.png"), "{e}");
+    let e = fails(&["attention", "--weights", &weights, "--image", &ws.s("images/cats/0.png"), "-o", &ws.s("a"), "--image-size", "2", "2"]);
+    assert!(e.contains("patch"), "{e}");
+    let e = fails(&["attention", "--weights", &ws.s("nothing.pth"), "--image", &ws.s("images/cats/0.png"), "-o", &ws.s("a")]);
+    assert!(e.contains("nothing.pth"), "{e}");
+}
