@@ -76,7 +76,7 @@ impl VitConfig {
         if self.embed_dim == 0 || self.depth == 0 || self.num_heads == 0 || self.patch_size == 0 {
             return Err("embed_dim, depth, num_heads and patch_size must all be positive".into());
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim, self.num_heads

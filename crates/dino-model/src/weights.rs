@@ -183,13 +183,17 @@ impl Weights {
             return Some(head);
         }
         let v = self.head.get("last_layer.weight_v")?;
-        let linears: Vec<Vec<usize>> = (0..)
-            .map_while(|i| Some((i, self.head.get(&format!("mlp.{i}.weight")))))
-            .take(64)
-            .filter_map(|(_, t)| t.map(|t| t.shape().to_vec()))
-            .filter(|s| s.len() == 2)
+        // 2-D `mlp.{i}.weight` tensors are the Linear layers (BatchNorm weights are 1-D).
+        let mut linears: Vec<(usize, Vec<usize>)> = self
+            .head
+            .iter()
+            .filter_map(|(key, t)| {
+                let index = key.strip_prefix("mlp.")?.strip_suffix(".weight")?.parse().ok()?;
+                (t.shape().len() == 2).then(|| (index, t.shape().to_vec()))
+            })
             .collect();
-        let first = linears.first()?;
+        linears.sort();
+        let first = &linears.first()?.1;
         let use_bn = self.head.keys().any(|k| k.ends_with("running_mean"));
         let g = self.head.get("last_layer.weight_g")?.try_to_vec::<f32>().ok()?;
         Some(
