@@ -5,22 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use burn::tensor::{Device, Tensor, TensorData};
+use dino_fixtures::fixture_dir;
 use dino_data::{IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
 use dino_model::weights::{CheckpointKey, Weights, save_backbone};
 use dino_model::{VisionTransformer, VitConfig};
 use image::{Rgb, RgbImage};
 
-fn fixture_dir() -> PathBuf {
-    match std::env::var_os("DINO_REFERENCE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dino-reference"),
-    }
-}
-
 fn heads_from_manifest() -> usize {
-    let text = std::fs::read_to_string(fixture_dir().join("manifest.json")).expect("fixture manifest");
-    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
-    manifest["config"]["heads"].as_u64().unwrap() as usize
+    dino_fixtures::manifest_usize("heads")
 }
 
 fn dino(args: &[&str]) -> Output {

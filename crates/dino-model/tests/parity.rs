@@ -1,10 +1,8 @@
 //! Parity with the official implementation: every forward output in the reference fixtures,
 //! the official key names and shapes, and loading every official file layout.
 
-mod common;
-
 use burn::tensor::{Device, Tensor};
-use common::*;
+use dino_fixtures::*;
 use dino_model::weights::{CheckpointKey, Weights, official_shapes, save_model, state_dict};
 use dino_model::{DinoHead, DinoHeadConfig, DinoModel, ModelConfig, VitConfig};
 

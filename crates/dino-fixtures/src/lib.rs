@@ -1,9 +1,8 @@
-//! Access to the reference fixtures produced by the official implementation.
+//! Test support: access to the reference fixtures produced by the official implementation.
 //!
 //! The directory is `$DINO_REFERENCE_DIR` when set, else the copy in this repository. Every
 //! setting a test needs is read from its `manifest.json`, so the tests run unchanged on any other
 //! fixture set of the same layout.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

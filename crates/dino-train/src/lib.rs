@@ -1,0 +1,16 @@
+//! DINO self-supervised training, step-exact with the official `main_dino.py`.
+
+pub mod ema;
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod step;
+
+pub use ema::ema_update;
+pub use loss::DinoLoss;
+pub use optim::{Optimizer, OptimizerKind, StepParams};
+pub use schedule::{cosine_schedule, teacher_temp_schedule};
+pub use step::{IterationParams, NonFiniteLoss, StepReport, TrainState, train_step};
+
+/// Official `--min_lr` default, the end of the learning-rate cosine.
+pub const DEFAULT_MIN_LR: f64 = 1e-6;

@@ -1,0 +1,53 @@
+//! The DINO loss and its center (`DINOLoss` in `main_dino.py`).
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Device, Tensor};
+
+/// Cross-entropy between the teacher's centered, sharpened softmax on the global crops and the
+/// student's softmax on every other crop, with the center kept as an EMA of teacher outputs.
+#[derive(Debug, Clone)]
+pub struct DinoLoss {
+    /// `[1, K]`, starts at zero.
+    pub center: Tensor<2>,
+    /// Crops per image the student sees (2 global + locals).
+    pub ncrops: usize,
+    /// Official 0.1.
+    pub student_temp: f64,
+    /// Official 0.9.
+    pub center_momentum: f64,
+}
+
+impl DinoLoss {
+    /// A loss with a zero center on `device` (not an autodiff one: the center never takes a
+    /// gradient).
+    pub fn new(out_dim: usize, ncrops: usize, device: &Device) -> Self {
+        Self { center: Tensor::zeros([1, out_dim], device), ncrops, student_temp: 0.1, center_momentum: 0.9 }
+    }
+
+    /// Student outputs `[ncrops * B, K]` and teacher outputs `[2 * B, K]`, both ordered crop by
+    /// crop, -> the scalar loss `[1]`, averaged over the `2 * ncrops - 2` (teacher view, other
+    /// student view) pairs. The teacher side is a constant: no gradient flows to it.
+    pub fn forward(&self, student_out: Tensor<2>, teacher_out: Tensor<2>, teacher_temp: f64) -> Tensor<1> {
+        let [rows, k] = student_out.dims();
+        let b = rows / self.ncrops;
+        let log_p = log_softmax(student_out / self.student_temp, 1).reshape([self.ncrops, b, k]);
+        // Without autodiff, the teacher side enters the student's graph as a constant.
+        let teacher_out = teacher_out.without_autodiff();
+        let q = softmax((teacher_out - self.center.clone()) / teacher_temp, 1).reshape([2, b, k]);
+        // sum over v != iq of <q_iq, log p_v> = <q_iq, sum_v log p_v> - <q_iq, log p_iq>
+        let all_views = log_p.clone().sum_dim(0); // [1, B, K]
+        let same_view = log_p.narrow(0, 0, 2); // [2, B, K]
+        let cross = (q.clone() * all_views).sum() - (q * same_view).sum();
+        let terms = (2 * self.ncrops - 2) as f64;
+        -cross / (b as f64 * terms)
+    }
+
+    /// The EMA update of the center with this batch's raw teacher outputs `[2 * B, K]`
+    /// (called after the loss, as the official code does).
+    pub fn update_center(&mut self, teacher_out: Tensor<2>) {
+        let teacher_out = teacher_out.without_autodiff();
+        let rows = teacher_out.dims()[0] as f64;
+        let batch_center = teacher_out.sum_dim(0) / rows;
+        self.center = self.center.clone() * self.center_momentum + batch_center * (1.0 - self.center_momentum);
+    }
+}

@@ -1,0 +1,188 @@
+//! The optimizer step of `main_dino.py`: per-parameter gradient clipping, dropping the last
+//! layer's gradients while it is frozen, then AdamW, SGD or LARS with the scheduled learning rate
+//! and weight decay.
+//!
+//! Written out rather than taken from burn-optim because DINO schedules the weight decay per
+//! iteration (burn's AdamW has a fixed one), applies it to one parameter group only, clips each
+//! parameter with the official epsilon, and its tests compare the gradient norms before clipping.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::tensor::{Gradients, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The optimizers of `main_dino.py --optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8), decoupled weight decay.
+    #[default]
+    Adamw,
+    /// `torch.optim.SGD(momentum=0.9)`, weight decay added to the gradient.
+    Sgd,
+    /// The official `utils.LARS` (momentum 0.9, eta 0.001).
+    Lars,
+}
+
+/// What one optimizer step uses, from the schedules and the config.
+#[derive(Debug, Clone, Copy)]
+pub struct StepParams {
+    pub lr: f64,
+    /// Applied to the regularised group only: parameters that are not biases and not 1-D.
+    pub weight_decay: f64,
+    /// Per-parameter max gradient norm; 0 disables clipping.
+    pub clip_grad: f64,
+    /// Drop the gradients of `last_layer` parameters (while epoch < freeze_last_layer).
+    pub freeze_last_layer: bool,
+}
+
+const ADAM_BETAS: (f64, f64) = (0.9, 0.999);
+const ADAM_EPS: f64 = 1e-8;
+const MOMENTUM: f64 = 0.9;
+const LARS_ETA: f64 = 0.001;
+
+/// Per-parameter state, flattened to 1-D.
+#[derive(Debug, Clone)]
+struct ParamState {
+    step: i32,
+    /// Adam's first moment, or the momentum buffer of SGD and LARS.
+    m: Tensor<1>,
+    /// Adam's second moment.
+    v: Option<Tensor<1>>,
+}
+
+/// An optimizer and its state, keyed by parameter id.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    states: HashMap<ParamId, ParamState>,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind) -> Self {
+        Self { kind, states: HashMap::new() }
+    }
+
+    /// Updates every parameter of `model` that has a gradient in `grads`, in the official order
+    /// (clip, drop frozen, step). Returns the model and the norm of each gradient before
+    /// clipping, in parameter order (official `named_parameters` order).
+    pub fn step<M: Module>(&mut self, model: M, grads: &Gradients, params: &StepParams) -> (M, Vec<f64>) {
+        let mut mapper = StepMapper { optimizer: self, grads, params, path: Vec::new(), norms: Vec::new() };
+        let model = model.map(&mut mapper);
+        let norms = mapper.norms;
+        (model, norms)
+    }
+}
+
+struct StepMapper<'a> {
+    optimizer: &'a mut Optimizer,
+    grads: &'a Gradients,
+    params: &'a StepParams,
+    path: Vec<String>,
+    norms: Vec<f64>,
+}
+
+impl ModuleMapper for StepMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = tensor.grad(self.grads) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let mut grad = grad.reshape([n]);
+
+        // utils.clip_gradients: each parameter on its own, with the official epsilon.
+        let norm = grad.clone().square().sum().into_scalar::<f64>().sqrt();
+        self.norms.push(norm);
+        if self.params.clip_grad > 0.0 {
+            let coef = self.params.clip_grad / (norm + 1e-6);
+            if coef < 1.0 {
+                grad = grad * coef;
+            }
+        }
+        // utils.cancel_gradients_last_layer, after clipping: the parameter is left untouched.
+        if self.params.freeze_last_layer && self.path.iter().any(|p| p == "last_layer") {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+
+        // utils.get_params_groups: biases and 1-D parameters are not regularised.
+        let regularised = D > 1 && self.path.last().is_none_or(|name| name != "bias");
+        let wd = if regularised { self.params.weight_decay } else { 0.0 };
+        let require_grad = tensor.is_require_grad();
+        let p = tensor.without_autodiff().reshape([n]);
+        let state = self.optimizer.states.remove(&id);
+        let (p, state) = match self.optimizer.kind {
+            OptimizerKind::Adamw => adamw(p, grad, state, self.params.lr, wd),
+            OptimizerKind::Sgd => sgd(p, grad, state, self.params.lr, wd),
+            OptimizerKind::Lars => lars(p, grad, state, self.params.lr, wd, D == 1),
+        };
+        self.optimizer.states.insert(id, state);
+        let mut updated = p.reshape(shape).autodiff();
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// `torch.optim.AdamW` for one parameter.
+fn adamw(p: Tensor<1>, g: Tensor<1>, state: Option<ParamState>, lr: f64, wd: f64) -> (Tensor<1>, ParamState) {
+    let (b1, b2) = ADAM_BETAS;
+    let (step, m, v) = match state {
+        Some(ParamState { step, m, v: Some(v) }) => (step + 1, m, v),
+        _ => (1, g.zeros_like(), g.zeros_like()),
+    };
+    let p = if wd != 0.0 { p * (1.0 - lr * wd) } else { p };
+    let m = m * b1 + g.clone() * (1.0 - b1);
+    let v = v * b2 + g.square() * (1.0 - b2);
+    let bias1 = 1.0 - b1.powi(step);
+    let bias2 = 1.0 - b2.powi(step);
+    let denom = v.clone().sqrt() / bias2.sqrt() + ADAM_EPS;
+    let p = p - m.clone() / denom * (lr / bias1);
+    (p, ParamState { step, m, v: Some(v) })
+}
+
+/// `torch.optim.SGD(momentum=0.9)` for one parameter (coupled weight decay).
+fn sgd(p: Tensor<1>, g: Tensor<1>, state: Option<ParamState>, lr: f64, wd: f64) -> (Tensor<1>, ParamState) {
+    let g = if wd != 0.0 { g + p.clone() * wd } else { g };
+    let (step, buf) = match state {
+        Some(s) => (s.step + 1, s.m * MOMENTUM + g),
+        None => (1, g),
+    };
+    (p - buf.clone() * lr, ParamState { step, m: buf, v: None })
+}
+
+/// The official `utils.LARS` for one parameter: decay and trust ratio skip 1-D parameters.
+fn lars(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    state: Option<ParamState>,
+    lr: f64,
+    wd: f64,
+    one_dim: bool,
+) -> (Tensor<1>, ParamState) {
+    let mut dp = g;
+    if !one_dim {
+        dp = dp + p.clone() * wd;
+        let p_norm = p.clone().square().sum().into_scalar::<f64>().sqrt();
+        let u_norm = dp.clone().square().sum().into_scalar::<f64>().sqrt();
+        if p_norm > 0.0 && u_norm > 0.0 {
+            dp = dp * (LARS_ETA * p_norm / u_norm);
+        }
+    }
+    let (step, mu) = match state {
+        Some(s) => (s.step + 1, s.m * MOMENTUM + dp),
+        None => (1, dp),
+    };
+    (p - mu.clone() * lr, ParamState { step, m: mu, v: None })
+}

@@ -1,0 +1,68 @@
+//! One DINO training iteration: the body of the official `train_one_epoch` loop.
+
+use burn::tensor::Tensor;
+use dino_model::DinoModel;
+
+use crate::ema::ema_update;
+use crate::loss::DinoLoss;
+use crate::optim::{Optimizer, StepParams};
+
+/// Everything a training iteration changes.
+#[derive(Debug)]
+pub struct TrainState {
+    /// On an autodiff device; trained by the optimizer.
+    pub student: DinoModel,
+    /// On the plain device; an EMA of the student, never trained.
+    pub teacher: DinoModel,
+    pub loss: DinoLoss,
+    pub optimizer: Optimizer,
+}
+
+/// The scheduled values for one iteration.
+#[derive(Debug, Clone, Copy)]
+pub struct IterationParams {
+    pub step: StepParams,
+    /// EMA momentum of the teacher (per iteration).
+    pub momentum: f64,
+    /// Teacher temperature (per epoch).
+    pub teacher_temp: f64,
+}
+
+/// What an iteration reports.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub loss: f64,
+    /// Norm of each parameter's gradient before clipping, in parameter order.
+    pub grad_norms: Vec<f64>,
+}
+
+/// Raised when the loss is NaN or infinite (the official loop exits there too).
+#[derive(Debug, thiserror::Error)]
+#[error("loss is {loss}, stopping training (lower the learning rate, raise --clip-grad, or check the data)")]
+pub struct NonFiniteLoss {
+    pub loss: f64,
+}
+
+/// One iteration on a batch of crops, each `[B, 3, H_i, W_i]` on the plain device, ordered
+/// [global 1, global 2, locals...]: teacher forward on the two globals, student forward on all,
+/// DINO loss, backward, clip + step, EMA of the teacher, then the center update.
+pub fn train_step(
+    state: TrainState,
+    crops: &[Tensor<4>],
+    params: &IterationParams,
+) -> Result<(TrainState, StepReport), NonFiniteLoss> {
+    let TrainState { student, teacher, mut loss, mut optimizer } = state;
+    let teacher_out = teacher.forward_crops(&crops[..2]);
+    let student_crops: Vec<Tensor<4>> = crops.iter().map(|c| c.clone().autodiff()).collect();
+    let student_out = student.forward_crops(&student_crops);
+    let value = loss.forward(student_out, teacher_out.clone(), params.teacher_temp);
+    let scalar = value.clone().into_scalar::<f64>();
+    if !scalar.is_finite() {
+        return Err(NonFiniteLoss { loss: scalar });
+    }
+    let grads = value.backward();
+    let (student, grad_norms) = optimizer.step(student, &grads, &params.step);
+    let teacher = ema_update(teacher, &student, params.momentum);
+    loss.update_center(teacher_out);
+    Ok((TrainState { student, teacher, loss, optimizer }, StepReport { loss: scalar, grad_norms }))
+}

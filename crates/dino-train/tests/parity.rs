@@ -1,0 +1,176 @@
+//! Step-exact parity with the official training loop: schedules, the DINO loss and its center,
+//! and full training iterations from `train_steps.safetensors`, every setting read from the
+//! fixture directory's `manifest.json`.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use dino_fixtures::*;
+use dino_model::weights::{Weights, state_dict};
+use dino_model::{DinoHeadConfig, DinoModel, VitConfig};
+use dino_train::{
+    DEFAULT_MIN_LR, DinoLoss, IterationParams, Optimizer, OptimizerKind, StepParams, TrainState, cosine_schedule,
+    teacher_temp_schedule, train_step,
+};
+
+const FORWARD_TOL: f64 = 1e-4;
+const PARAM_TOL: f64 = 1e-3;
+
+fn f64_of(key: &str) -> f64 {
+    manifest()[key].as_f64().unwrap_or_else(|| panic!("manifest.json: config.{key} is not a number"))
+}
+
+fn pair(key: &str) -> (f64, f64) {
+    let v = &manifest()[key];
+    (v[0].as_f64().unwrap(), v[1].as_f64().unwrap())
+}
+
+struct Schedules {
+    lr: Vec<f64>,
+    wd: Vec<f64>,
+    momentum: Vec<f64>,
+    teacher_temp: Vec<f64>,
+}
+
+/// The schedules of the fixture run, computed by our code from the manifest. The manifest's
+/// `lr` is the peak learning rate of the run (already batch-scaled).
+fn schedules() -> Schedules {
+    let (epochs, iters) = (manifest_usize("epochs"), manifest_usize("iters_per_epoch"));
+    let (wd, wd_end) = pair("wd");
+    Schedules {
+        lr: cosine_schedule(f64_of("lr"), DEFAULT_MIN_LR, epochs, iters, manifest_usize("warmup_epochs"), 0.0),
+        wd: cosine_schedule(wd, wd_end, epochs, iters, 0, 0.0),
+        momentum: cosine_schedule(f64_of("momentum"), 1.0, epochs, iters, 0, 0.0),
+        teacher_temp: teacher_temp_schedule(
+            f64_of("warmup_tt"),
+            f64_of("tt"),
+            manifest_usize("warmup_tt_epochs"),
+            epochs,
+        ),
+    }
+}
+
+#[test]
+fn schedules_match_the_official_cosine_scheduler() {
+    let reference = read_fixture("schedules.safetensors");
+    let ours = schedules();
+    for (name, values) in [("lr", &ours.lr), ("wd", &ours.wd), ("momentum", &ours.momentum)] {
+        let err = rel_err_vec(values, &to_f64(&reference[name]));
+        println!("schedule {name}: rel err {err:.1e}");
+        assert!(err < 1e-12, "{name}: {err:e}");
+    }
+    // The long schedule is the official default run: lr 5e-4 x 64 / 256, 100 epochs, 10 warmup.
+    let long = to_f64(&reference["lr_long"]);
+    let iters = long.len() / 100;
+    let ours = cosine_schedule(0.0005 * 64.0 / 256.0, DEFAULT_MIN_LR, 100, iters, 10, 0.0);
+    assert!(rel_err_vec(&ours, &long) < 1e-12);
+}
+
+#[test]
+fn loss_and_center_match_the_official_dino_loss() {
+    let io = read_fixture("loss_io.safetensors");
+    let device = Device::flex();
+    let temps = to_f64(&io["teacher_temp_schedule"]);
+    assert_eq!(temps, schedules().teacher_temp, "the fixture's schedule is the manifest's");
+    let student: Tensor<2> = tensor(&io["student_output"], &device);
+    let teacher: Tensor<2> = tensor(&io["teacher_output"], &device);
+    let [rows, k] = student.dims();
+    let ncrops = rows / (teacher.dims()[0] / 2);
+    for (epoch, temp) in temps.iter().enumerate() {
+        let mut loss = DinoLoss::new(k, ncrops, &device);
+        loss.center = tensor(&io["center_before"], &device);
+        let value = loss.forward(student.clone(), teacher.clone(), *temp);
+        let err = rel_err(value, &io[&format!("epoch{epoch}.loss")]);
+        println!("epoch {epoch}: loss rel err {err:.1e}");
+        assert!(err < FORWARD_TOL, "epoch {epoch}: loss rel err {err:e}");
+        loss.update_center(teacher.clone());
+        let err = rel_err(loss.center, &io[&format!("epoch{epoch}.center_after")]);
+        assert!(err < FORWARD_TOL, "epoch {epoch}: center rel err {err:e}");
+    }
+}
+
+/// `prefix` keys of the fixture (`init.backbone.*`, `init.head.*`) as a model on `device`.
+fn model_from(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Device) -> DinoModel {
+    let mut weights = Weights {
+        path: fixture_dir().join("train_steps.safetensors"),
+        config: None,
+        backbone: Default::default(),
+        head: Default::default(),
+    };
+    for (key, data) in steps.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k, v))) {
+        if let Some(k) = key.strip_prefix("backbone.") {
+            weights.backbone.insert(k.into(), data.clone());
+        } else if let Some(k) = key.strip_prefix("head.") {
+            weights.head.insert(k.into(), data.clone());
+        }
+    }
+    let vit = VitConfig::new(manifest_usize("dim"), manifest_usize("depth"), manifest_usize("heads"))
+        .with_patch_size(manifest_usize("patch"))
+        .with_img_size(manifest_usize("img"));
+    let head = DinoHeadConfig::new(manifest_usize("dim"), manifest_usize("out_dim"))
+        .with_hidden_dim(manifest_usize("hidden"))
+        .with_bottleneck_dim(manifest_usize("bottleneck"))
+        .with_norm_last_layer(manifest()["norm_last_layer"].as_bool().unwrap());
+    DinoModel { backbone: weights.backbone(&vit, device).unwrap(), head: weights.dino_head(&head, device).unwrap() }
+}
+
+/// Max over parameters of the relative error against the fixture's `prefix` keys.
+fn worst_param_err(model: &DinoModel, steps: &BTreeMap<String, TensorData>, prefix: &str) -> (f64, String) {
+    let mut ours = state_dict(&model.backbone).into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect::<Vec<_>>();
+    ours.extend(state_dict(&model.head).into_iter().map(|(k, v)| (format!("head.{k}"), v)));
+    assert_eq!(ours.len(), steps.keys().filter(|k| k.starts_with(prefix)).count(), "{prefix}: parameter count");
+    ours.iter()
+        .map(|(k, v)| (rel_err_vec(&to_f64(v), &to_f64(&steps[&format!("{prefix}{k}")])), k.clone()))
+        .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a })
+}
+
+#[test]
+fn training_iterations_match_the_official_loop() {
+    let steps = read_fixture("train_steps.safetensors");
+    let device = Device::flex();
+    let student = model_from(&steps, "init.", &device.clone().autodiff());
+    let teacher = model_from(&steps, "init.", &device);
+    let out_dim = manifest_usize("out_dim");
+    let ncrops = 2 + manifest_usize("ncrops_local");
+    let mut state = TrainState {
+        student,
+        teacher,
+        loss: DinoLoss::new(out_dim, ncrops, &device),
+        optimizer: Optimizer::new(OptimizerKind::Adamw),
+    };
+    let s = schedules();
+    let iters_per_epoch = manifest_usize("iters_per_epoch");
+    let iterations = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count();
+    assert!(iterations >= 2, "the fixture holds several iterations");
+    for it in 0..iterations {
+        let epoch = it / iters_per_epoch;
+        let crops: Vec<Tensor<4>> = (0..ncrops).map(|c| tensor(&steps[&format!("iter{it}.crop{c}")], &device)).collect();
+        let params = IterationParams {
+            step: StepParams {
+                lr: s.lr[it],
+                weight_decay: s.wd[it],
+                clip_grad: f64_of("clip"),
+                freeze_last_layer: epoch < manifest_usize("freeze_last_layer"),
+            },
+            momentum: s.momentum[it],
+            teacher_temp: s.teacher_temp[epoch],
+        };
+        let (next, report) = train_step(state, &crops, &params).unwrap();
+        state = next;
+
+        let loss_err = rel_err_vec(&[report.loss], &to_f64(&steps[&format!("iter{it}.loss")]));
+        let norms_err = rel_err_vec(&report.grad_norms, &to_f64(&steps[&format!("iter{it}.grad_norms_before_clip")]));
+        let center_err = rel_err(state.loss.center.clone(), &steps[&format!("iter{it}.center_after")]);
+        let (student_err, worst_s) = worst_param_err(&state.student, &steps, &format!("iter{it}.student."));
+        let (teacher_err, worst_t) = worst_param_err(&state.teacher, &steps, &format!("iter{it}.teacher."));
+        println!(
+            "iter {it}: loss {loss_err:.1e}, grad norms {norms_err:.1e}, center {center_err:.1e}, \
+             student {student_err:.1e} ({worst_s}), teacher {teacher_err:.1e} ({worst_t})"
+        );
+        assert!(loss_err < FORWARD_TOL, "iter {it}: loss rel err {loss_err:e}");
+        assert!(norms_err < FORWARD_TOL, "iter {it}: grad norms rel err {norms_err:e}");
+        assert!(center_err < FORWARD_TOL, "iter {it}: center rel err {center_err:e}");
+        assert!(student_err < PARAM_TOL, "iter {it}: student {worst_s} rel err {student_err:e}");
+        assert!(teacher_err < PARAM_TOL, "iter {it}: teacher {worst_t} rel err {teacher_err:e}");
+    }
+}
