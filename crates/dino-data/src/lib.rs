@@ -3,8 +3,13 @@
 //!
 //! No tensors here: the output is plain `Vec<f32>` that the model crates wrap.
 
+mod augment;
+mod dataset;
 mod image_io;
 mod transform;
+
+pub use augment::MultiCropConfig;
+pub use dataset::{Dataset, Split};
 
 pub use image_io::{IMAGE_EXTENSIONS, is_image_file, list_images, load_rgb, read_image_list};
 pub use transform::{
@@ -25,6 +30,9 @@ pub enum DataError {
     /// A directory or list holds no image.
     #[error("{path}: no images found (looked for {})", IMAGE_EXTENSIONS.join(", "))]
     NoImages { path: PathBuf },
+    /// A dataset SPEC that names nothing we can read.
+    #[error("dataset '{spec}': {problem}")]
+    Spec { spec: String, problem: String },
     /// The image is too small for the requested processing.
     #[error("{path}: image is {width}x{height} px, {problem}")]
     TooSmall { path: PathBuf, width: u32, height: u32, problem: String },

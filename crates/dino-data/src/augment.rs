@@ -1,0 +1,355 @@
+//! DINO's multi-crop augmentation, as the official `DataAugmentationDINO` (torchvision on PIL
+//! images): global crop 1 = RandomResizedCrop → flip → colour jitter (p 0.8) → grayscale (p 0.2)
+//! → Gaussian blur (p 1.0); global crop 2 the same with blur p 0.1 and solarization p 0.2; local
+//! crops at their own size and scale with blur p 0.5. Then ImageNet normalisation.
+//!
+//! Colour operations run on `f32` RGB in [0, 1] (the torchvision tensor formulas); the crop and
+//! resize run on 8-bit pixels with Pillow's bicubic resampling.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::transform::{IMAGENET_MEAN, IMAGENET_STD};
+
+/// Multi-crop settings. Defaults are the official ones for 224 px ImageNet training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultiCropConfig {
+    /// Side of the two global crops (official 224, hard-coded there).
+    pub global_size: u32,
+    /// Side of the local crops (official 96).
+    pub local_size: u32,
+    /// Area range of the global crops (official `--global_crops_scale 0.4 1`).
+    pub global_scale: (f64, f64),
+    /// Area range of the local crops (official `--local_crops_scale 0.05 0.4`).
+    pub local_scale: (f64, f64),
+    /// Number of local crops (official `--local_crops_number 8`).
+    pub local_crops: usize,
+    /// Range of the Gaussian blur radius (official 0.1 to 2.0 px at 224 px).
+    pub blur_radius: (f64, f64),
+    /// Normalisation mean per channel (ImageNet).
+    pub mean: [f32; 3],
+    /// Normalisation standard deviation per channel (ImageNet).
+    pub std: [f32; 3],
+}
+
+impl Default for MultiCropConfig {
+    fn default() -> Self {
+        Self {
+            global_size: 224,
+            local_size: 96,
+            global_scale: (0.4, 1.0),
+            local_scale: (0.05, 0.4),
+            local_crops: 8,
+            blur_radius: (0.1, 2.0),
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+}
+
+impl MultiCropConfig {
+    /// Checks the settings, with a message that names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        let scale_ok = |(a, b): (f64, f64)| 0.0 < a && a <= b && b <= 1.0;
+        if self.global_size == 0 || self.local_size == 0 {
+            return Err("crop sizes must be positive".into());
+        }
+        if !scale_ok(self.global_scale) || !scale_ok(self.local_scale) {
+            return Err("crop scales must satisfy 0 < min <= max <= 1".into());
+        }
+        if !(self.blur_radius.0 > 0.0 && self.blur_radius.0 <= self.blur_radius.1) {
+            return Err("blur_radius must satisfy 0 < min <= max".into());
+        }
+        if self.std.iter().any(|&s| s <= 0.0) {
+            return Err("normalisation std must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Crops per image: 2 global + the locals.
+    pub fn num_crops(&self) -> usize {
+        2 + self.local_crops
+    }
+
+    /// Side of crop `i` (0 and 1 are the globals).
+    pub fn crop_size(&self, i: usize) -> u32 {
+        if i < 2 { self.global_size } else { self.local_size }
+    }
+
+    /// All crops of one image, ordered [global 1, global 2, local 1, ...], each a normalised
+    /// `[3, s, s]` buffer. Every random choice comes from `rng`.
+    pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<Vec<f32>> {
+        let mut crops = Vec::with_capacity(self.num_crops());
+        // (size, scale, blur p, solarize p) per crop.
+        let plans = [(self.global_size, self.global_scale, 1.0, 0.0), (self.global_size, self.global_scale, 0.1, 0.2)]
+            .into_iter()
+            .chain((0..self.local_crops).map(|_| (self.local_size, self.local_scale, 0.5, 0.0)));
+        for (size, scale, blur_p, solarize_p) in plans {
+            let mut px = random_resized_crop(img, size, scale, rng);
+            if rng.random::<f64>() < 0.5 {
+                flip_horizontal(&mut px, size as usize);
+            }
+            if rng.random::<f64>() < 0.8 {
+                color_jitter(&mut px, rng);
+            }
+            if rng.random::<f64>() < 0.2 {
+                grayscale(&mut px);
+            }
+            // utils.GaussianBlur applies when random() <= p; Solarization when random() < p.
+            if rng.random::<f64>() <= blur_p {
+                let radius = rng.random_range(self.blur_radius.0..=self.blur_radius.1);
+                gaussian_blur(&mut px, size as usize, radius);
+            }
+            if rng.random::<f64>() < solarize_p {
+                solarize(&mut px);
+            }
+            crops.push(normalize_chw(&px, size as usize, self.mean, self.std));
+        }
+        crops
+    }
+}
+
+/// torchvision `RandomResizedCrop.get_params` then a bicubic resize to `size x size`.
+/// Returns interleaved RGB in [0, 1].
+fn random_resized_crop(img: &RgbImage, size: u32, scale: (f64, f64), rng: &mut impl Rng) -> Vec<f32> {
+    let (width, height) = (img.width() as f64, img.height() as f64);
+    let area = width * height;
+    let log_ratio = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    let mut boxed = None;
+    for _ in 0..10 {
+        let target = area * rng.random_range(scale.0..=scale.1);
+        let aspect = rng.random_range(log_ratio.0..=log_ratio.1).exp();
+        let w = (target * aspect).sqrt().round();
+        let h = (target / aspect).sqrt().round();
+        if 0.0 < w && w <= width && 0.0 < h && h <= height {
+            let top = rng.random_range(0..=(height - h) as u32);
+            let left = rng.random_range(0..=(width - w) as u32);
+            boxed = Some((left as f64, top as f64, w, h));
+            break;
+        }
+    }
+    // Fallback: the largest central crop within the ratio range.
+    let (left, top, w, h) = boxed.unwrap_or_else(|| {
+        let ratio = width / height;
+        let (w, h) = if ratio < 3.0 / 4.0 {
+            (width, (width / (3.0 / 4.0)).round())
+        } else if ratio > 4.0 / 3.0 {
+            ((height * (4.0 / 3.0)).round(), height)
+        } else {
+            (width, height)
+        };
+        (((width - w) / 2.0).floor(), ((height - h) / 2.0).floor(), w, h)
+    });
+    let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3)
+        .expect("an RgbImage buffer holds width * height * 3 bytes");
+    let mut dst = Image::new(size, size, PixelType::U8x3);
+    let options = ResizeOptions::new()
+        .crop(left, top, w, h)
+        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    Resizer::new().resize(&src, &mut dst, &options).expect("U8x3 to U8x3");
+    dst.buffer().iter().map(|&v| v as f32 / 255.0).collect()
+}
+
+fn flip_horizontal(px: &mut [f32], size: usize) {
+    for row in px.chunks_mut(3 * size) {
+        for x in 0..size / 2 {
+            for c in 0..3 {
+                row.swap(3 * x + c, 3 * (size - 1 - x) + c);
+            }
+        }
+    }
+}
+
+/// ITU-R 601-2 luma, as PIL's `convert("L")` and torchvision's `rgb_to_grayscale`.
+fn luma(p: &[f32]) -> f32 {
+    0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2]
+}
+
+/// `ColorJitter(0.4, 0.4, 0.2, 0.1)`: brightness, contrast, saturation and hue factors, applied in
+/// a random order.
+fn color_jitter(px: &mut [f32], rng: &mut impl Rng) {
+    let brightness = rng.random_range(0.6..=1.4);
+    let contrast = rng.random_range(0.6..=1.4);
+    let saturation = rng.random_range(0.8..=1.2);
+    let hue = rng.random_range(-0.1..=0.1);
+    let mut order = [0, 1, 2, 3];
+    for i in (1..4).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let blend = |px: &mut [f32], other: &dyn Fn(&[f32]) -> [f32; 3], factor: f32| {
+        for p in px.chunks_mut(3) {
+            let o = other(p);
+            for c in 0..3 {
+                p[c] = (factor * p[c] + (1.0 - factor) * o[c]).clamp(0.0, 1.0);
+            }
+        }
+    };
+    for op in order {
+        match op {
+            0 => blend(px, &|_| [0.0; 3], brightness),
+            1 => {
+                let mean = px.chunks(3).map(luma).sum::<f32>() / (px.len() / 3) as f32;
+                blend(px, &|_| [mean; 3], contrast)
+            }
+            2 => blend(px, &|p| [luma(p); 3], saturation),
+            _ => shift_hue(px, hue),
+        }
+    }
+}
+
+fn shift_hue(px: &mut [f32], shift: f32) {
+    for p in px.chunks_mut(3) {
+        let (r, g, b) = (p[0], p[1], p[2]);
+        let max = r.max(g).max(b);
+        let min = r.min(g).min(b);
+        let delta = max - min;
+        if delta <= 0.0 {
+            continue; // grey: hue is undefined and unchanged
+        }
+        let h = if max == r {
+            ((g - b) / delta).rem_euclid(6.0)
+        } else if max == g {
+            (b - r) / delta + 2.0
+        } else {
+            (r - g) / delta + 4.0
+        } / 6.0;
+        let h = (h + shift).rem_euclid(1.0) * 6.0;
+        let s = delta / max;
+        let (v, i) = (max, h.floor());
+        let f = h - i;
+        let (pp, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+        let rgb = match i as i32 % 6 {
+            0 => [v, t, pp],
+            1 => [q, v, pp],
+            2 => [pp, v, t],
+            3 => [pp, q, v],
+            4 => [t, pp, v],
+            _ => [v, pp, q],
+        };
+        p.copy_from_slice(&rgb);
+    }
+}
+
+fn grayscale(px: &mut [f32]) {
+    for p in px.chunks_mut(3) {
+        let l = luma(p);
+        p.fill(l);
+    }
+}
+
+/// PIL's `GaussianBlur(radius)` blurs with standard deviation `radius`; we convolve with the
+/// sampled Gaussian (truncated at 3 sigma), edges extended.
+fn gaussian_blur(px: &mut [f32], size: usize, sigma: f64) {
+    let half = (3.0 * sigma).ceil() as isize;
+    let weights: Vec<f32> = (-half..=half).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
+    let total: f32 = weights.iter().sum();
+    let weights: Vec<f32> = weights.iter().map(|w| w / total).collect();
+    let at = |i: isize| i.clamp(0, size as isize - 1) as usize;
+    let mut tmp = vec![0.0f32; px.len()];
+    for y in 0..size {
+        for x in 0..size {
+            for c in 0..3 {
+                tmp[3 * (y * size + x) + c] = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| w * px[3 * (y * size + at(x as isize + k as isize - half)) + c])
+                    .sum();
+            }
+        }
+    }
+    for y in 0..size {
+        for x in 0..size {
+            for c in 0..3 {
+                px[3 * (y * size + x) + c] = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| w * tmp[3 * (at(y as isize + k as isize - half) * size + x) + c])
+                    .sum();
+            }
+        }
+    }
+}
+
+/// PIL's `ImageOps.solarize(threshold=128)`: values at or above 128/255 are inverted.
+fn solarize(px: &mut [f32]) {
+    for v in px.iter_mut() {
+        if *v >= 128.0 / 255.0 {
+            *v = 1.0 - *v;
+        }
+    }
+}
+
+/// Interleaved RGB in [0, 1] -> normalised `[3, size, size]`.
+fn normalize_chw(px: &[f32], size: usize, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let plane = size * size;
+    let mut out = vec![0.0f32; 3 * plane];
+    for (i, p) in px.chunks(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (p[c] - mean[c]) / std[c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn photo() -> RgbImage {
+        RgbImage::from_fn(64, 48, |x, y| Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8]))
+    }
+
+    #[test]
+    fn crops_have_the_configured_sizes_and_order() {
+        let config = MultiCropConfig { global_size: 32, local_size: 16, local_crops: 3, ..Default::default() };
+        let crops = config.apply(&photo(), &mut StdRng::seed_from_u64(0));
+        let sizes: Vec<usize> = crops.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![3 * 32 * 32, 3 * 32 * 32, 3 * 16 * 16, 3 * 16 * 16, 3 * 16 * 16]);
+        assert!(crops.iter().flatten().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_crops() {
+        let config = MultiCropConfig { global_size: 24, local_size: 8, local_crops: 2, ..Default::default() };
+        let a = config.apply(&photo(), &mut StdRng::seed_from_u64(7));
+        let b = config.apply(&photo(), &mut StdRng::seed_from_u64(7));
+        let c = config.apply(&photo(), &mut StdRng::seed_from_u64(8));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn colour_operations_keep_their_invariants() {
+        // Hue rotation by a full turn and grey pixels are fixed points; solarize inverts highs.
+        let mut px = vec![0.2, 0.5, 0.9, 0.4, 0.4, 0.4];
+        let before = px.clone();
+        shift_hue(&mut px, 1.0);
+        assert!(px.iter().zip(&before).all(|(a, b)| (a - b).abs() < 1e-5), "{px:?}");
+        shift_hue(&mut px, 0.3);
+        assert_eq!(&px[3..], &[0.4, 0.4, 0.4]);
+        let mut s = vec![0.1, 0.9];
+        solarize(&mut s);
+        assert!((s[1] - 0.1).abs() < 1e-6 && s[0] == 0.1);
+        // Blurring a flat image leaves it flat.
+        let mut flat = vec![0.3f32; 3 * 8 * 8];
+        gaussian_blur(&mut flat, 8, 1.5);
+        assert!(flat.iter().all(|v| (v - 0.3).abs() < 1e-5));
+    }
+
+    #[test]
+    fn random_resized_crop_covers_the_requested_area() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let img = RgbImage::from_fn(100, 100, |x, _| Rgb([if x < 50 { 0 } else { 255 }, 0, 0]));
+        // A crop of the whole image keeps both halves; its mean red is about one half.
+        let px = random_resized_crop(&img, 20, (1.0, 1.0), &mut rng);
+        let red: f32 = px.chunks(3).map(|p| p[0]).sum::<f32>() / 400.0;
+        assert!((red - 0.5).abs() < 0.1, "{red}");
+    }
+}

@@ -1,0 +1,401 @@
+//! Datasets, named by one string (SPEC) everywhere in the CLI.
+//!
+//! SPEC is `synthetic` (the built-in generated dataset) or a path, auto-detected:
+//! - a directory holding MNIST/Fashion-MNIST IDX files (`train-images-idx3-ubyte[.gz]`, ...),
+//! - a directory holding CIFAR-10 (`data_batch_N.bin`, `test_batch.bin`) or CIFAR-100
+//!   (`train.bin`, `test.bin`) binary batches, directly or in `cifar-10-batches-bin/`,
+//! - an image folder: class subfolders give labels (as torchvision's `ImageFolder`), a flat folder
+//!   is unlabeled; with `train/` and `val/` (or `test/`) subfolders those are the splits.
+//!
+//! `#train` or `#test` after the SPEC picks a split (default `train`).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::{DataError, is_image_file, list_images, load_rgb};
+
+/// A split of a dataset that has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// Where the pixels live.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Image files, decoded on demand.
+    Files(Vec<PathBuf>),
+    /// Decoded 8-bit images of one size, `channels` = 1 (gray) or 3 (RGB, planar as CIFAR stores
+    /// it when `planar`), back to back.
+    Memory { width: u32, height: u32, channels: usize, planar: bool, pixels: Vec<u8> },
+    /// The built-in generated dataset: image `i` is drawn from `seed` and `i`.
+    Synthetic { len: usize, seed: u64 },
+}
+
+/// A dataset: images, and labels when it has them.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// What the SPEC named, for messages and logs.
+    pub name: String,
+    source: Source,
+    labels: Option<Vec<u32>>,
+    /// Class names, in label order (empty when unlabeled).
+    pub classes: Vec<String>,
+}
+
+/// The number of images of the built-in synthetic dataset per split.
+pub const SYNTHETIC_TRAIN: usize = 2000;
+/// Test images of the built-in synthetic dataset.
+pub const SYNTHETIC_TEST: usize = 500;
+/// Side of the synthetic images.
+pub const SYNTHETIC_SIZE: u32 = 32;
+const SYNTHETIC_CLASSES: [&str; 8] =
+    ["disc", "square", "ring", "cross", "horizontal stripes", "vertical stripes", "checkerboard", "triangle"];
+
+impl Dataset {
+    /// Opens the dataset named by `spec` (see the module documentation).
+    pub fn open(spec: &str) -> Result<Self, DataError> {
+        let (path, split) = match spec.rsplit_once('#') {
+            Some((p, "train")) => (p, Split::Train),
+            Some((p, "test")) => (p, Split::Test),
+            Some((_, other)) => {
+                return Err(DataError::Spec {
+                    spec: spec.into(),
+                    problem: format!("unknown split '#{other}' (use #train or #test)"),
+                });
+            }
+            None => (spec, Split::Train),
+        };
+        if path == "synthetic" {
+            return Ok(Self::synthetic(split));
+        }
+        let dir = Path::new(path);
+        if !dir.exists() {
+            return Err(DataError::Spec { spec: spec.into(), problem: "no such file or directory".into() });
+        }
+        if !dir.is_dir() {
+            return Err(DataError::Spec {
+                spec: spec.into(),
+                problem: "a dataset is a directory (image folder, IDX or CIFAR files) or `synthetic`".into(),
+            });
+        }
+        let mut dataset = if let Some(idx) = find_idx(dir, split) {
+            read_idx(&idx.0, &idx.1)?
+        } else if let Some(files) = find_cifar(dir, split) {
+            read_cifar(&files)?
+        } else {
+            image_folder(dir, split)?
+        };
+        dataset.name = spec.to_string();
+        Ok(dataset)
+    }
+
+    /// The built-in synthetic dataset: 32 px images of eight shape classes with random colours,
+    /// sizes, positions and noise. Nothing to download; the test split uses other seeds.
+    pub fn synthetic(split: Split) -> Self {
+        let (len, seed) = match split {
+            Split::Train => (SYNTHETIC_TRAIN, 0x5eed),
+            Split::Test => (SYNTHETIC_TEST, 0x7e57),
+        };
+        let labels = (0..len).map(|i| (i % SYNTHETIC_CLASSES.len()) as u32).collect();
+        Self {
+            name: format!("synthetic#{}", if split == Split::Train { "train" } else { "test" }),
+            source: Source::Synthetic { len, seed },
+            labels: Some(labels),
+            classes: SYNTHETIC_CLASSES.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        match &self.source {
+            Source::Files(paths) => paths.len(),
+            Source::Memory { width, height, channels, pixels, .. } => {
+                pixels.len() / (*width as usize * *height as usize * channels)
+            }
+            Source::Synthetic { len, .. } => *len,
+        }
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Label of image `i`, if the dataset has labels.
+    pub fn label(&self, i: usize) -> Option<u32> {
+        self.labels.as_ref().map(|l| l[i])
+    }
+
+    /// All labels, if the dataset has them.
+    pub fn labels(&self) -> Option<&[u32]> {
+        self.labels.as_deref()
+    }
+
+    /// Keeps the first `n` images (for quick runs and tests).
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.len() {
+            return;
+        }
+        match &mut self.source {
+            Source::Files(paths) => paths.truncate(n),
+            Source::Memory { width, height, channels, pixels, .. } => {
+                pixels.truncate(n * *width as usize * *height as usize * *channels)
+            }
+            Source::Synthetic { len, .. } => *len = n,
+        }
+        if let Some(labels) = &mut self.labels {
+            labels.truncate(n);
+        }
+    }
+
+    /// Image `i` as 8-bit RGB.
+    pub fn image(&self, i: usize) -> Result<RgbImage, DataError> {
+        match &self.source {
+            Source::Files(paths) => load_rgb(&paths[i]),
+            Source::Memory { width, height, channels, planar, pixels } => {
+                let n = (*width * *height) as usize;
+                let px = &pixels[i * n * channels..(i + 1) * n * channels];
+                Ok(RgbImage::from_fn(*width, *height, |x, y| {
+                    let j = (y * *width + x) as usize;
+                    match (channels, planar) {
+                        (1, _) => Rgb([px[j]; 3]),
+                        (_, true) => Rgb([px[j], px[n + j], px[2 * n + j]]),
+                        _ => Rgb([px[3 * j], px[3 * j + 1], px[3 * j + 2]]),
+                    }
+                }))
+            }
+            Source::Synthetic { seed, .. } => {
+                let class = self.label(i).expect("synthetic images are labeled") as usize;
+                Ok(synthetic_image(class, &mut StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+            }
+        }
+    }
+
+    /// The image file of item `i`, for datasets of files.
+    pub fn path(&self, i: usize) -> Option<&Path> {
+        match &self.source {
+            Source::Files(paths) => Some(&paths[i]),
+            _ => None,
+        }
+    }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
+    let io = |source| DataError::Io { path: path.into(), source };
+    let raw = fs::read(path).map_err(io)?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io)?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
+    names.iter().flat_map(|n| [dir.join(n), dir.join(format!("{n}.gz"))]).find(|p| p.is_file())
+}
+
+fn find_idx(dir: &Path, split: Split) -> Option<(PathBuf, PathBuf)> {
+    let prefix = if split == Split::Train { "train" } else { "t10k" };
+    let images = first_existing(dir, &[&format!("{prefix}-images-idx3-ubyte"), &format!("{prefix}-images.idx3-ubyte")])?;
+    let labels = first_existing(dir, &[&format!("{prefix}-labels-idx1-ubyte"), &format!("{prefix}-labels.idx1-ubyte")])?;
+    Some((images, labels))
+}
+
+/// MNIST-style IDX files: big-endian magic 0x0803 (images) / 0x0801 (labels), then the sizes.
+fn read_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
+    let bad = |path: &Path, reason: &str| DataError::Decode { path: path.into(), reason: reason.into() };
+    let be = |b: &[u8], i: usize| u32::from_be_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as usize;
+    let img = read_maybe_gz(images)?;
+    if img.len() < 16 || be(&img, 0) != 0x0803 {
+        return Err(bad(images, "not an IDX image file (magic 0x00000803)"));
+    }
+    let (n, h, w) = (be(&img, 1), be(&img, 2), be(&img, 3));
+    if img.len() != 16 + n * h * w {
+        return Err(bad(images, "truncated IDX image file"));
+    }
+    let lab = read_maybe_gz(labels)?;
+    if lab.len() < 8 || be(&lab, 0) != 0x0801 || be(&lab, 1) != n || lab.len() != 8 + n {
+        return Err(bad(labels, "not an IDX label file matching the images"));
+    }
+    let labels: Vec<u32> = lab[8..].iter().map(|&l| l as u32).collect();
+    let classes = (0..=labels.iter().copied().max().unwrap_or(0)).map(|c| c.to_string()).collect();
+    Ok(Dataset {
+        name: String::new(),
+        source: Source::Memory { width: w as u32, height: h as u32, channels: 1, planar: false, pixels: img[16..].to_vec() },
+        labels: Some(labels),
+        classes,
+    })
+}
+
+fn find_cifar(dir: &Path, split: Split) -> Option<Vec<PathBuf>> {
+    let dir = if dir.join("cifar-10-batches-bin").is_dir() { dir.join("cifar-10-batches-bin") } else { dir.to_path_buf() };
+    let cifar10: Vec<PathBuf> = match split {
+        Split::Train => (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect(),
+        Split::Test => vec![dir.join("test_batch.bin")],
+    };
+    if cifar10.iter().all(|p| p.is_file()) {
+        return Some(cifar10);
+    }
+    let dir100 = if dir.join("cifar-100-binary").is_dir() { dir.join("cifar-100-binary") } else { dir };
+    let cifar100 = dir100.join(if split == Split::Train { "train.bin" } else { "test.bin" });
+    cifar100.is_file().then(|| vec![cifar100])
+}
+
+/// CIFAR binary batches: per record, the label byte(s) then 3072 bytes of planar 32x32 RGB.
+/// CIFAR-100 records carry a coarse and a fine label; the fine one is used.
+fn read_cifar(files: &[PathBuf]) -> Result<Dataset, DataError> {
+    let is_100 = files[0].file_name().is_some_and(|n| n == "train.bin" || n == "test.bin");
+    let label_bytes = if is_100 { 2 } else { 1 };
+    let record = label_bytes + 3072;
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for file in files {
+        let bytes = fs::read(file).map_err(|source| DataError::Io { path: file.clone(), source })?;
+        if bytes.is_empty() || bytes.len() % record != 0 {
+            return Err(DataError::Decode { path: file.clone(), reason: format!("not a CIFAR batch ({record}-byte records)") });
+        }
+        for r in bytes.chunks(record) {
+            labels.push(r[label_bytes - 1] as u32);
+            pixels.extend_from_slice(&r[label_bytes..]);
+        }
+    }
+    let classes = (0..=labels.iter().copied().max().unwrap_or(0)).map(|c| c.to_string()).collect();
+    Ok(Dataset {
+        name: String::new(),
+        source: Source::Memory { width: 32, height: 32, channels: 3, planar: true, pixels },
+        labels: Some(labels),
+        classes,
+    })
+}
+
+/// An image folder; class subfolders (sorted by name) give labels.
+fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
+    let split_dir = match split {
+        Split::Train => Some(dir.join("train")),
+        Split::Test => ["val", "test"].iter().map(|d| dir.join(d)).find(|d| d.is_dir()),
+    };
+    let dir = match split_dir {
+        Some(d) if d.is_dir() => d,
+        _ if split == Split::Test => {
+            return Err(DataError::Spec {
+                spec: dir.display().to_string(),
+                problem: "no test split: expected a val/ or test/ subfolder".into(),
+            });
+        }
+        _ => dir.to_path_buf(),
+    };
+    let mut classes: Vec<String> = fs::read_dir(&dir)
+        .map_err(|source| DataError::Io { path: dir.clone(), source })?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    classes.sort();
+    let loose_images = fs::read_dir(&dir)
+        .map_err(|source| DataError::Io { path: dir.clone(), source })?
+        .filter_map(Result::ok)
+        .any(|e| e.path().is_file() && is_image_file(&e.path()));
+    if classes.is_empty() || loose_images {
+        let paths = list_images(&dir)?;
+        return Ok(Dataset { name: String::new(), source: Source::Files(paths), labels: None, classes: Vec::new() });
+    }
+    let (mut paths, mut labels) = (Vec::new(), Vec::new());
+    for (label, class) in classes.iter().enumerate() {
+        let found = list_images(&dir.join(class)).unwrap_or_default();
+        labels.extend(std::iter::repeat_n(label as u32, found.len()));
+        paths.extend(found);
+    }
+    if paths.is_empty() {
+        return Err(DataError::NoImages { path: dir });
+    }
+    Ok(Dataset { name: String::new(), source: Source::Files(paths), labels: Some(labels), classes })
+}
+
+/// One synthetic image of `class`: a shape in a random colour, size and place on a noisy
+/// background of another colour.
+fn synthetic_image(class: usize, rng: &mut StdRng) -> RgbImage {
+    let s = SYNTHETIC_SIZE as f32;
+    let colour = |rng: &mut StdRng| [rng.random_range(40..256) as f32, rng.random_range(40..256) as f32, rng.random_range(40..256) as f32];
+    let fg = colour(rng);
+    let bg: [f32; 3] = std::array::from_fn(|c| (255.0 - fg[c]) * rng.random_range(0.2..0.6));
+    let (cx, cy) = (rng.random_range(0.35 * s..0.65 * s), rng.random_range(0.35 * s..0.65 * s));
+    let r = rng.random_range(0.2 * s..0.34 * s);
+    let period = rng.random_range(3.0..6.0f32);
+    let noise = rng.random::<u64>();
+    RgbImage::from_fn(SYNTHETIC_SIZE, SYNTHETIC_SIZE, |x, y| {
+        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        let inside_box = dx.abs() < r && dy.abs() < r;
+        let on = match class {
+            0 => dx * dx + dy * dy < r * r,
+            1 => inside_box,
+            2 => (0.6 * r..r).contains(&(dx * dx + dy * dy).sqrt()),
+            3 => (dx.abs() < 0.3 * r && dy.abs() < r) || (dy.abs() < 0.3 * r && dx.abs() < r),
+            4 => inside_box && (y as f32 / period).floor() as i32 % 2 == 0,
+            5 => inside_box && (x as f32 / period).floor() as i32 % 2 == 0,
+            6 => inside_box && ((x as f32 / period).floor() as i32 + (y as f32 / period).floor() as i32) % 2 == 0,
+            _ => dy < r && dy > -r && dx.abs() < (dy + r) / 2.0,
+        };
+        let hash = (noise ^ ((x as u64) << 32 | y as u64)).wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let jitter = ((hash >> 56) as f32 / 255.0 - 0.5) * 40.0;
+        let base = if on { fg } else { bg };
+        Rgb(std::array::from_fn(|c| (base[c] + jitter).clamp(0.0, 255.0) as u8))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_is_labeled_deterministic_and_split() {
+        let train = Dataset::open("synthetic").unwrap();
+        assert_eq!(train.len(), SYNTHETIC_TRAIN);
+        assert_eq!(train.classes.len(), 8);
+        assert_eq!(train.image(3).unwrap(), train.image(3).unwrap());
+        assert_ne!(train.image(3).unwrap(), Dataset::open("synthetic#test").unwrap().image(3).unwrap());
+        assert_eq!(train.label(9), Some(1));
+    }
+
+    #[test]
+    fn idx_and_cifar_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3];
+        img.extend([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        fs::write(dir.path().join("t10k-images-idx3-ubyte"), &img).unwrap();
+        fs::write(dir.path().join("t10k-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 2, 7, 3]).unwrap();
+        let d = Dataset::open(&format!("{}#test", dir.path().display())).unwrap();
+        assert_eq!((d.len(), d.label(1)), (2, Some(3)));
+        assert_eq!(d.image(1).unwrap().get_pixel(2, 1).0, [12, 12, 12]);
+        assert!(Dataset::open(&dir.path().display().to_string()).is_err(), "no train split, no images");
+
+        let cifar = tempfile::tempdir().unwrap();
+        let mut record = vec![4u8];
+        record.extend((0..3072).map(|i| (i / 1024) as u8 * 100));
+        fs::write(cifar.path().join("test_batch.bin"), &record).unwrap();
+        let c = Dataset::open(&format!("{}#test", cifar.path().display())).unwrap();
+        assert_eq!((c.len(), c.label(0)), (1, Some(4)));
+        assert_eq!(c.image(0).unwrap().get_pixel(5, 5).0, [0, 100, 200]);
+    }
+
+    #[test]
+    fn image_folders_take_labels_from_subfolders() {
+        let dir = tempfile::tempdir().unwrap();
+        for class in ["b", "a"] {
+            fs::create_dir_all(dir.path().join(class)).unwrap();
+            RgbImage::new(4, 4).save(dir.path().join(class).join("x.png")).unwrap();
+        }
+        let d = Dataset::open(&dir.path().display().to_string()).unwrap();
+        assert_eq!(d.classes, vec!["a", "b"]);
+        assert_eq!((d.len(), d.label(1)), (2, Some(1)));
+        let e = Dataset::open(&format!("{}#val", dir.path().display())).unwrap_err();
+        assert!(e.to_string().contains("#val"), "{e}");
+    }
+}
