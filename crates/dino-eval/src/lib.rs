@@ -3,9 +3,11 @@
 pub mod attention;
 pub mod extract;
 pub mod features;
+pub mod knn;
 
 pub use extract::{ExtractOptions, Features, extract, write_features};
 pub use features::FeatureSpec;
+pub use knn::{KnnResult, knn_classify};
 
 use std::path::PathBuf;
 
