@@ -6,6 +6,7 @@
 mod augment;
 mod dataset;
 mod image_io;
+pub mod loader;
 mod transform;
 
 pub use augment::MultiCropConfig;

@@ -1,0 +1,340 @@
+//! Training configuration: every `main_dino.py` argument under its own name, with its official
+//! default, plus named presets and `key=value` overrides.
+
+use dino_data::MultiCropConfig;
+use dino_model::{DinoHeadConfig, ModelConfig, VitConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimizerKind;
+
+/// A training run's settings. `TrainConfig::default()` is `main_dino.py`'s defaults (commit
+/// 7c446df) for the fields it has; the others say where their default comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    // ---- model ----
+    /// `--arch`: vit_tiny, vit_small or vit_base.
+    pub arch: String,
+    /// `--patch_size` (official 16).
+    pub patch_size: usize,
+    /// Blocks; the official presets have 12 (ours: a smaller depth for small data and CPUs).
+    pub depth: usize,
+    /// Resolution the position embedding is trained for (official model default 224); set it to
+    /// the global crop size so training needs no interpolation.
+    pub img_size: usize,
+    /// `--out_dim`, K (official 65536).
+    pub out_dim: usize,
+    /// `--norm_last_layer` (official true).
+    pub norm_last_layer: bool,
+    /// `--use_bn_in_head` (official false).
+    pub use_bn_in_head: bool,
+    /// Hidden width of the head MLP (official `DINOHead` 2048).
+    pub head_hidden_dim: usize,
+    /// Bottleneck width of the head (official 256).
+    pub head_bottleneck_dim: usize,
+    /// `--drop_path_rate` (official 0.1), student only.
+    pub drop_path_rate: f64,
+
+    // ---- teacher ----
+    /// `--momentum_teacher` (official 0.996), cosine-scheduled to 1.
+    pub momentum_teacher: f64,
+    /// `--warmup_teacher_temp` (official 0.04).
+    pub warmup_teacher_temp: f64,
+    /// `--teacher_temp` (official 0.04).
+    pub teacher_temp: f64,
+    /// `--warmup_teacher_temp_epochs` (official 0).
+    pub warmup_teacher_temp_epochs: usize,
+
+    // ---- optimisation ----
+    /// `--optimizer` (official adamw).
+    pub optimizer: OptimizerKind,
+    /// `--lr`: peak learning rate for a batch of 256 (official 5e-4); scaled by batch / 256.
+    pub lr: f64,
+    /// `--min_lr` (official 1e-6).
+    pub min_lr: f64,
+    /// `--warmup_epochs` (official 10).
+    pub warmup_epochs: usize,
+    /// `--weight_decay` (official 0.04), cosine-scheduled to `weight_decay_end`.
+    pub weight_decay: f64,
+    /// `--weight_decay_end` (official 0.4).
+    pub weight_decay_end: f64,
+    /// `--clip_grad`: per-parameter max gradient norm, 0 disables (official 3.0).
+    pub clip_grad: f64,
+    /// `--freeze_last_layer`: epochs with the head's last layer frozen (official 1).
+    pub freeze_last_layer: usize,
+    /// `--batch_size_per_gpu` (official 64); one device here.
+    pub batch_size: usize,
+    /// `--epochs` (official 100).
+    pub epochs: usize,
+
+    // ---- multi-crop ----
+    /// Crop sizes, scales, number of local crops, blur range and normalisation (official:
+    /// 224 / 96 px, scales (0.4, 1) and (0.05, 0.4), 8 local crops, ImageNet statistics).
+    pub crops: MultiCropConfig,
+
+    // ---- run ----
+    /// `--seed` (official 0): initialisation, data order and augmentation.
+    pub seed: u64,
+    /// `--saveckp_freq`: keep a copy of the checkpoint every N epochs (official 20).
+    pub saveckp_freq: usize,
+    /// Threads preparing batches; 0 = all cores (official `--num_workers` 10 processes).
+    pub num_workers: usize,
+    /// Use only the first N training images (0 = all); for quick runs.
+    pub max_images: usize,
+
+    // ---- monitoring (ours) ----
+    /// k-NN top-1 of the teacher on the validation set every N epochs (0 = never).
+    pub knn_every: usize,
+    /// k for that k-NN (official eval_knn: 20 works best).
+    pub knn_k: usize,
+    /// Temperature of the k-NN vote (official 0.07).
+    pub knn_temperature: f64,
+    /// Images of the training set used as the k-NN bank (0 = all).
+    pub knn_train_images: usize,
+    /// Validation images classified (0 = all).
+    pub knn_test_images: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            arch: "vit_small".into(),
+            patch_size: 16,
+            depth: 12,
+            img_size: 224,
+            out_dim: 65536,
+            norm_last_layer: true,
+            use_bn_in_head: false,
+            head_hidden_dim: 2048,
+            head_bottleneck_dim: 256,
+            drop_path_rate: 0.1,
+            momentum_teacher: 0.996,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0,
+            optimizer: OptimizerKind::Adamw,
+            lr: 0.0005,
+            min_lr: 1e-6,
+            warmup_epochs: 10,
+            weight_decay: 0.04,
+            weight_decay_end: 0.4,
+            clip_grad: 3.0,
+            freeze_last_layer: 1,
+            batch_size: 64,
+            epochs: 100,
+            crops: MultiCropConfig::default(),
+            seed: 0,
+            saveckp_freq: 20,
+            num_workers: 0,
+            max_images: 0,
+            knn_every: 1,
+            knn_k: 20,
+            knn_temperature: 0.07,
+            knn_train_images: 0,
+            knn_test_images: 0,
+        }
+    }
+}
+
+/// Names of the built-in presets.
+pub const PRESETS: [&str; 3] = ["official", "small28", "quick"];
+
+impl TrainConfig {
+    /// A named preset: `official` (main_dino.py's ViT-S/16 defaults), `small28` (28-32 px images
+    /// such as Fashion-MNIST, after the small-data recipe in `docs/fashion-mnist-anchors.md`) or
+    /// `quick` (a few minutes on 2 CPU cores with the built-in synthetic dataset).
+    pub fn preset(name: &str) -> Option<Self> {
+        let official = Self::default();
+        match name {
+            "official" => Some(official),
+            "small28" => Some(Self {
+                arch: "vit_tiny".into(),
+                patch_size: 4,
+                depth: 4,
+                img_size: 28,
+                out_dim: 2048,
+                head_hidden_dim: 1024,
+                head_bottleneck_dim: 256,
+                batch_size: 128,
+                lr: 0.001,
+                epochs: 6,
+                warmup_epochs: 1,
+                warmup_teacher_temp_epochs: 5,
+                teacher_temp: 0.07,
+                crops: MultiCropConfig {
+                    global_size: 28,
+                    local_size: 12,
+                    global_scale: (0.4, 1.0),
+                    local_scale: (0.1, 0.4),
+                    local_crops: 4,
+                    blur_radius: (0.1, 1.0),
+                    ..MultiCropConfig::default()
+                },
+                saveckp_freq: 5,
+                knn_train_images: 10000,
+                knn_test_images: 2000,
+                ..official
+            }),
+            "quick" => Some(Self {
+                arch: "vit_tiny".into(),
+                patch_size: 8,
+                depth: 2,
+                img_size: 32,
+                out_dim: 512,
+                head_hidden_dim: 512,
+                head_bottleneck_dim: 128,
+                batch_size: 64,
+                lr: 0.002,
+                epochs: 5,
+                warmup_epochs: 1,
+                momentum_teacher: 0.99,
+                crops: MultiCropConfig {
+                    global_size: 32,
+                    local_size: 16,
+                    global_scale: (0.4, 1.0),
+                    local_scale: (0.1, 0.4),
+                    local_crops: 2,
+                    blur_radius: (0.1, 1.0),
+                    ..MultiCropConfig::default()
+                },
+                saveckp_freq: 5,
+                ..official
+            }),
+            _ => None,
+        }
+    }
+
+    /// The network this config trains (student and teacher share it; only the student uses drop
+    /// path).
+    pub fn model_config(&self) -> Result<ModelConfig, String> {
+        let base = VitConfig::preset(&self.arch, self.patch_size).ok_or_else(|| {
+            format!("unknown arch '{}'; choose one of {}", self.arch, dino_model::config::VIT_ARCHS.join(", "))
+        })?;
+        let vit = VitConfig { depth: self.depth, img_size: self.img_size, drop_path_rate: self.drop_path_rate, ..base };
+        let head = DinoHeadConfig::new(vit.embed_dim, self.out_dim)
+            .with_use_bn(self.use_bn_in_head)
+            .with_norm_last_layer(self.norm_last_layer)
+            .with_hidden_dim(self.head_hidden_dim)
+            .with_bottleneck_dim(self.head_bottleneck_dim);
+        Ok(ModelConfig::new(vit).with_head(Some(head)))
+    }
+
+    /// Checks everything that would otherwise fail later, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let model = self.model_config()?;
+        model.vit.validate()?;
+        if let Some(head) = &model.head {
+            head.validate()?;
+        }
+        self.crops.validate().map_err(|e| format!("crops: {e}"))?;
+        for (name, size) in [("crops.global_size", self.crops.global_size), ("crops.local_size", self.crops.local_size)] {
+            if (size as usize) < self.patch_size {
+                return Err(format!("{name} = {size} is smaller than one patch (patch_size = {})", self.patch_size));
+            }
+        }
+        let checks: [(bool, &str); 8] = [
+            (self.epochs > 0, "epochs must be at least 1"),
+            (self.batch_size > 0, "batch_size must be at least 1"),
+            (self.lr > 0.0 && self.lr.is_finite(), "lr must be positive"),
+            (self.min_lr >= 0.0, "min_lr must be >= 0"),
+            (self.clip_grad >= 0.0, "clip_grad must be >= 0 (0 disables clipping)"),
+            ((0.0..=1.0).contains(&self.momentum_teacher), "momentum_teacher must be in [0, 1]"),
+            (self.teacher_temp > 0.0 && self.warmup_teacher_temp > 0.0, "teacher temperatures must be positive"),
+            (self.knn_temperature > 0.0, "knn_temperature must be positive"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => Err(message.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// The peak learning rate: `lr * batch_size / 256` (linear scaling rule, as main_dino.py).
+    pub fn peak_lr(&self) -> f64 {
+        self.lr * self.batch_size as f64 / 256.0
+    }
+
+    /// Applies `key=value` overrides (TOML values; dotted keys reach `crops.*`), failing on
+    /// unknown keys and ill-typed values.
+    pub fn with_overrides<'a>(self, overrides: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut table = toml::Table::try_from(&self).map_err(|e| e.to_string())?;
+        for item in overrides {
+            let (key, raw) = item.split_once('=').ok_or_else(|| format!("'{item}' is not key=value"))?;
+            let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+                Ok(mut t) => t.remove("v").expect("parsed"),
+                Err(_) => toml::Value::String(raw.to_string()),
+            };
+            let mut target = &mut table;
+            let mut parts: Vec<&str> = key.trim().split('.').collect();
+            let last = parts.pop().expect("split yields one part");
+            for part in parts {
+                target = target
+                    .get_mut(part)
+                    .and_then(toml::Value::as_table_mut)
+                    .ok_or_else(|| format!("unknown setting '{key}'"))?;
+            }
+            if !target.contains_key(last) {
+                return Err(format!("unknown setting '{key}'"));
+            }
+            target.insert(last.to_string(), value);
+        }
+        Self::from_table(table)
+    }
+
+    /// Merges a TOML config file's text over this config (it may name a `preset` too, handled
+    /// by the caller).
+    pub fn with_toml(self, text: &str) -> Result<Self, String> {
+        let mut table = toml::Table::try_from(&self).map_err(|e| e.to_string())?;
+        let file: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        merge(&mut table, file);
+        Self::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Self, String> {
+        let config: Self = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved config as TOML, as saved in every run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configs serialise")
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(dst)), toml::Value::Table(src)) => merge(dst, src),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid_and_official_is_the_default() {
+        for name in PRESETS {
+            TrainConfig::preset(name).unwrap().validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert_eq!(TrainConfig::preset("official").unwrap(), TrainConfig::default());
+        assert_eq!(TrainConfig::default().peak_lr(), 0.0005 * 64.0 / 256.0);
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys_and_reject_unknown_ones() {
+        let c = TrainConfig::default()
+            .with_overrides(["epochs=3", "crops.local_crops=2", "optimizer=sgd", "arch=vit_tiny"])
+            .unwrap();
+        assert_eq!((c.epochs, c.crops.local_crops, c.optimizer), (3, 2, OptimizerKind::Sgd));
+        assert!(TrainConfig::default().with_overrides(["epoch=3"]).unwrap_err().contains("unknown setting 'epoch'"));
+        assert!(TrainConfig::default().with_overrides(["epochs=0"]).unwrap_err().contains("epochs"));
+        assert!(TrainConfig::default().with_overrides(["epochs=many"]).is_err());
+        let round = TrainConfig::default().with_toml(&TrainConfig::preset("quick").unwrap().to_toml()).unwrap();
+        assert_eq!(round, TrainConfig::preset("quick").unwrap());
+    }
+}
