@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dino", version, about = "DINO self-supervised Vision Transformers: extract features and inspect attention")]
+#[command(name = "dino", version, about = "DINO self-supervised Vision Transformers: train, extract features, inspect attention")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pretrain a ViT with DINO on unlabeled images.
+    Train(Box<commands::train::TrainArgs>),
     /// Extract one feature vector per image with a trained backbone.
     Extract(commands::extract::ExtractArgs),
     /// Draw the last block's per-head self-attention maps for an image.
@@ -28,6 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => commands::train::run(*args),
         Command::Extract(args) => commands::extract::run(args),
         Command::Attention(args) => commands::attention::run(args),
     };

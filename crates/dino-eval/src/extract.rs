@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use dino_data::{EvalTransform, IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
+use dino_data::{Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
+use image::RgbImage;
 use dino_model::VisionTransformer;
 use dino_model::head::l2_normalize;
 use npyz::WriterBuilder;
@@ -38,15 +39,12 @@ struct Prepared {
     chw: Vec<f32>,
 }
 
-fn prepare(path: &Path, transform: &EvalTransform, patch: usize) -> Result<Prepared, EvalError> {
-    let img = load_rgb(path)?;
-    let img = transform.apply(&img).map_err(|problem| EvalError::Image { path: path.into(), problem })?;
+/// Applies the transform and checks the result against the patch size.
+fn prepare(img: &RgbImage, transform: &EvalTransform, patch: usize) -> Result<Prepared, String> {
+    let img = transform.apply(img)?;
     let (w, h) = img.dimensions();
     if (w as usize) < patch || (h as usize) < patch {
-        return Err(EvalError::Image {
-            path: path.into(),
-            problem: format!("{w}x{h} px is smaller than one {patch} px patch"),
-        });
+        return Err(format!("{w}x{h} px is smaller than one {patch} px patch"));
     }
     Ok(Prepared { height: h as usize, width: w as usize, chw: to_chw(&img, IMAGENET_MEAN, IMAGENET_STD) })
 }
@@ -59,16 +57,50 @@ pub fn extract(
     paths: &[PathBuf],
     options: &ExtractOptions,
     device: &Device,
+    progress: impl FnMut(usize),
+) -> Result<Features, EvalError> {
+    let patch = vit.patch_size();
+    let load = |i: usize| {
+        let path = &paths[i];
+        prepare(&load_rgb(path)?, &options.transform, patch)
+            .map_err(|problem| EvalError::Image { path: path.clone(), problem })
+    };
+    extract_with(vit, paths.len(), load, options, device, progress)
+}
+
+/// Features of the first `count` images of a dataset (all with `count` >= its length).
+pub fn dataset_features(
+    vit: &VisionTransformer,
+    dataset: &Dataset,
+    count: usize,
+    options: &ExtractOptions,
+    device: &Device,
+    progress: impl FnMut(usize),
+) -> Result<Features, EvalError> {
+    let patch = vit.patch_size();
+    let load = |i: usize| {
+        prepare(&dataset.image(i)?, &options.transform, patch).map_err(|problem| EvalError::Image {
+            path: dataset.path(i).map_or_else(|| format!("{} image {i}", dataset.name).into(), Into::into),
+            problem,
+        })
+    };
+    extract_with(vit, count.min(dataset.len()), load, options, device, progress)
+}
+
+fn extract_with(
+    vit: &VisionTransformer,
+    count: usize,
+    load: impl Fn(usize) -> Result<Prepared, EvalError> + Sync,
+    options: &ExtractOptions,
+    device: &Device,
     mut progress: impl FnMut(usize),
 ) -> Result<Features, EvalError> {
     let dim = options.features.dim(vit.embed_dim());
-    let mut values = Vec::with_capacity(paths.len() * dim);
-    let mut done = 0;
-    for chunk in paths.chunks(options.batch_size.max(1)) {
-        let prepared = chunk
-            .par_iter()
-            .map(|p| prepare(p, &options.transform, vit.patch_size()))
-            .collect::<Result<Vec<_>, _>>()?;
+    let mut values = Vec::with_capacity(count * dim);
+    let batch = options.batch_size.max(1);
+    for first in (0..count).step_by(batch) {
+        let last = (first + batch).min(count);
+        let prepared = (first..last).into_par_iter().map(&load).collect::<Result<Vec<_>, _>>()?;
         let mut start = 0;
         while start < prepared.len() {
             let (h, w) = (prepared[start].height, prepared[start].width);
@@ -82,10 +114,9 @@ pub fn extract(
             values.extend(feats.into_data().iter::<f32>());
             start = end;
         }
-        done += chunk.len();
-        progress(done);
+        progress(last);
     }
-    Ok(Features { rows: paths.len(), dim, values })
+    Ok(Features { rows: count, dim, values })
 }
 
 /// Writes `features` to `path` — `.npy` for NumPy, anything else as safetensors with the tensor

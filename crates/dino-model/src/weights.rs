@@ -101,10 +101,18 @@ impl Weights {
             .and_then(|mut f| f.read(&mut magic))
             .map_err(|source| WeightsError::Io { path: path.into(), source })?;
         let (tensors, config) = if n == 9 && magic[8] == b'{' {
-            read_safetensors(path)?
+            let (tensors, metadata) = read_safetensors(path)?;
+            let config = match metadata.get(CONFIG_METADATA_KEY) {
+                Some(json) => Some(
+                    serde_json::from_str(json).map_err(|e| format_error(path, format!("bad model config: {e}")))?,
+                ),
+                None => None,
+            };
+            (tensors, config)
         } else {
-            (read_pytorch(path, key)?, None)
+            (read_pytorch(path)?, None)
         };
+        let tensors = select_network(tensors, key, path)?;
         let mut weights = Self { path: path.into(), config, backbone: StateDict::new(), head: StateDict::new() };
         for (name, data) in tensors {
             let name = name.strip_prefix("module.").unwrap_or(&name);
@@ -236,13 +244,11 @@ fn keep_as_f32(name: String, data: TensorData, into: &mut StateDict) {
     }
 }
 
-fn read_safetensors(path: &Path) -> Result<(StateDict, Option<ModelConfig>)> {
+/// Every float tensor of a safetensors file (as f32) and its header metadata.
+pub fn read_safetensors(path: &Path) -> Result<(StateDict, HashMap<String, String>)> {
     let bytes = fs::read(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format_error(path, e))?;
-    let config = match header.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) {
-        Some(json) => Some(serde_json::from_str(json).map_err(|e| format_error(path, format!("bad model config: {e}")))?),
-        None => None,
-    };
+    let metadata = header.metadata().clone().unwrap_or_default();
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format_error(path, e))?;
     let mut tensors = StateDict::new();
     for (name, view) in file.tensors() {
@@ -257,18 +263,31 @@ fn read_safetensors(path: &Path) -> Result<(StateDict, Option<ModelConfig>)> {
         };
         keep_as_f32(name, TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype), &mut tensors);
     }
-    Ok((tensors, config))
+    Ok((tensors, metadata))
 }
 
-fn read_pytorch(path: &Path, key: CheckpointKey) -> Result<StateDict> {
+fn read_pytorch(path: &Path) -> Result<StateDict> {
     let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| format_error(path, e))?;
-    let all = reader.into_tensors();
-    // A full training checkpoint nests the networks under `student` / `teacher`.
+    let mut tensors = StateDict::new();
+    for (name, tensor) in reader.into_tensors() {
+        let (_, dtype, shape, _, bytes) = bridge::from_pytorch(tensor)
+            .into_parts()
+            .map_err(|e| format_error(path, format!("tensor '{name}': {e}")))?;
+        keep_as_f32(name, TensorData::from_bytes(bytes, shape, dtype), &mut tensors);
+    }
+    Ok(tensors)
+}
+
+/// A full training checkpoint nests the networks under `student.` / `teacher.`: keep `key`'s,
+/// without the prefix. Other files pass through.
+fn select_network(all: StateDict, key: CheckpointKey, path: &Path) -> Result<StateDict> {
     let nested = all.keys().any(|k| k.starts_with("teacher.") || k.starts_with("student."));
+    if !nested {
+        return Ok(all);
+    }
     let prefix = format!("{}.", key.as_str());
-    if nested && !all.keys().any(|k| k.starts_with(&prefix)) {
+    if !all.keys().any(|k| k.starts_with(&prefix)) {
         let mut available: Vec<_> = all.keys().filter_map(|k| k.split('.').next()).collect();
-        available.sort();
         available.dedup();
         return Err(WeightsError::MissingEntry {
             path: path.into(),
@@ -276,22 +295,7 @@ fn read_pytorch(path: &Path, key: CheckpointKey) -> Result<StateDict> {
             available: available.join(", "),
         });
     }
-    let mut tensors = StateDict::new();
-    for (name, tensor) in all {
-        let name = if nested {
-            match name.strip_prefix(&prefix) {
-                Some(n) => n.to_string(),
-                None => continue,
-            }
-        } else {
-            name
-        };
-        let (_, dtype, shape, _, bytes) = bridge::from_pytorch(tensor)
-            .into_parts()
-            .map_err(|e| format_error(path, format!("tensor '{name}': {e}")))?;
-        keep_as_f32(name, TensorData::from_bytes(bytes, shape, dtype), &mut tensors);
-    }
-    Ok(tensors)
+    Ok(all.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v))).collect())
 }
 
 /// Applies `tensors` to `module`, failing with every missing, unexpected and misshapen key.
@@ -347,26 +351,35 @@ fn torch_tensors<M: ModuleSnapshot>(module: &M, prefix: &str) -> Vec<(String, Te
     out
 }
 
-/// Writes `tensors` as safetensors with `config` in the header; atomically (a temporary file in
+/// The header entries that record `config` in a file of ours.
+pub fn config_metadata(config: &ModelConfig) -> HashMap<String, String> {
+    HashMap::from([
+        (CONFIG_METADATA_KEY.to_string(), serde_json::to_string(config).expect("configs serialise")),
+        ("format".to_string(), "pt".to_string()),
+    ])
+}
+
+/// Writes `tensors` as safetensors with `metadata` in the header; atomically (a temporary file in
 /// the same directory, then a rename), so a crash never leaves half a file under `path`.
-fn write_safetensors(path: &Path, tensors: Vec<(String, TensorData)>, config: &ModelConfig) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, TensorData)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let io = |source| WeightsError::Io { path: path.into(), source };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, data)| {
             let dtype = match data.dtype() {
                 DType::I64 => safetensors::Dtype::I64,
-                _ => safetensors::Dtype::F32,
+                DType::F32 => safetensors::Dtype::F32,
+                other => panic!("tensor '{name}' is {other:?}; only f32 and i64 are written"),
             };
             let view = safetensors::tensor::TensorView::new(dtype, data.shape().to_vec(), data.as_bytes())
                 .expect("shape and byte length agree");
             (name.clone(), view)
         })
         .collect();
-    let metadata = HashMap::from([
-        (CONFIG_METADATA_KEY.to_string(), serde_json::to_string(config).expect("configs serialise")),
-        ("format".to_string(), "pt".to_string()),
-    ]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| format_error(path, e))?;
     let tmp = path.with_extension("safetensors.tmp");
     fs::write(&tmp, bytes).map_err(io)?;
@@ -386,17 +399,22 @@ fn official_head_names(tensors: &mut [(String, TensorData)], head: &DinoHead, pr
 
 /// Saves a backbone as the released hub files hold it (bare keys), plus its config.
 pub fn save_backbone(vit: &VisionTransformer, config: &VitConfig, path: &Path) -> Result<()> {
-    let model_config = ModelConfig::new(config.clone());
-    write_safetensors(path, torch_tensors(vit, ""), &model_config)
+    write_safetensors(path, torch_tensors(vit, ""), config_metadata(&ModelConfig::new(config.clone())))
+}
+
+/// Backbone and head under the official wrapper's keys (`{prefix}backbone.*`, `{prefix}head.*`).
+pub fn model_tensors(model: &DinoModel, prefix: &str) -> Vec<(String, TensorData)> {
+    let mut tensors = torch_tensors(&model.backbone, &format!("{prefix}backbone."));
+    let head_prefix = format!("{prefix}head.");
+    let mut head = torch_tensors(&model.head, &head_prefix);
+    official_head_names(&mut head, &model.head, &head_prefix);
+    tensors.extend(head);
+    tensors
 }
 
 /// Saves backbone and head under the official wrapper's keys (`backbone.*`, `head.*`).
 pub fn save_model(model: &DinoModel, config: &ModelConfig, path: &Path) -> Result<()> {
-    let mut tensors = torch_tensors(&model.backbone, "backbone.");
-    let mut head = torch_tensors(&model.head, "head.");
-    official_head_names(&mut head, &model.head, "head.");
-    tensors.extend(head);
-    write_safetensors(path, tensors, config)
+    write_safetensors(path, model_tensors(model, ""), config_metadata(config))
 }
 
 /// A backbone's or head's tensors under official keys, for comparisons and tests.

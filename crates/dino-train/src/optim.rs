@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,54 @@ impl Optimizer {
         let model = model.map(&mut mapper);
         let norms = mapper.norms;
         (model, norms)
+    }
+}
+
+/// One parameter's optimizer state, by the parameter's position in visiting order (stable across
+/// runs, unlike parameter ids), for checkpoints.
+#[derive(Debug, Clone)]
+pub struct SavedState {
+    pub index: usize,
+    pub step: i32,
+    pub m: Tensor<1>,
+    pub v: Option<Tensor<1>>,
+}
+
+struct ParamIds(Vec<ParamId>);
+
+impl ModuleVisitor for ParamIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(param.id);
+    }
+}
+
+fn param_ids<M: Module>(model: &M) -> Vec<ParamId> {
+    let mut ids = ParamIds(Vec::new());
+    model.visit(&mut ids);
+    ids.0
+}
+
+impl Optimizer {
+    /// The state of every parameter of `model` that has one.
+    pub fn export<M: Module>(&self, model: &M) -> Vec<SavedState> {
+        param_ids(model)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, id)| {
+                let s = self.states.get(&id)?;
+                Some(SavedState { index, step: s.step, m: s.m.clone(), v: s.v.clone() })
+            })
+            .collect()
+    }
+
+    /// An optimizer holding `saved` states for the parameters of `model`.
+    pub fn import<M: Module>(kind: OptimizerKind, model: &M, saved: Vec<SavedState>) -> Self {
+        let ids = param_ids(model);
+        let states = saved
+            .into_iter()
+            .filter_map(|s| Some((*ids.get(s.index)?, ParamState { step: s.step, m: s.m, v: s.v })))
+            .collect();
+        Self { kind, states }
     }
 }
 

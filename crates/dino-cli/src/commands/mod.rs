@@ -1,2 +1,3 @@
 pub mod attention;
 pub mod extract;
+pub mod train;

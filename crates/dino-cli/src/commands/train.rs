@@ -1,0 +1,234 @@
+//! `dino train`: DINO self-supervised pretraining.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dino_data::Dataset;
+use dino_train::{EpochLog, IterationLog, KnnData, Observer, RunDir, TrainConfig, config::PRESETS, train};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::device::DeviceArg;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training images (SPEC: a directory of images, IDX or CIFAR files, or `synthetic`;
+    /// `#train`/`#test` picks a split).
+    #[arg(long, default_value = "synthetic", value_name = "SPEC")]
+    data: String,
+    /// Labeled images for k-NN monitoring of the teacher (default: `synthetic#test` when training
+    /// on `synthetic`, else none).
+    #[arg(long, value_name = "SPEC")]
+    val: Option<String>,
+    /// Run directory: config, log.txt, checkpoints, teacher backbone, plot.
+    #[arg(long, short, default_value = "runs/dino", value_name = "DIR")]
+    output: PathBuf,
+    /// Starting settings: official (main_dino.py's ViT-S/16), small28 (28-32 px images),
+    /// quick (minutes on a CPU with the synthetic data).
+    #[arg(long, default_value = "quick", value_name = "NAME")]
+    preset: String,
+    /// A TOML file of settings, applied over the preset.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Any setting, e.g. --set crops.local_crops=4 (repeatable; applied last).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from the run directory's checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+
+    // main_dino.py's common arguments, under their names.
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(long)]
+    patch_size: Option<usize>,
+    #[arg(long)]
+    out_dim: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long)]
+    warmup_epochs: Option<usize>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    weight_decay_end: Option<f64>,
+    #[arg(long)]
+    momentum_teacher: Option<f64>,
+    #[arg(long)]
+    teacher_temp: Option<f64>,
+    #[arg(long)]
+    warmup_teacher_temp: Option<f64>,
+    #[arg(long)]
+    warmup_teacher_temp_epochs: Option<usize>,
+    #[arg(long)]
+    clip_grad: Option<f64>,
+    #[arg(long)]
+    freeze_last_layer: Option<usize>,
+    #[arg(long)]
+    drop_path_rate: Option<f64>,
+    #[arg(long)]
+    local_crops_number: Option<usize>,
+    #[arg(long)]
+    optimizer: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    num_workers: Option<usize>,
+    #[arg(long)]
+    max_images: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The flags given, as `key=value` overrides.
+    fn flag_overrides(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut add = |key: &str, value: Option<String>| {
+            if let Some(v) = value {
+                out.push(format!("{key}={v}"));
+            }
+        };
+        let quoted = |s: &Option<String>| s.as_ref().map(|v| format!("\"{v}\""));
+        add("epochs", self.epochs.map(|v| v.to_string()));
+        add("arch", quoted(&self.arch));
+        add("patch_size", self.patch_size.map(|v| v.to_string()));
+        add("out_dim", self.out_dim.map(|v| v.to_string()));
+        add("batch_size", self.batch_size.map(|v| v.to_string()));
+        for (key, value) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+            ("weight_decay_end", self.weight_decay_end),
+            ("momentum_teacher", self.momentum_teacher),
+            ("teacher_temp", self.teacher_temp),
+            ("warmup_teacher_temp", self.warmup_teacher_temp),
+            ("clip_grad", self.clip_grad),
+            ("drop_path_rate", self.drop_path_rate),
+        ] {
+            add(key, value.map(|v| format!("{v:?}")));
+        }
+        add("warmup_epochs", self.warmup_epochs.map(|v| v.to_string()));
+        add("warmup_teacher_temp_epochs", self.warmup_teacher_temp_epochs.map(|v| v.to_string()));
+        add("freeze_last_layer", self.freeze_last_layer.map(|v| v.to_string()));
+        add("crops.local_crops", self.local_crops_number.map(|v| v.to_string()));
+        add("optimizer", quoted(&self.optimizer));
+        add("seed", self.seed.map(|v| v.to_string()));
+        add("num_workers", self.num_workers.map(|v| v.to_string()));
+        add("max_images", self.max_images.map(|v| v.to_string()));
+        out
+    }
+
+    fn resolve_config(&self) -> anyhow::Result<TrainConfig> {
+        let mut config = TrainConfig::preset(&self.preset)
+            .with_context(|| format!("unknown --preset '{}'; choose one of {}", self.preset, PRESETS.join(", ")))?;
+        if let Some(file) = &self.config {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            config = config.with_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        }
+        let overrides = self.flag_overrides();
+        let all = overrides.iter().chain(&self.set).map(String::as_str);
+        config.with_overrides(all).map_err(|e| anyhow::anyhow!("invalid setting: {e}"))
+    }
+}
+
+/// Progress bar per epoch, a line per finished epoch.
+struct Progress {
+    bar: ProgressBar,
+    epochs: usize,
+}
+
+impl Observer for Progress {
+    fn epoch_start(&mut self, epoch: usize, iterations: usize) {
+        self.bar = ProgressBar::new(iterations as u64).with_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:25}] {pos}/{len} {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        self.bar.set_prefix(format!("{}/{}", epoch + 1, self.epochs));
+    }
+
+    fn iteration(&mut self, log: &IterationLog) {
+        self.bar.set_position(log.iteration as u64 + 1);
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} wd {:.3} {:.0} img/s",
+            log.loss, log.lr, log.wd, log.images_per_sec
+        ));
+    }
+
+    fn epoch_end(&mut self, log: &EpochLog) {
+        self.bar.finish_and_clear();
+        let knn = log.knn_top1.map(|k| format!(", teacher k-NN top-1 {k:.2} %")).unwrap_or_default();
+        println!(
+            "epoch {}/{}: loss {:.4}{knn}, {:.0} img/s, {:.1} min",
+            log.epoch + 1,
+            self.epochs,
+            log.train_loss,
+            log.images_per_sec,
+            log.minutes
+        );
+    }
+
+    fn note(&mut self, message: &str) {
+        println!("{message}");
+    }
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let config = args.resolve_config()?;
+    let data = Arc::new(Dataset::open(&args.data)?);
+    let val_spec = args.val.clone().or_else(|| (args.data == "synthetic").then(|| "synthetic#test".to_string()));
+    let knn = match &val_spec {
+        Some(spec) => {
+            let queries = Dataset::open(spec)?;
+            if queries.labels().is_none() || data.labels().is_none() {
+                bail!("k-NN monitoring needs labels in both --data and --val ({spec} or {} has none)", args.data);
+            }
+            Some(KnnData { bank: data.clone(), queries: Arc::new(queries) })
+        }
+        None => None,
+    };
+    let device = args.device.device()?;
+    println!(
+        "training {} (patch {}, depth {}, K = {}) on {} ({} images), {} epochs, batch {}, into {}",
+        config.arch,
+        config.patch_size,
+        config.depth,
+        config.out_dim,
+        data.name,
+        data.len(),
+        config.epochs,
+        config.batch_size,
+        args.output.display()
+    );
+    let mut progress = Progress { bar: ProgressBar::hidden(), epochs: config.epochs };
+    let summary = train(&config, data, knn, &args.output, &device, args.resume, &mut progress)?;
+    let run = RunDir(args.output.clone());
+    if let Some(last) = &summary.last_epoch {
+        let loss = match summary.first_loss {
+            Some(first) => format!("loss {first:.4} (first iteration) -> {:.4} (last epoch)", last.train_loss),
+            None => format!("loss {:.4}", last.train_loss),
+        };
+        let knn = match (summary.knn_before, last.knn_top1) {
+            (Some(before), Some(after)) => format!("; teacher k-NN top-1 {before:.2} % -> {after:.2} %"),
+            (None, Some(after)) => format!("; teacher k-NN top-1 {after:.2} %"),
+            _ => String::new(),
+        };
+        println!("done in {:.1} min: {loss}{knn}", summary.minutes);
+    }
+    println!(
+        "run directory {}: log.txt, training.png, {}, {}",
+        args.output.display(),
+        run.checkpoint().file_name().unwrap().to_string_lossy(),
+        run.teacher_backbone().file_name().unwrap().to_string_lossy()
+    );
+    Ok(())
+}

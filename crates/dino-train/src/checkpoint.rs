@@ -1,0 +1,108 @@
+//! Training checkpoints: everything needed to continue a run exactly.
+//!
+//! One safetensors file: the student and teacher under the official checkpoint keys
+//! (`student.backbone.*`, `teacher.head.*`, ...; readable by `Weights::read` with either
+//! checkpoint key), the DINO loss center (`dino_loss.center`), the optimizer state
+//! (`optimizer.{i}.m` / `.v` by parameter position) and, in the header, the next epoch, the
+//! resolved training config and the model config.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use dino_model::DinoModel;
+use dino_model::weights::{
+    CheckpointKey, Weights, WeightsError, config_metadata, model_tensors, read_safetensors, write_safetensors,
+};
+
+use crate::TrainConfig;
+use crate::loss::DinoLoss;
+use crate::optim::{Optimizer, SavedState};
+use crate::step::TrainState;
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: {problem}")]
+    Invalid { path: String, problem: String },
+}
+
+fn tensor_data(t: Tensor<1>) -> TensorData {
+    t.into_data()
+}
+
+/// Writes `state` after `epochs_done` epochs.
+pub fn save_checkpoint(
+    path: &Path,
+    state: &TrainState,
+    epochs_done: usize,
+    config: &TrainConfig,
+) -> Result<(), CheckpointError> {
+    let model_config = config.model_config().map_err(|problem| CheckpointError::Invalid {
+        path: path.display().to_string(),
+        problem,
+    })?;
+    let mut tensors = model_tensors(&state.student, "student.");
+    tensors.extend(model_tensors(&state.teacher, "teacher."));
+    tensors.push(("dino_loss.center".into(), state.loss.center.clone().into_data()));
+    let mut steps = Vec::new();
+    for s in state.optimizer.export(&state.student) {
+        steps.push((s.index, s.step));
+        tensors.push((format!("optimizer.{}.m", s.index), tensor_data(s.m)));
+        if let Some(v) = s.v {
+            tensors.push((format!("optimizer.{}.v", s.index), tensor_data(v)));
+        }
+    }
+    let mut metadata: HashMap<String, String> = config_metadata(&model_config);
+    metadata.insert("epoch".into(), epochs_done.to_string());
+    metadata.insert("train_config".into(), config.to_toml());
+    metadata.insert("optimizer_steps".into(), serde_json::to_string(&steps).expect("numbers serialise"));
+    Ok(write_safetensors(path, tensors, metadata)?)
+}
+
+/// A run restored from a checkpoint.
+pub struct Restored {
+    pub state: TrainState,
+    /// Epochs already done: training continues with this epoch.
+    pub epochs_done: usize,
+    /// The config the run was started with.
+    pub config: TrainConfig,
+}
+
+/// Reads a checkpoint written by `save_checkpoint`: the student on `train_device` (autodiff),
+/// the teacher, center and optimizer state on `device`.
+pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> Result<Restored, CheckpointError> {
+    let invalid = |problem: String| CheckpointError::Invalid { path: path.display().to_string(), problem };
+    let (raw, metadata) = read_safetensors(path)?;
+    let config_text = metadata.get("train_config").ok_or_else(|| invalid("not a dino training checkpoint (no train_config)".into()))?;
+    let config = TrainConfig::default().with_toml(config_text).map_err(|e| invalid(format!("bad train_config: {e}")))?;
+    let epochs_done = metadata.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| invalid("no epoch".into()))?;
+    let model_config = config.model_config().map_err(&invalid)?;
+    let head_config = model_config.head.clone().expect("training configs have a head");
+
+    let build = |key: CheckpointKey, device: &Device| -> Result<DinoModel, CheckpointError> {
+        let weights = Weights::read(path, key)?;
+        Ok(DinoModel {
+            backbone: weights.backbone(&model_config.vit, device)?,
+            head: weights.dino_head(&head_config, device)?,
+        })
+    };
+    let student = build(CheckpointKey::Student, train_device)?;
+    let teacher = build(CheckpointKey::Teacher, device)?;
+
+    let center = raw.get("dino_loss.center").ok_or_else(|| invalid("no dino_loss.center".into()))?;
+    let mut loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
+    loss.center = Tensor::from_data(center.clone(), device);
+
+    let steps = metadata.get("optimizer_steps").and_then(|s| serde_json::from_str::<Vec<(usize, i32)>>(s).ok()).ok_or_else(|| invalid("no optimizer_steps".into()))?;
+    let mut saved = Vec::new();
+    for (index, step) in steps {
+        let get = |k: &str| raw.get(&format!("optimizer.{index}.{k}")).map(|d| Tensor::<1>::from_data(d.clone(), device));
+        let m = get("m").ok_or_else(|| invalid(format!("optimizer.{index}.m is missing")))?;
+        saved.push(SavedState { index, step, m, v: get("v") });
+    }
+    let optimizer = Optimizer::import(config.optimizer, &student, saved);
+    Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, epochs_done, config })
+}
