@@ -79,6 +79,11 @@ pub trait Observer {
     fn iteration(&mut self, _log: &IterationLog) {}
     fn epoch_end(&mut self, _log: &EpochLog) {}
     fn note(&mut self, _message: &str) {}
+    /// Asked after each epoch's checkpoint is written; `false` ends the run there (it can be
+    /// resumed later).
+    fn keep_going(&mut self) -> bool {
+        true
+    }
 }
 
 /// Labeled data for k-NN monitoring: the bank (usually the training set) and the queries.
@@ -316,6 +321,9 @@ pub fn train(
         }
         observer.epoch_end(&log);
         summary.last_epoch = Some(log);
+        if !observer.keep_going() {
+            break;
+        }
     }
     summary.minutes = started.elapsed().as_secs_f64() / 60.0;
     Ok(summary)

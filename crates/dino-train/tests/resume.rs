@@ -1,0 +1,88 @@
+//! A run interrupted after an epoch and resumed ends with exactly the weights of an
+//! uninterrupted run with the same seed (CPU), and the run directory holds what it should.
+
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use dino_data::{Dataset, MultiCropConfig, Split};
+use dino_model::weights::{CheckpointKey, read_safetensors};
+use dino_train::{KnnData, Observer, RunDir, TrainConfig, train};
+
+struct Quiet;
+impl Observer for Quiet {}
+
+fn tiny_config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        arch: "vit_tiny".into(),
+        patch_size: 8,
+        depth: 1,
+        img_size: 16,
+        out_dim: 32,
+        head_hidden_dim: 32,
+        head_bottleneck_dim: 16,
+        batch_size: 8,
+        epochs,
+        warmup_epochs: 1,
+        max_images: 24,
+        knn_every: 1,
+        knn_train_images: 24,
+        knn_test_images: 16,
+        crops: MultiCropConfig { global_size: 16, local_size: 8, local_crops: 1, ..MultiCropConfig::default() },
+        ..TrainConfig::default()
+    }
+}
+
+fn knn() -> Option<KnnData> {
+    Some(KnnData { bank: Arc::new(Dataset::synthetic(Split::Train)), queries: Arc::new(Dataset::synthetic(Split::Test)) })
+}
+
+#[test]
+fn resumed_run_matches_an_uninterrupted_one() {
+    let data = Arc::new(Dataset::synthetic(Split::Train));
+    let device = Device::flex();
+    let straight = tempfile::tempdir().unwrap();
+    let summary = train(&tiny_config(2), data.clone(), knn(), straight.path(), &device, false, &mut Quiet).unwrap();
+    assert!(summary.knn_before.is_some() && summary.last_epoch.as_ref().unwrap().knn_top1.is_some());
+
+    let split = tempfile::tempdir().unwrap();
+    let first = train(&tiny_config(2), data.clone(), None, split.path(), &device, false, &mut StopAfterOneEpoch).unwrap();
+    assert_eq!(first.last_epoch.unwrap().epoch, 0);
+    train(&tiny_config(2), data, None, split.path(), &device, true, &mut Quiet).unwrap();
+
+    let a = RunDir(straight.path().into()).checkpoint();
+    let b = RunDir(split.path().into()).checkpoint();
+    let (ta, _) = read_safetensors(&a).unwrap();
+    let (tb, _) = read_safetensors(&b).unwrap();
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    let mut compared = 0;
+    for (key, value) in &ta {
+        assert_eq!(value, &tb[key], "{key} differs after resume");
+        compared += 1;
+    }
+    assert!(compared > 20);
+    // Student and teacher both readable as networks.
+    for key in [CheckpointKey::Student, CheckpointKey::Teacher] {
+        dino_model::weights::Weights::read(&a, key).unwrap();
+    }
+
+    let run = RunDir(straight.path().into());
+    let log = std::fs::read_to_string(run.log()).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for field in ["train_loss", "train_lr", "train_wd", "epoch", "knn_top1"] {
+        assert!(lines[1][field].is_number(), "log.txt lacks {field}: {log}");
+    }
+    assert!(lines[0]["knn_top1_initial"].is_number());
+    for file in [run.config(), run.plot(), run.teacher_backbone(), straight.path().join("checkpoint0000.safetensors")] {
+        assert!(file.is_file(), "{} missing", file.display());
+    }
+}
+
+/// Ends the run after its first epoch, as an interruption would.
+struct StopAfterOneEpoch;
+
+impl Observer for StopAfterOneEpoch {
+    fn keep_going(&mut self) -> bool {
+        false
+    }
+}
