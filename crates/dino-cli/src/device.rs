@@ -17,7 +17,9 @@ pub enum DeviceArg {
 }
 
 fn not_built(feature: &str) -> anyhow::Result<Device> {
-    bail!("this dino was built without GPU support for --device {feature}; rebuild with `cargo build --release --features {feature}`")
+    bail!(
+        "this dino was built without GPU support for --device {feature}; rebuild with `cargo build --release --features {feature}`"
+    )
 }
 
 impl DeviceArg {

@@ -60,14 +60,22 @@ impl WeightArgs {
                 if (preset.embed_dim, preset.depth) != (config.embed_dim, config.depth) {
                     bail!(
                         "{}: --arch {arch} has embed dim {} and {} blocks, but the weights have embed dim {} and {} blocks",
-                        self.weights.display(), preset.embed_dim, preset.depth, config.embed_dim, config.depth
+                        self.weights.display(),
+                        preset.embed_dim,
+                        preset.depth,
+                        config.embed_dim,
+                        config.depth
                     );
                 }
             }
             if let Some(p) = self.patch_size
                 && p != config.patch_size
             {
-                bail!("{}: --patch-size {p}, but the weights have {} px patches", self.weights.display(), config.patch_size);
+                bail!(
+                    "{}: --patch-size {p}, but the weights have {} px patches",
+                    self.weights.display(),
+                    config.patch_size
+                );
             }
         }
         if let Err(problem) = config.validate() {

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dino", version, about = "DINO self-supervised Vision Transformers: train, extract features, inspect attention")]
+#[command(
+    name = "dino",
+    version,
+    about = "DINO self-supervised Vision Transformers: train, extract features, inspect attention"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use dino_fixtures::fixture_dir;
 use dino_data::{IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
+use dino_fixtures::fixture_dir;
 use dino_model::weights::{CheckpointKey, Weights, save_backbone};
 use dino_model::{VisionTransformer, VitConfig};
 use image::{Rgb, RgbImage};
@@ -88,13 +88,25 @@ fn extract_writes_features_equal_to_the_model_forward() {
     let ws = Workspace::new();
     let out = ws.path("out/features.safetensors");
     let stdout = ok(&[
-        "extract", "--weights", &ws.s("backbone.safetensors"), "--data", &ws.s("images"),
-        "--resize", "0", "--crop", "0", "--batch-size", "3", "--output", out.to_str().unwrap(),
+        "extract",
+        "--weights",
+        &ws.s("backbone.safetensors"),
+        "--data",
+        &ws.s("images"),
+        "--resize",
+        "0",
+        "--crop",
+        "0",
+        "--batch-size",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(stdout.contains("[4, 48]") || stdout.contains(&format!("[4, {}]", ws.config.embed_dim)), "{stdout}");
     let (shape, values) = read_safetensors(&out, "features");
     assert_eq!(shape, vec![4, ws.config.embed_dim]);
-    let listed: Vec<String> = std::fs::read_to_string(out.with_extension("txt")).unwrap().lines().map(String::from).collect();
+    let listed: Vec<String> =
+        std::fs::read_to_string(out.with_extension("txt")).unwrap().lines().map(String::from).collect();
     assert_eq!(listed.len(), 4);
     assert!(listed[0].ends_with("cats/0.png") && listed[3].ends_with("dogs/1.jpg"), "{listed:?}");
     // Row i is the final-normed CLS of image i, computed here directly.
@@ -120,9 +132,23 @@ fn extract_supports_official_files_npy_and_feature_options() {
     for weights in ["vit_backbone.pth", "checkpoint.pth"] {
         let weights = fixture_dir().join(weights);
         ok(&[
-            "extract", "--weights", weights.to_str().unwrap(), "--num-heads", &heads,
-            "--image", &ws.s("images/cats/0.png"), "--resize", "64", "--crop", "32",
-            "--l2-norm", "--n-last-blocks", "2", "--avgpool", "--output", out.to_str().unwrap(),
+            "extract",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--num-heads",
+            &heads,
+            "--image",
+            &ws.s("images/cats/0.png"),
+            "--resize",
+            "64",
+            "--crop",
+            "32",
+            "--l2-norm",
+            "--n-last-blocks",
+            "2",
+            "--avgpool",
+            "--output",
+            out.to_str().unwrap(),
         ]);
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(&bytes[..6], b"\x93NUMPY");
@@ -130,7 +156,8 @@ fn extract_supports_official_files_npy_and_feature_options() {
         let dim = 3 * ws.config.embed_dim;
         assert!(header.contains(&format!("'shape': (1, {dim}, )")), "{header}");
         // --l2-norm: unit rows.
-        let row: Vec<f32> = bytes[bytes.len() - 4 * dim..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let row: Vec<f32> =
+            bytes[bytes.len() - 4 * dim..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "{norm}");
     }
@@ -142,8 +169,18 @@ fn attention_writes_maps_masks_and_tensors() {
     let out = ws.path("attn");
     let p = ws.config.patch_size;
     let stdout = ok(&[
-        "attention", "--weights", &ws.s("backbone.safetensors"), "--image", &ws.s("images/dogs/1.jpg"),
-        "--image-size", "30", "43", "--threshold", "0.6", "--output", out.to_str().unwrap(),
+        "attention",
+        "--weights",
+        &ws.s("backbone.safetensors"),
+        "--image",
+        &ws.s("images/dogs/1.jpg"),
+        "--image-size",
+        "30",
+        "43",
+        "--threshold",
+        "0.6",
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(stdout.contains("heads"), "{stdout}");
     let heads = ws.config.num_heads;
@@ -194,7 +231,17 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
 
     // Weights of another architecture, or not a backbone at all.
     let pth = fixture_dir().join("vit_backbone.pth");
-    let e = fails(&["extract", "--weights", pth.to_str().unwrap(), "--arch", "vit_small", "--image", &ws.s("images/cats/0.png"), "-o", &out]);
+    let e = fails(&[
+        "extract",
+        "--weights",
+        pth.to_str().unwrap(),
+        "--arch",
+        "vit_small",
+        "--image",
+        &ws.s("images/cats/0.png"),
+        "-o",
+        &out,
+    ]);
     assert!(e.contains("vit_small") && e.contains("embed dim"), "{e}");
     let e = fails(&["extract", "--weights", pth.to_str().unwrap(), "--image", &ws.s("images/cats/0.png"), "-o", &out]);
     assert!(e.contains("--num-heads"), "{e}");
@@ -216,14 +263,43 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
     for (name, source) in [("cut.pth", pth.clone()), ("cut.safetensors", ws.path("backbone.safetensors"))] {
         let bytes = std::fs::read(&source).unwrap();
         std::fs::write(ws.path(name), &bytes[..bytes.len() / 2]).unwrap();
-        let e = fails(&["extract", "--weights", &ws.s(name), "--num-heads", "3", "--image", &ws.s("images/cats/0.png"), "-o", &out]);
+        let e = fails(&[
+            "extract",
+            "--weights",
+            &ws.s(name),
+            "--num-heads",
+            "3",
+            "--image",
+            &ws.s("images/cats/0.png"),
+            "-o",
+            &out,
+        ]);
         assert!(e.contains(name) && e.contains("not a readable weights file"), "{e}");
     }
 
     let e = fails(&["attention", "--weights", &weights, "--image", &ws.s("fake.png"), "-o", &ws.s("a")]);
     assert!(e.contains("fake.png"), "{e}");
-    let e = fails(&["attention", "--weights", &weights, "--image", &ws.s("images/cats/0.png"), "-o", &ws.s("a"), "--image-size", "2", "2"]);
+    let e = fails(&[
+        "attention",
+        "--weights",
+        &weights,
+        "--image",
+        &ws.s("images/cats/0.png"),
+        "-o",
+        &ws.s("a"),
+        "--image-size",
+        "2",
+        "2",
+    ]);
     assert!(e.contains("patch"), "{e}");
-    let e = fails(&["attention", "--weights", &ws.s("nothing.pth"), "--image", &ws.s("images/cats/0.png"), "-o", &ws.s("a")]);
+    let e = fails(&[
+        "attention",
+        "--weights",
+        &ws.s("nothing.pth"),
+        "--image",
+        &ws.s("images/cats/0.png"),
+        "-o",
+        &ws.s("a"),
+    ]);
     assert!(e.contains("nothing.pth"), "{e}");
 }

@@ -19,10 +19,33 @@ fn trains_on_fashion_mnist_and_exports_a_usable_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let out = dino(&[
-        "train", "--data", FASHION_MNIST, "--val", &format!("{FASHION_MNIST}#test"), "--preset", "small28",
-        "--epochs", "2", "--max-images", "192", "--batch-size", "32", "--out-dim", "256",
-        "--set", "depth=1", "--set", "knn_train_images=192", "--set", "knn_test_images=100",
-        "--set", "head_hidden_dim=128", "--set", "crops.local_crops=2", "--output", run.to_str().unwrap(),
+        "train",
+        "--data",
+        FASHION_MNIST,
+        "--val",
+        &format!("{FASHION_MNIST}#test"),
+        "--preset",
+        "small28",
+        "--epochs",
+        "2",
+        "--max-images",
+        "192",
+        "--batch-size",
+        "32",
+        "--out-dim",
+        "256",
+        "--set",
+        "depth=1",
+        "--set",
+        "knn_train_images=192",
+        "--set",
+        "knn_test_images=100",
+        "--set",
+        "head_hidden_dim=128",
+        "--set",
+        "crops.local_crops=2",
+        "--output",
+        run.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -43,9 +66,17 @@ fn trains_on_fashion_mnist_and_exports_a_usable_teacher() {
 
     let features = dir.path().join("f.safetensors");
     let out = dino(&[
-        "extract", "--weights", run.join("teacher_backbone.safetensors").to_str().unwrap(),
-        "--image", run.join("training.png").to_str().unwrap(), "--resize", "28", "--crop", "28",
-        "--output", features.to_str().unwrap(),
+        "extract",
+        "--weights",
+        run.join("teacher_backbone.safetensors").to_str().unwrap(),
+        "--image",
+        run.join("training.png").to_str().unwrap(),
+        "--resize",
+        "28",
+        "--crop",
+        "28",
+        "--output",
+        features.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

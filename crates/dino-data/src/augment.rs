@@ -147,9 +147,7 @@ fn random_resized_crop(img: &RgbImage, size: u32, scale: (f64, f64), rng: &mut i
     let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3)
         .expect("an RgbImage buffer holds width * height * 3 bytes");
     let mut dst = Image::new(size, size, PixelType::U8x3);
-    let options = ResizeOptions::new()
-        .crop(left, top, w, h)
-        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    let options = ResizeOptions::new().crop(left, top, w, h).resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
     Resizer::new().resize(&src, &mut dst, &options).expect("U8x3 to U8x3");
     dst.buffer().iter().map(|&v| v as f32 / 255.0).collect()
 }

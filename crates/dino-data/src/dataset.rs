@@ -173,7 +173,10 @@ impl Dataset {
             }
             Source::Synthetic { seed, .. } => {
                 let class = self.label(i).expect("synthetic images are labeled") as usize;
-                Ok(synthetic_image(class, &mut StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+                Ok(synthetic_image(
+                    class,
+                    &mut StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                ))
             }
         }
     }
@@ -205,8 +208,10 @@ fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
 
 fn find_idx(dir: &Path, split: Split) -> Option<(PathBuf, PathBuf)> {
     let prefix = if split == Split::Train { "train" } else { "t10k" };
-    let images = first_existing(dir, &[&format!("{prefix}-images-idx3-ubyte"), &format!("{prefix}-images.idx3-ubyte")])?;
-    let labels = first_existing(dir, &[&format!("{prefix}-labels-idx1-ubyte"), &format!("{prefix}-labels.idx1-ubyte")])?;
+    let images =
+        first_existing(dir, &[&format!("{prefix}-images-idx3-ubyte"), &format!("{prefix}-images.idx3-ubyte")])?;
+    let labels =
+        first_existing(dir, &[&format!("{prefix}-labels-idx1-ubyte"), &format!("{prefix}-labels.idx1-ubyte")])?;
     Some((images, labels))
 }
 
@@ -230,14 +235,21 @@ fn read_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
     let classes = (0..=labels.iter().copied().max().unwrap_or(0)).map(|c| c.to_string()).collect();
     Ok(Dataset {
         name: String::new(),
-        source: Source::Memory { width: w as u32, height: h as u32, channels: 1, planar: false, pixels: img[16..].to_vec() },
+        source: Source::Memory {
+            width: w as u32,
+            height: h as u32,
+            channels: 1,
+            planar: false,
+            pixels: img[16..].to_vec(),
+        },
         labels: Some(labels),
         classes,
     })
 }
 
 fn find_cifar(dir: &Path, split: Split) -> Option<Vec<PathBuf>> {
-    let dir = if dir.join("cifar-10-batches-bin").is_dir() { dir.join("cifar-10-batches-bin") } else { dir.to_path_buf() };
+    let dir =
+        if dir.join("cifar-10-batches-bin").is_dir() { dir.join("cifar-10-batches-bin") } else { dir.to_path_buf() };
     let cifar10: Vec<PathBuf> = match split {
         Split::Train => (1..=5).map(|i| dir.join(format!("data_batch_{i}.bin"))).collect(),
         Split::Test => vec![dir.join("test_batch.bin")],
@@ -260,7 +272,10 @@ fn read_cifar(files: &[PathBuf]) -> Result<Dataset, DataError> {
     for file in files {
         let bytes = fs::read(file).map_err(|source| DataError::Io { path: file.clone(), source })?;
         if bytes.is_empty() || bytes.len() % record != 0 {
-            return Err(DataError::Decode { path: file.clone(), reason: format!("not a CIFAR batch ({record}-byte records)") });
+            return Err(DataError::Decode {
+                path: file.clone(),
+                reason: format!("not a CIFAR batch ({record}-byte records)"),
+            });
         }
         for r in bytes.chunks(record) {
             labels.push(r[label_bytes - 1] as u32);
@@ -319,15 +334,17 @@ fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
     Ok(Dataset { name: String::new(), source: Source::Files(paths), labels: Some(labels), classes })
 }
 
-/// One synthetic image of `class`: a shape in a random colour, size and place on a noisy
-/// background of another colour.
+/// One synthetic image of `class`: a shape filling most of the image, in a random colour, size and
+/// place, on a noisy background of another colour (large shapes keep the class visible in most crops).
 fn synthetic_image(class: usize, rng: &mut StdRng) -> RgbImage {
     let s = SYNTHETIC_SIZE as f32;
-    let colour = |rng: &mut StdRng| [rng.random_range(40..256) as f32, rng.random_range(40..256) as f32, rng.random_range(40..256) as f32];
+    let colour = |rng: &mut StdRng| {
+        [rng.random_range(40..256) as f32, rng.random_range(40..256) as f32, rng.random_range(40..256) as f32]
+    };
     let fg = colour(rng);
     let bg: [f32; 3] = std::array::from_fn(|c| (255.0 - fg[c]) * rng.random_range(0.2..0.6));
-    let (cx, cy) = (rng.random_range(0.35 * s..0.65 * s), rng.random_range(0.35 * s..0.65 * s));
-    let r = rng.random_range(0.2 * s..0.34 * s);
+    let (cx, cy) = (rng.random_range(0.4 * s..0.6 * s), rng.random_range(0.4 * s..0.6 * s));
+    let r = rng.random_range(0.3 * s..0.42 * s);
     let period = rng.random_range(3.0..6.0f32);
     let noise = rng.random::<u64>();
     RgbImage::from_fn(SYNTHETIC_SIZE, SYNTHETIC_SIZE, |x, y| {

@@ -56,12 +56,8 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 pub fn read_image_list(list: &Path) -> Result<Vec<PathBuf>, DataError> {
     let text = std::fs::read_to_string(list).map_err(|source| DataError::Io { path: list.into(), source })?;
     let base = list.parent().unwrap_or(Path::new("."));
-    let paths: Vec<PathBuf> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| base.join(l))
-        .collect();
+    let paths: Vec<PathBuf> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|l| base.join(l)).collect();
     if paths.is_empty() {
         return Err(DataError::NoImages { path: list.into() });
     }

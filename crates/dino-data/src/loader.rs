@@ -103,7 +103,10 @@ mod tests {
         let data = Arc::new(data);
         let config = MultiCropConfig { global_size: 16, local_size: 8, local_crops: 1, ..Default::default() };
         let collect = |skip, threads| -> Vec<MultiCropBatch> {
-            epoch_batches(data.clone(), config.clone(), 6, 3, 1, skip, threads).into_iter().map(Result::unwrap).collect()
+            epoch_batches(data.clone(), config.clone(), 6, 3, 1, skip, threads)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect()
         };
         let all = collect(0, 1);
         assert_eq!(all.len(), 3, "20 images in batches of 6: 3 full batches");

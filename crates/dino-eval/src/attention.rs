@@ -97,11 +97,7 @@ fn mask_overlay(img: &RgbImage, mask: &[bool], colour: [u8; 3]) -> RgbImage {
         let p = img.get_pixel(x, y).0;
         let inside = mask[(y * img.width() + x) as usize];
         Rgb(std::array::from_fn(|c| {
-            if inside {
-                (0.5 * p[c] as f32 + 0.5 * colour[c] as f32) as u8
-            } else {
-                (0.35 * p[c] as f32) as u8
-            }
+            if inside { (0.5 * p[c] as f32 + 0.5 * colour[c] as f32) as u8 } else { (0.35 * p[c] as f32) as u8 }
         }))
     })
 }

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::{Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
-use image::RgbImage;
 use dino_model::VisionTransformer;
 use dino_model::head::l2_normalize;
+use image::RgbImage;
 use npyz::WriterBuilder;
 use rayon::prelude::*;
 

@@ -10,7 +10,8 @@ fn knn_matches_the_official_classifier() {
     let f32s = |k: &str| io[k].iter::<f32>().collect::<Vec<_>>();
     let labels = |k: &str| io[k].iter::<i64>().map(|l| l as u32).collect::<Vec<_>>();
     let dim = io["train_features"].shape()[1];
-    let mut ks: Vec<usize> = io.keys().filter_map(|k| k.strip_prefix('k')?.strip_suffix(".top1")?.parse().ok()).collect();
+    let mut ks: Vec<usize> =
+        io.keys().filter_map(|k| k.strip_prefix('k')?.strip_suffix(".top1")?.parse().ok()).collect();
     ks.sort();
     assert!(!ks.is_empty());
     let results = knn_classify(

@@ -56,8 +56,9 @@ impl VitConfig {
     /// The preset name whose widths match this config, if any (for messages and file metadata).
     pub fn arch_name(&self) -> Option<&'static str> {
         VIT_ARCHS.into_iter().find(|name| {
-            Self::preset(name, self.patch_size)
-                .is_some_and(|p| p.embed_dim == self.embed_dim && p.depth == self.depth && p.num_heads == self.num_heads)
+            Self::preset(name, self.patch_size).is_some_and(|p| {
+                p.embed_dim == self.embed_dim && p.depth == self.depth && p.num_heads == self.num_heads
+            })
         })
     }
 
@@ -77,16 +78,10 @@ impl VitConfig {
             return Err("embed_dim, depth, num_heads and patch_size must all be positive".into());
         }
         if !self.embed_dim.is_multiple_of(self.num_heads) {
-            return Err(format!(
-                "embed_dim {} is not divisible by num_heads {}",
-                self.embed_dim, self.num_heads
-            ));
+            return Err(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
         }
         if self.img_size < self.patch_size {
-            return Err(format!(
-                "img_size {} is smaller than one patch ({} px)",
-                self.img_size, self.patch_size
-            ));
+            return Err(format!("img_size {} is smaller than one patch ({} px)", self.img_size, self.patch_size));
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
             return Err(format!("drop_path_rate {} is outside [0, 1)", self.drop_path_rate));

@@ -12,11 +12,7 @@ pub fn trunc_normal<const D: usize>(shape: impl Into<Shape>, std: f64, device: &
 
 /// PyTorch's default `nn.Linear` / `nn.Conv2d` weight init, kaiming_uniform(a=sqrt(5)):
 /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-pub fn torch_default_uniform<const D: usize>(
-    shape: impl Into<Shape>,
-    fan_in: usize,
-    device: &Device,
-) -> Tensor<D> {
+pub fn torch_default_uniform<const D: usize>(shape: impl Into<Shape>, fan_in: usize, device: &Device) -> Tensor<D> {
     let bound = 1.0 / (fan_in as f64).sqrt();
     Tensor::random(shape, Distribution::Uniform(-bound, bound), device)
 }

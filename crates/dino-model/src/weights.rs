@@ -17,9 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::store::{
-    BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge, burn_pack, pytorch_reader,
-};
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge, burn_pack, pytorch_reader};
 use burn::tensor::{DType, TensorData};
 
 use crate::config::{DinoHeadConfig, ModelConfig, VitConfig};
@@ -57,7 +55,9 @@ pub enum WeightsError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     /// The bytes are not a readable safetensors or PyTorch file (or are truncated).
-    #[error("{path}: not a readable weights file ({reason}); expected a .pth/.pt state_dict or checkpoint, or .safetensors")]
+    #[error(
+        "{path}: not a readable weights file ({reason}); expected a .pth/.pt state_dict or checkpoint, or .safetensors"
+    )]
     Format { path: PathBuf, reason: String },
     /// A full checkpoint without the requested network.
     #[error("{path}: this checkpoint has no '{key}' entry (top-level entries: {available})")]
@@ -103,9 +103,9 @@ impl Weights {
         let (tensors, config) = if n == 9 && magic[8] == b'{' {
             let (tensors, metadata) = read_safetensors(path)?;
             let config = match metadata.get(CONFIG_METADATA_KEY) {
-                Some(json) => Some(
-                    serde_json::from_str(json).map_err(|e| format_error(path, format!("bad model config: {e}")))?,
-                ),
+                Some(json) => {
+                    Some(serde_json::from_str(json).map_err(|e| format_error(path, format!("bad model config: {e}")))?)
+                }
                 None => None,
             };
             (tensors, config)
@@ -218,8 +218,13 @@ impl Weights {
     /// the backbone's business and are ignored, as the official loaders do).
     pub fn backbone(&self, config: &VitConfig, device: &burn::tensor::Device) -> Result<VisionTransformer> {
         let mut vit = VisionTransformer::new(config, device);
-        let network = format!("{} (embed dim {}, depth {}, patch {})",
-            config.arch_name().unwrap_or("the ViT"), config.embed_dim, config.depth, config.patch_size);
+        let network = format!(
+            "{} (embed dim {}, depth {}, patch {})",
+            config.arch_name().unwrap_or("the ViT"),
+            config.embed_dim,
+            config.depth,
+            config.patch_size
+        );
         apply_strict(&mut vit, &self.backbone, &self.path, &network)?;
         Ok(vit)
     }

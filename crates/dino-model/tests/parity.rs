@@ -93,10 +93,7 @@ fn multicrop_forward_groups_crops_like_the_official_wrapper() {
     let io = read_fixture("vit_io.safetensors");
     let (g, l): (Tensor<4>, Tensor<4>) = (tensor(&io["x_global"], &device()), tensor(&io["x_local"], &device()));
     let crops = [g.clone(), g.clone(), l.clone()];
-    let expected = head.forward(Tensor::cat(
-        vec![vit.forward(g.clone()), vit.forward(g), vit.forward(l)],
-        0,
-    ));
+    let expected = head.forward(Tensor::cat(vec![vit.forward(g.clone()), vit.forward(g), vit.forward(l)], 0));
     let model = DinoModel { backbone: vit, head };
     let err = rel_err(model.forward_crops(&crops), &expected.into_data());
     assert!(err < 1e-6, "multi-crop rel err {err:e}");
@@ -150,9 +147,11 @@ fn exported_keys_and_shapes_equal_the_official_ones() {
 #[test]
 fn saved_models_reload_identically_with_their_config() {
     let vit = VitConfig::new(24, 2, 2).with_patch_size(4).with_img_size(16);
-    for head in [DinoHeadConfig::new(24, 10).with_hidden_dim(16).with_bottleneck_dim(8),
-                 DinoHeadConfig::new(24, 10).with_nlayers(1).with_bottleneck_dim(8),
-                 DinoHeadConfig::new(24, 10).with_use_bn(true).with_hidden_dim(16).with_bottleneck_dim(8)] {
+    for head in [
+        DinoHeadConfig::new(24, 10).with_hidden_dim(16).with_bottleneck_dim(8),
+        DinoHeadConfig::new(24, 10).with_nlayers(1).with_bottleneck_dim(8),
+        DinoHeadConfig::new(24, 10).with_use_bn(true).with_hidden_dim(16).with_bottleneck_dim(8),
+    ] {
         let config = ModelConfig::new(vit.clone()).with_head(Some(head.clone()));
         let model = DinoModel::new(&config, &device());
         let dir = tempfile::tempdir().unwrap();

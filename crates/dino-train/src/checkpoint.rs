@@ -40,10 +40,9 @@ pub fn save_checkpoint(
     epochs_done: usize,
     config: &TrainConfig,
 ) -> Result<(), CheckpointError> {
-    let model_config = config.model_config().map_err(|problem| CheckpointError::Invalid {
-        path: path.display().to_string(),
-        problem,
-    })?;
+    let model_config = config
+        .model_config()
+        .map_err(|problem| CheckpointError::Invalid { path: path.display().to_string(), problem })?;
     let mut tensors = model_tensors(&state.student, "student.");
     tensors.extend(model_tensors(&state.teacher, "teacher."));
     tensors.push(("dino_loss.center".into(), state.loss.center.clone().into_data()));
@@ -76,8 +75,11 @@ pub struct Restored {
 pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> Result<Restored, CheckpointError> {
     let invalid = |problem: String| CheckpointError::Invalid { path: path.display().to_string(), problem };
     let (raw, metadata) = read_safetensors(path)?;
-    let config_text = metadata.get("train_config").ok_or_else(|| invalid("not a dino training checkpoint (no train_config)".into()))?;
-    let config = TrainConfig::default().with_toml(config_text).map_err(|e| invalid(format!("bad train_config: {e}")))?;
+    let config_text = metadata
+        .get("train_config")
+        .ok_or_else(|| invalid("not a dino training checkpoint (no train_config)".into()))?;
+    let config =
+        TrainConfig::default().with_toml(config_text).map_err(|e| invalid(format!("bad train_config: {e}")))?;
     let epochs_done = metadata.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| invalid("no epoch".into()))?;
     let model_config = config.model_config().map_err(&invalid)?;
     let head_config = model_config.head.clone().expect("training configs have a head");
@@ -96,10 +98,14 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     let mut loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
     loss.center = Tensor::from_data(center.clone(), device);
 
-    let steps = metadata.get("optimizer_steps").and_then(|s| serde_json::from_str::<Vec<(usize, i32)>>(s).ok()).ok_or_else(|| invalid("no optimizer_steps".into()))?;
+    let steps = metadata
+        .get("optimizer_steps")
+        .and_then(|s| serde_json::from_str::<Vec<(usize, i32)>>(s).ok())
+        .ok_or_else(|| invalid("no optimizer_steps".into()))?;
     let mut saved = Vec::new();
     for (index, step) in steps {
-        let get = |k: &str| raw.get(&format!("optimizer.{index}.{k}")).map(|d| Tensor::<1>::from_data(d.clone(), device));
+        let get =
+            |k: &str| raw.get(&format!("optimizer.{index}.{k}")).map(|d| Tensor::<1>::from_data(d.clone(), device));
         let m = get("m").ok_or_else(|| invalid(format!("optimizer.{index}.m is missing")))?;
         saved.push(SavedState { index, step, m, v: get("v") });
     }

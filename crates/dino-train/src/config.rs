@@ -227,7 +227,8 @@ impl TrainConfig {
             head.validate()?;
         }
         self.crops.validate().map_err(|e| format!("crops: {e}"))?;
-        for (name, size) in [("crops.global_size", self.crops.global_size), ("crops.local_size", self.crops.local_size)] {
+        for (name, size) in [("crops.global_size", self.crops.global_size), ("crops.local_size", self.crops.local_size)]
+        {
             if (size as usize) < self.patch_size {
                 return Err(format!("{name} = {size} is smaller than one patch (patch_size = {})", self.patch_size));
             }
@@ -290,7 +291,8 @@ impl TrainConfig {
     }
 
     fn from_table(table: toml::Table) -> Result<Self, String> {
-        let config: Self = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+        let config: Self =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
         config.validate()?;
         Ok(config)
     }

@@ -22,9 +22,8 @@ fn panel(
     if points.is_empty() {
         return Ok(());
     }
-    let (x_max, y) = points.iter().fold((1.0f64, (f64::MAX, f64::MIN)), |(x, (lo, hi)), p| {
-        (x.max(p.0), (lo.min(p.1), hi.max(p.1)))
-    });
+    let (x_max, y) =
+        points.iter().fold((1.0f64, (f64::MAX, f64::MIN)), |(x, (lo, hi)), p| (x.max(p.0), (lo.min(p.1), hi.max(p.1))));
     let pad = ((y.1 - y.0) * 0.1).max(1e-3);
     let mut chart = ChartBuilder::on(area).margin(20).build_cartesian_2d(0.0..x_max, (y.0 - pad)..(y.1 + pad))?;
     chart.configure_mesh().x_labels(0).y_labels(0).draw()?;

@@ -16,13 +16,13 @@ use dino_model::DinoModel;
 use dino_model::weights::save_backbone;
 use serde::Serialize;
 
+use crate::TrainConfig;
 use crate::checkpoint::{CheckpointError, load_checkpoint, save_checkpoint};
 use crate::loss::DinoLoss;
 use crate::optim::{Optimizer, StepParams};
 use crate::plot::plot_history;
 use crate::schedule::{cosine_schedule, teacher_temp_schedule};
 use crate::step::{IterationParams, NonFiniteLoss, TrainState, train_step};
-use crate::TrainConfig;
 
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +142,14 @@ fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &De
     };
     let limit = |n: usize| if n == 0 { usize::MAX } else { n };
     let bank = dataset_features(&model.backbone, &data.bank, limit(config.knn_train_images), &options, device, |_| ())?;
-    let queries = dataset_features(&model.backbone, &data.queries, limit(config.knn_test_images), &options, device, |_| ())?;
+    let queries =
+        dataset_features(&model.backbone, &data.queries, limit(config.knn_test_images), &options, device, |_| ())?;
     let labels = |d: &Dataset, n: usize| d.labels().map(|l| l[..n].to_vec());
-    let (Some(bank_labels), Some(query_labels)) = (labels(&data.bank, bank.rows), labels(&data.queries, queries.rows)) else {
-        return Err(TrainError::Config("k-NN monitoring needs labeled data (class subfolders, IDX, CIFAR or synthetic)".into()));
+    let (Some(bank_labels), Some(query_labels)) = (labels(&data.bank, bank.rows), labels(&data.queries, queries.rows))
+    else {
+        return Err(TrainError::Config(
+            "k-NN monitoring needs labeled data (class subfolders, IDX, CIFAR or synthetic)".into(),
+        ));
     };
     let result = knn_classify(
         &bank.values,
@@ -273,8 +277,11 @@ pub fn train(
             // Drop path draws from the backend RNG: seed it per iteration so a resumed run
             // repeats the uninterrupted one.
             train_device.seed(config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ it as u64);
-            let (next, report) = train_step(state, &crops, &params)
-                .map_err(|source| TrainError::NonFinite { epoch, iteration: i, source })?;
+            let (next, report) = train_step(state, &crops, &params).map_err(|source| TrainError::NonFinite {
+                epoch,
+                iteration: i,
+                source,
+            })?;
             state = next;
             summary.first_loss.get_or_insert(report.loss);
             loss_sum += report.loss;

@@ -116,7 +116,8 @@ fn model_from(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Devic
 
 /// Max over parameters of the relative error against the fixture's `prefix` keys.
 fn worst_param_err(model: &DinoModel, steps: &BTreeMap<String, TensorData>, prefix: &str) -> (f64, String) {
-    let mut ours = state_dict(&model.backbone).into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect::<Vec<_>>();
+    let mut ours =
+        state_dict(&model.backbone).into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect::<Vec<_>>();
     ours.extend(state_dict(&model.head).into_iter().map(|(k, v)| (format!("head.{k}"), v)));
     assert_eq!(ours.len(), steps.keys().filter(|k| k.starts_with(prefix)).count(), "{prefix}: parameter count");
     ours.iter()
@@ -144,7 +145,8 @@ fn training_iterations_match_the_official_loop() {
     assert!(iterations >= 2, "the fixture holds several iterations");
     for it in 0..iterations {
         let epoch = it / iters_per_epoch;
-        let crops: Vec<Tensor<4>> = (0..ncrops).map(|c| tensor(&steps[&format!("iter{it}.crop{c}")], &device)).collect();
+        let crops: Vec<Tensor<4>> =
+            (0..ncrops).map(|c| tensor(&steps[&format!("iter{it}.crop{c}")], &device)).collect();
         let params = IterationParams {
             step: StepParams {
                 lr: s.lr[it],

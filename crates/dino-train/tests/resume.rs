@@ -33,7 +33,10 @@ fn tiny_config(epochs: usize) -> TrainConfig {
 }
 
 fn knn() -> Option<KnnData> {
-    Some(KnnData { bank: Arc::new(Dataset::synthetic(Split::Train)), queries: Arc::new(Dataset::synthetic(Split::Test)) })
+    Some(KnnData {
+        bank: Arc::new(Dataset::synthetic(Split::Train)),
+        queries: Arc::new(Dataset::synthetic(Split::Test)),
+    })
 }
 
 #[test]
@@ -45,7 +48,8 @@ fn resumed_run_matches_an_uninterrupted_one() {
     assert!(summary.knn_before.is_some() && summary.last_epoch.as_ref().unwrap().knn_top1.is_some());
 
     let split = tempfile::tempdir().unwrap();
-    let first = train(&tiny_config(2), data.clone(), None, split.path(), &device, false, &mut StopAfterOneEpoch).unwrap();
+    let first =
+        train(&tiny_config(2), data.clone(), None, split.path(), &device, false, &mut StopAfterOneEpoch).unwrap();
     assert_eq!(first.last_epoch.unwrap().epoch, 0);
     train(&tiny_config(2), data, None, split.path(), &device, true, &mut Quiet).unwrap();
 
