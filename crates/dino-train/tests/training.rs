@@ -1,5 +1,8 @@
-//! A run interrupted after an epoch and resumed ends with exactly the weights of an
+//! Whole runs: a run interrupted after an epoch and resumed ends with exactly the weights of an
 //! uninterrupted run with the same seed (CPU), and the run directory holds what it should.
+//!
+//! Alone in its test binary: the backend RNG (initialisation, drop path) is process-wide, and a
+//! test training beside it in another thread would draw from it between our seedings.
 
 use std::sync::Arc;
 
