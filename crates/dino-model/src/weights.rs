@@ -271,7 +271,9 @@ pub fn read_safetensors(path: &Path) -> Result<(StateDict, HashMap<String, Strin
     Ok((tensors, metadata))
 }
 
-fn read_pytorch(path: &Path) -> Result<StateDict> {
+/// Every float tensor of a PyTorch file (as f32), under its dotted path through the pickled
+/// dictionaries (`teacher.backbone.cls_token`, `optimizer.state.0.exp_avg`, ...).
+pub fn read_pytorch(path: &Path) -> Result<StateDict> {
     let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| format_error(path, e))?;
     let mut tensors = StateDict::new();
     for (name, tensor) in reader.into_tensors() {
@@ -434,4 +436,13 @@ pub fn official_shapes<M: ModuleSnapshot>(module: &M) -> BTreeMap<String, Vec<us
         .into_iter()
         .map(|t| (torch_name(&t.name), t.shape.to_vec()))
         .collect()
+}
+
+/// An integer entry of a PyTorch file's top-level dictionary (e.g. a checkpoint's `epoch`).
+pub fn read_pytorch_int(path: &Path, key: &str) -> Result<i64> {
+    match pytorch_reader::PytorchReader::read_pickle_data(path, Some(key)) {
+        Ok(pytorch_reader::PickleValue::Int(v)) => Ok(v),
+        Ok(other) => Err(format_error(path, format!("'{key}' is not an integer: {other:?}"))),
+        Err(e) => Err(format_error(path, e)),
+    }
 }

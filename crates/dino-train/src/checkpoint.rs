@@ -12,12 +12,13 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_model::DinoModel;
 use dino_model::weights::{
-    CheckpointKey, Weights, WeightsError, config_metadata, model_tensors, read_safetensors, write_safetensors,
+    CheckpointKey, Weights, WeightsError, config_metadata, model_tensors, read_pytorch, read_pytorch_int,
+    read_safetensors, write_safetensors,
 };
 
 use crate::TrainConfig;
 use crate::loss::DinoLoss;
-use crate::optim::{Optimizer, SavedState};
+use crate::optim::{Optimizer, SavedState, official_state_order};
 use crate::step::TrainState;
 
 /// Why a checkpoint could not be written or read.
@@ -81,18 +82,9 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     let config =
         TrainConfig::default().with_toml(config_text).map_err(|e| invalid(format!("bad train_config: {e}")))?;
     let epochs_done = metadata.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| invalid("no epoch".into()))?;
-    let model_config = config.model_config().map_err(&invalid)?;
-    let head_config = model_config.head.clone().expect("training configs have a head");
 
-    let build = |key: CheckpointKey, device: &Device| -> Result<DinoModel, CheckpointError> {
-        let weights = Weights::read(path, key)?;
-        Ok(DinoModel {
-            backbone: weights.backbone(&model_config.vit, device)?,
-            head: weights.dino_head(&head_config, device)?,
-        })
-    };
-    let student = build(CheckpointKey::Student, train_device)?;
-    let teacher = build(CheckpointKey::Teacher, device)?;
+    let student = read_network(path, CheckpointKey::Student, &config, train_device)?;
+    let teacher = read_network(path, CheckpointKey::Teacher, &config, device)?;
 
     let center = raw.get("dino_loss.center").ok_or_else(|| invalid("no dino_loss.center".into()))?;
     let mut loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
@@ -111,4 +103,65 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     }
     let optimizer = Optimizer::import(config.optimizer, &student, saved);
     Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, epochs_done, config })
+}
+
+/// The student or teacher of a checkpoint (ours or official), built as `config` says and
+/// checked strictly.
+fn read_network(
+    path: &Path,
+    key: CheckpointKey,
+    config: &TrainConfig,
+    device: &Device,
+) -> Result<DinoModel, CheckpointError> {
+    let invalid = |problem: String| CheckpointError::Invalid { path: path.display().to_string(), problem };
+    let model_config = config.model_config().map_err(invalid)?;
+    let head_config = model_config.head.clone().expect("training configs have a head");
+    let weights = Weights::read(path, key)?;
+    Ok(DinoModel {
+        backbone: weights.backbone(&model_config.vit, device)?,
+        head: weights.dino_head(&head_config, device)?,
+    })
+}
+
+/// Reads an official `main_dino.py` checkpoint (`checkpoint.pth`: `student` with `module.`
+/// prefixes, `teacher`, `optimizer`, `epoch`, `dino_loss`) to continue training it with `config`,
+/// which must describe the same network (checked strictly). The optimizer state is mapped from
+/// the official parameter groups (regularised, then not) onto our parameters.
+pub fn load_official_checkpoint(
+    path: &Path,
+    config: &TrainConfig,
+    device: &Device,
+    train_device: &Device,
+) -> Result<Restored, CheckpointError> {
+    let invalid = |problem: String| CheckpointError::Invalid { path: path.display().to_string(), problem };
+    let student = read_network(path, CheckpointKey::Student, config, train_device)?;
+    let teacher = read_network(path, CheckpointKey::Teacher, config, device)?;
+    let raw = read_pytorch(path)?;
+    let epochs_done = read_pytorch_int(path, "epoch")? as usize;
+
+    let center = raw.get("dino_loss.center").ok_or_else(|| invalid("no dino_loss.center".into()))?;
+    let mut loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
+    loss.center = Tensor::from_data(center.clone(), device);
+
+    let mut saved = Vec::new();
+    for (i, (position, numel)) in official_state_order(&student).into_iter().enumerate() {
+        let get = |k: &str| raw.get(&format!("optimizer.state.{i}.{k}"));
+        let flat = |d: &TensorData| {
+            Tensor::<1>::from_data(TensorData::new(d.iter::<f32>().collect::<Vec<_>>(), [d.num_elements()]), device)
+        };
+        // AdamW keeps exp_avg / exp_avg_sq / step, SGD momentum_buffer, LARS mu.
+        let Some(m) = get("exp_avg").or_else(|| get("momentum_buffer")).or_else(|| get("mu")) else {
+            continue; // no state yet (e.g. a frozen last layer)
+        };
+        if m.num_elements() != numel {
+            return Err(invalid(format!(
+                "optimizer.state.{i} has {} values but parameter {position} has {numel}: not the same network",
+                m.num_elements()
+            )));
+        }
+        let step = get("step").map_or(1, |s| s.iter::<f32>().next().unwrap_or(1.0) as i32);
+        saved.push(SavedState { index: position, step, m: flat(m), v: get("exp_avg_sq").map(flat) });
+    }
+    let optimizer = Optimizer::import(config.optimizer, &student, saved);
+    Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, epochs_done, config: config.clone() })
 }

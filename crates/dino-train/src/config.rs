@@ -19,6 +19,10 @@ pub struct TrainConfig {
     pub patch_size: usize,
     /// Blocks; the official presets have 12 (ours: a smaller depth for small data and CPUs).
     pub depth: usize,
+    /// Token width; 0 takes the arch's (192 / 384 / 768). For custom networks.
+    pub embed_dim: usize,
+    /// Attention heads; 0 takes the arch's (3 / 6 / 12). For custom networks.
+    pub num_heads: usize,
     /// Resolution the position embedding is trained for (official model default 224); set it to
     /// the global crop size so training needs no interpolation.
     pub img_size: usize,
@@ -101,6 +105,8 @@ impl Default for TrainConfig {
             arch: "vit_small".into(),
             patch_size: 16,
             depth: 12,
+            embed_dim: 0,
+            num_heads: 0,
             img_size: 224,
             out_dim: 65536,
             norm_last_layer: true,
@@ -211,7 +217,14 @@ impl TrainConfig {
         let base = VitConfig::preset(&self.arch, self.patch_size).ok_or_else(|| {
             format!("unknown arch '{}'; choose one of {}", self.arch, dino_model::config::VIT_ARCHS.join(", "))
         })?;
-        let vit = VitConfig { depth: self.depth, img_size: self.img_size, drop_path_rate: self.drop_path_rate, ..base };
+        let vit = VitConfig {
+            depth: self.depth,
+            embed_dim: if self.embed_dim > 0 { self.embed_dim } else { base.embed_dim },
+            num_heads: if self.num_heads > 0 { self.num_heads } else { base.num_heads },
+            img_size: self.img_size,
+            drop_path_rate: self.drop_path_rate,
+            ..base
+        };
         let head = DinoHeadConfig::new(vit.embed_dim, self.out_dim)
             .with_use_bn(self.use_bn_in_head)
             .with_norm_last_layer(self.norm_last_layer)

@@ -163,9 +163,7 @@ impl ModuleMapper for StepMapper<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         }
 
-        // utils.get_params_groups: biases and 1-D parameters are not regularised.
-        let regularised = D > 1 && self.path.last().is_none_or(|name| name != "bias");
-        let wd = if regularised { self.params.weight_decay } else { 0.0 };
+        let wd = if is_regularised(&self.path, D) { self.params.weight_decay } else { 0.0 };
         let require_grad = tensor.is_require_grad();
         let p = tensor.without_autodiff().reshape([n]);
         let state = self.optimizer.states.remove(&id);
@@ -181,6 +179,46 @@ impl ModuleMapper for StepMapper<'_> {
         }
         Param::from_mapped_value(id, updated, mapper)
     }
+}
+
+/// `utils.get_params_groups`: biases and 1-D parameters are not regularised.
+fn is_regularised(path: &[String], ndim: usize) -> bool {
+    ndim > 1 && path.last().is_none_or(|name| name != "bias")
+}
+
+/// Positions (in visiting order) of the trainable parameters in the order of an official
+/// optimizer's state indices: the regularised group, then the rest.
+struct OfficialOrder {
+    path: Vec<String>,
+    position: usize,
+    regularised: Vec<(usize, usize)>,
+    others: Vec<(usize, usize)>,
+}
+
+impl ModuleVisitor for OfficialOrder {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if param.val().is_require_grad() {
+            let group = if is_regularised(&self.path, D) { &mut self.regularised } else { &mut self.others };
+            group.push((self.position, param.val().shape().num_elements()));
+        }
+        self.position += 1;
+    }
+}
+
+/// For each index of an official optimizer state dict (`get_params_groups` order), the position
+/// of that parameter in `model`'s visiting order and its number of elements.
+pub fn official_state_order<M: Module>(model: &M) -> Vec<(usize, usize)> {
+    let mut order = OfficialOrder { path: Vec::new(), position: 0, regularised: Vec::new(), others: Vec::new() };
+    model.visit(&mut order);
+    order.regularised.into_iter().chain(order.others).collect()
 }
 
 /// `torch.optim.AdamW` for one parameter.

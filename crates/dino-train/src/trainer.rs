@@ -17,7 +17,7 @@ use dino_model::weights::save_backbone;
 use serde::Serialize;
 
 use crate::TrainConfig;
-use crate::checkpoint::{CheckpointError, load_checkpoint, save_checkpoint};
+use crate::checkpoint::{CheckpointError, load_checkpoint, load_official_checkpoint, save_checkpoint};
 use crate::loss::DinoLoss;
 use crate::optim::{Optimizer, StepParams};
 use crate::plot::plot_history;
@@ -182,9 +182,16 @@ pub fn train(
     let started = Instant::now();
 
     // ---- the networks, fresh or restored ----
+    let official = dir.join("checkpoint.pth");
     let (mut state, start_epoch, config) = if resume && run.checkpoint().is_file() {
         let restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
         observer.note(&format!("resuming from {} after epoch {}", run.checkpoint().display(), restored.epochs_done));
+        (restored.state, restored.epochs_done, restored.config)
+    } else if resume && official.is_file() {
+        // An official main_dino.py checkpoint: continue it with the given config.
+        config.validate().map_err(TrainError::Config)?;
+        let restored = load_official_checkpoint(&official, config, device, &train_device)?;
+        observer.note(&format!("resuming the official {} after epoch {}", official.display(), restored.epochs_done));
         (restored.state, restored.epochs_done, restored.config)
     } else {
         if resume {

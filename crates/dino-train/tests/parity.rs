@@ -176,3 +176,54 @@ fn training_iterations_match_the_official_loop() {
         assert!(teacher_err < PARAM_TOL, "iter {it}: teacher {worst_t} rel err {teacher_err:e}");
     }
 }
+
+#[test]
+fn official_checkpoint_restores_networks_center_and_optimizer() {
+    use dino_data::MultiCropConfig;
+    use dino_train::TrainConfig;
+    use dino_train::checkpoint::load_official_checkpoint;
+
+    let config = TrainConfig {
+        arch: "vit_tiny".into(),
+        embed_dim: manifest_usize("dim"),
+        num_heads: manifest_usize("heads"),
+        depth: manifest_usize("depth"),
+        patch_size: manifest_usize("patch"),
+        img_size: manifest_usize("img"),
+        out_dim: manifest_usize("out_dim"),
+        head_hidden_dim: manifest_usize("hidden"),
+        head_bottleneck_dim: manifest_usize("bottleneck"),
+        norm_last_layer: manifest()["norm_last_layer"].as_bool().unwrap(),
+        drop_path_rate: 0.0,
+        crops: MultiCropConfig {
+            global_size: manifest_usize("img") as u32,
+            local_size: manifest_usize("local") as u32,
+            local_crops: manifest_usize("ncrops_local"),
+            ..MultiCropConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    let device = Device::flex();
+    let path = fixture_dir().join("checkpoint.pth");
+    let restored = load_official_checkpoint(&path, &config, &device, &device.clone().autodiff()).unwrap();
+    assert_eq!(restored.epochs_done, manifest_usize("epochs"));
+
+    let steps = read_fixture("train_steps.safetensors");
+    let last = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count() - 1;
+    let center_err = rel_err(restored.state.loss.center.clone(), &steps[&format!("iter{last}.center_after")]);
+    assert!(center_err < 1e-6, "center {center_err:e}");
+    let (student_err, worst) = worst_param_err(&restored.state.student, &steps, &format!("iter{last}.student."));
+    assert!(student_err < 1e-6, "{worst}: {student_err:e}");
+
+    // Every trainable parameter has AdamW state; the last layer's started one epoch late.
+    let saved = restored.state.optimizer.export(&restored.state.student);
+    let trainable = steps.keys().filter(|k| k.starts_with("iter0.student.")).count() - 1; // weight_g is frozen
+    assert_eq!(saved.len(), trainable);
+    let iterations = (last + 1) as i32;
+    let frozen = (manifest_usize("freeze_last_layer") * manifest_usize("iters_per_epoch")) as i32;
+    let mut step_counts: Vec<i32> = saved.iter().map(|s| s.step).collect();
+    step_counts.sort();
+    step_counts.dedup();
+    assert_eq!(step_counts, vec![iterations - frozen, iterations], "AdamW step counts");
+    assert!(saved.iter().all(|s| s.v.is_some()));
+}
