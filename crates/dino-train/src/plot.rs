@@ -1,7 +1,8 @@
 //! `training.png`: the loss (left) and the k-NN top-1 (right) per epoch, read from `log.txt`.
 //!
-//! Drawn with plotters' bitmap backend and no text (its text needs system fonts): grid lines
-//! mark the epochs; the exact numbers are in `log.txt`.
+//! Drawn with plotters' bitmap backend and no text (its text needs system fonts): vertical grid
+//! lines mark the epochs, horizontal ones quarter each panel's range; the numbers are in
+//! `log.txt`.
 
 use std::path::Path;
 
@@ -26,7 +27,16 @@ fn panel(
         points.iter().fold((1.0f64, (f64::MAX, f64::MIN)), |(x, (lo, hi)), p| (x.max(p.0), (lo.min(p.1), hi.max(p.1))));
     let pad = ((y.1 - y.0) * 0.1).max(1e-3);
     let mut chart = ChartBuilder::on(area).margin(20).build_cartesian_2d(0.0..x_max, (y.0 - pad)..(y.1 + pad))?;
-    chart.configure_mesh().x_labels(0).y_labels(0).draw()?;
+    // Grid by hand (plotters' mesh needs fonts for its labels): a line per epoch, five levels.
+    let grey = RGBColor(220, 220, 220);
+    let (y_lo, y_hi) = (y.0 - pad, y.1 + pad);
+    for e in 0..=x_max as usize {
+        chart.draw_series(LineSeries::new([(e as f64, y_lo), (e as f64, y_hi)], grey))?;
+    }
+    for i in 0..=4 {
+        let level = y_lo + (y_hi - y_lo) * i as f64 / 4.0;
+        chart.draw_series(LineSeries::new([(0.0, level), (x_max, level)], grey))?;
+    }
     chart.draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(3)))?;
     chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, colour.filled())))?;
     Ok(())

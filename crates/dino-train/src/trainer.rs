@@ -167,6 +167,7 @@ fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &De
 /// Trains on `data` as `config` says, writing the run to `dir`. With `resume`, continues from
 /// `dir`'s checkpoint (with the config saved there). `device` is the plain device; the student
 /// trains on its autodiff twin.
+#[allow(clippy::needless_range_loop)] // the epoch indexes several schedules and the data order
 pub fn train(
     config: &TrainConfig,
     data: Arc<Dataset>,
