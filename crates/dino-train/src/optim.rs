@@ -272,3 +272,47 @@ fn lars(
     };
     (p - mu.clone() * lr, ParamState { step, m: mu, v: None })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn t(v: &[f32]) -> Tensor<1> {
+        Tensor::from_floats(v, &Device::flex())
+    }
+
+    fn values(x: Tensor<1>) -> Vec<f32> {
+        x.into_data().iter::<f32>().collect()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6), "{a:?} != {b:?}");
+    }
+
+    #[test]
+    fn sgd_adds_coupled_decay_then_momentum() {
+        let (p, state) = sgd(t(&[1.0, 2.0]), t(&[0.5, -1.0]), None, 0.1, 0.1);
+        // buf = g + wd p = [0.6, -0.8]; p -= lr buf
+        close(&values(p.clone()), &[0.94, 2.08]);
+        let (p, _) = sgd(p, t(&[0.0, 0.0]), Some(state), 0.1, 0.0);
+        // buf = 0.9 buf
+        close(&values(p), &[0.94 - 0.054, 2.08 + 0.072]);
+    }
+
+    #[test]
+    fn lars_scales_by_the_trust_ratio_except_for_1d_parameters() {
+        // ||p|| = 5, ||g|| = 2: q = 0.001 * 5 / 2.
+        let (p, _) = lars(t(&[3.0, 4.0]), t(&[0.0, 2.0]), None, 1.0, 0.0, false);
+        close(&values(p), &[3.0, 4.0 - 0.005]);
+        let (p, _) = lars(t(&[3.0, 4.0]), t(&[0.0, 2.0]), None, 1.0, 0.5, true);
+        close(&values(p), &[3.0, 2.0]);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_each_weight_by_about_lr() {
+        let (p, state) = adamw(t(&[1.0, -1.0]), t(&[0.3, -2.0]), None, 0.01, 0.0);
+        close(&values(p), &[0.99, -0.99]);
+        assert_eq!(state.step, 1);
+    }
+}
