@@ -29,6 +29,9 @@ enum Command {
     Extract(commands::extract::ExtractArgs),
     /// Draw the last block's per-head self-attention maps for an image.
     Attention(commands::attention::AttentionArgs),
+    /// Evaluate frozen features: `dino eval knn`.
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(*args),
         Command::Extract(args) => commands::extract::run(args),
         Command::Attention(args) => commands::attention::run(args),
+        Command::Eval(command) => commands::eval::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

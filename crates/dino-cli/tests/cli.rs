@@ -303,3 +303,63 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
     ]);
     assert!(e.contains("nothing.pth"), "{e}");
 }
+
+#[test]
+fn eval_knn_reports_each_k_for_pixels_and_backbones() {
+    let ws = Workspace::new();
+    let json = ws.path("knn.json");
+    let stdout = ok(&[
+        "eval",
+        "knn",
+        "--train",
+        "synthetic",
+        "--test",
+        "synthetic#test",
+        "--features",
+        "pixels",
+        "--max-train",
+        "200",
+        "--max-test",
+        "40",
+        "--k",
+        "1,20",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("1-NN: top1") && stdout.contains("20-NN: top1"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["test"], 40);
+    for r in report["results"].as_array().unwrap() {
+        let (top1, top5) = (r["top1"].as_f64().unwrap(), r["top5"].as_f64().unwrap());
+        assert!((0.0..=100.0).contains(&top1) && top1 <= top5, "{r}");
+    }
+    // Eight balanced classes: nearest neighbours in pixel space beat chance (12.5 %).
+    assert!(report["results"][1]["top1"].as_f64().unwrap() > 12.5, "{report}");
+
+    let stdout = ok(&[
+        "eval",
+        "knn",
+        "--train",
+        "synthetic",
+        "--test",
+        "synthetic#test",
+        "--weights",
+        &ws.s("backbone.safetensors"),
+        "--max-train",
+        "64",
+        "--max-test",
+        "16",
+        "--k",
+        "5",
+    ]);
+    assert!(stdout.contains("5-NN: top1"), "{stdout}");
+
+    let e = fails(&["eval", "knn", "--train", "synthetic", "--test", "synthetic#test"]);
+    assert!(e.contains("--weights"), "{e}");
+    let flat = ws.path("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    RgbImage::new(8, 8).save(flat.join("a.png")).unwrap();
+    let e =
+        fails(&["eval", "knn", "--train", flat.to_str().unwrap(), "--test", "synthetic#test", "--features", "pixels"]);
+    assert!(e.contains("labels"), "{e}");
+}

@@ -87,6 +87,36 @@ pub fn dataset_features(
     extract_with(vit, count.min(dataset.len()), load, options, device, progress)
 }
 
+/// Raw-pixel features of the first `count` images of a dataset (the k-NN baseline): the image
+/// after `transform`, values in [0, 1], channel first, L2-normalised. Every image must have the
+/// same size after the transform.
+pub fn pixel_features(dataset: &Dataset, count: usize, transform: &EvalTransform) -> Result<Features, EvalError> {
+    let count = count.min(dataset.len());
+    let rows = (0..count)
+        .into_par_iter()
+        .map(|i| {
+            let img = transform
+                .apply(&dataset.image(i)?)
+                .map_err(|problem| EvalError::Image { path: format!("{} image {i}", dataset.name).into(), problem })?;
+            let mut v = to_chw(&img, [0.0; 3], [1.0; 3]);
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+            Ok((img.dimensions(), v))
+        })
+        .collect::<Result<Vec<_>, EvalError>>()?;
+    let Some(((w, h), _)) = rows.first() else {
+        return Ok(Features { rows: 0, dim: 0, values: Vec::new() });
+    };
+    if let Some(((w2, h2), _)) = rows.iter().find(|(size, _)| *size != (*w, *h)) {
+        return Err(EvalError::Image {
+            path: dataset.name.clone().into(),
+            problem: format!("images of different sizes ({w}x{h} and {w2}x{h2}); use --resize and --crop"),
+        });
+    }
+    let dim = rows[0].1.len();
+    Ok(Features { rows: count, dim, values: rows.into_iter().flat_map(|(_, v)| v).collect() })
+}
+
 fn extract_with(
     vit: &VisionTransformer,
     count: usize,

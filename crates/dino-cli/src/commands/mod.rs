@@ -1,3 +1,4 @@
 pub mod attention;
+pub mod eval;
 pub mod extract;
 pub mod train;
