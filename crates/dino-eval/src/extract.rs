@@ -175,3 +175,34 @@ pub fn write_features(features: &Features, image_paths: &[PathBuf], path: &Path)
     std::fs::write(&list, text).map_err(|source| EvalError::Io { path: list.clone(), source })?;
     Ok(list)
 }
+
+/// Writes features `[N, D]` with their labels `[N]` (tensors `features` and `labels`), as
+/// `dino eval knn --dump-features` does.
+pub fn write_labeled_features(features: &Features, labels: &[u32], path: &Path) -> Result<(), EvalError> {
+    let io = |e: String| EvalError::Io { path: path.into(), source: std::io::Error::other(e) };
+    let values: Vec<u8> = features.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let labels: Vec<u8> = labels.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
+    let f = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![features.rows, features.dim], &values)
+        .map_err(|e| io(e.to_string()))?;
+    let l = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![features.rows], &labels)
+        .map_err(|e| io(e.to_string()))?;
+    safetensors::serialize_to_file([("features", f), ("labels", l)], None, path).map_err(|e| io(e.to_string()))
+}
+
+/// Reads what `write_labeled_features` wrote.
+pub fn read_labeled_features(path: &Path) -> Result<(Features, Vec<u32>), EvalError> {
+    let bad = |problem: String| EvalError::Image { path: path.into(), problem };
+    let bytes = std::fs::read(path).map_err(|source| EvalError::Io { path: path.into(), source })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a features file: {e}")))?;
+    let f = st.tensor("features").map_err(|_| bad("no 'features' tensor".into()))?;
+    let l = st.tensor("labels").map_err(|_| bad("no 'labels' tensor".into()))?;
+    let (&[rows, dim], &[n]) = (f.shape(), l.shape()) else {
+        return Err(bad("features must be [N, D] and labels [N]".into()));
+    };
+    if n != rows || f.dtype() != safetensors::Dtype::F32 || l.dtype() != safetensors::Dtype::I64 {
+        return Err(bad("expected f32 features [N, D] and i64 labels [N]".into()));
+    }
+    let values = f.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    let labels = l.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32).collect();
+    Ok((Features { rows, dim, values }, labels))
+}

@@ -5,7 +5,10 @@ pub mod extract;
 pub mod features;
 pub mod knn;
 
-pub use extract::{ExtractOptions, Features, dataset_features, extract, pixel_features, write_features};
+pub use extract::{
+    ExtractOptions, Features, dataset_features, extract, pixel_features, read_labeled_features, write_features,
+    write_labeled_features,
+};
 pub use features::FeatureSpec;
 pub use knn::{KnnResult, knn_classify};
 

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use dino_data::{Dataset, EvalTransform};
-use dino_eval::{ExtractOptions, FeatureSpec, Features, dataset_features, knn_classify, pixel_features};
+use dino_eval::{
+    ExtractOptions, FeatureSpec, Features, dataset_features, knn_classify, pixel_features, read_labeled_features,
+    write_labeled_features,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
@@ -28,11 +31,11 @@ enum FeatureSource {
 #[derive(Debug, Args)]
 pub struct KnnArgs {
     /// Labeled images for the feature bank (SPEC, e.g. /usr/share/datasets/fashion-mnist).
-    #[arg(long, value_name = "SPEC")]
-    train: String,
+    #[arg(long, value_name = "SPEC", required_unless_present = "load_features")]
+    train: Option<String>,
     /// Labeled images to classify (SPEC, e.g. /usr/share/datasets/fashion-mnist#test).
-    #[arg(long, value_name = "SPEC")]
-    test: String,
+    #[arg(long, value_name = "SPEC", required_unless_present = "load_features")]
+    test: Option<String>,
     /// Weights of the backbone (not needed with --features pixels).
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
@@ -60,6 +63,14 @@ pub struct KnnArgs {
     /// Classify only the first N test images (0 = all).
     #[arg(long, default_value_t = 0, value_name = "N")]
     max_test: usize,
+    /// Save the bank and test features with their labels to DIR/train.safetensors and
+    /// DIR/test.safetensors.
+    #[arg(long, value_name = "DIR")]
+    dump_features: Option<PathBuf>,
+    /// Classify features saved by --dump-features instead of computing them (--train and --test
+    /// are then not read).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["train", "test", "weights"])]
+    load_features: Option<PathBuf>,
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -101,13 +112,61 @@ fn knn(args: KnnArgs) -> anyhow::Result<()> {
     if !(args.temperature > 0.0) {
         bail!("--temperature must be positive");
     }
-    let train = Dataset::open(&args.train)?;
-    let test = Dataset::open(&args.test)?;
+    let ((bank, bank_labels), (queries, query_labels), what) = match &args.load_features {
+        Some(dir) => {
+            let bank = read_labeled_features(&dir.join("train.safetensors"))?;
+            let queries = read_labeled_features(&dir.join("test.safetensors"))?;
+            (bank, queries, format!("features from {}", dir.display()))
+        }
+        None => compute_features(&args)?,
+    };
+    if let Some(dir) = &args.dump_features {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_labeled_features(&bank, &bank_labels, &dir.join("train.safetensors"))?;
+        write_labeled_features(&queries, &query_labels, &dir.join("test.safetensors"))?;
+    }
+    if bank.dim != queries.dim {
+        bail!("bank and test features differ in size ({} vs {}); give --resize and --crop", bank.dim, queries.dim);
+    }
+    let device = args.device.device()?;
+    let results = knn_classify(
+        &bank.values,
+        &bank_labels,
+        &queries.values,
+        &query_labels,
+        bank.dim,
+        &args.k,
+        args.temperature,
+        &device,
+    );
+    println!("k-NN on {what}: {} bank images, {} test images, T = {}", bank.rows, queries.rows, args.temperature);
+    for r in &results {
+        println!("{}-NN: top1 {:.2} top5 {:.2}", r.k, r.top1, r.top5);
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "features": what,
+            "bank": bank.rows,
+            "test": queries.rows,
+            "temperature": args.temperature,
+            "results": results.iter().map(|r| serde_json::json!({"k": r.k, "top1": r.top1, "top5": r.top5})).collect::<Vec<_>>(),
+        });
+        let json = format!("{json:#}\n");
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+type Labeled = (Features, Vec<u32>);
+
+/// Bank and test features with their labels, from images.
+fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)> {
+    let (train_spec, test_spec) = (args.train.as_deref().unwrap_or_default(), args.test.as_deref().unwrap_or_default());
+    let train = Dataset::open(train_spec)?;
+    let test = Dataset::open(test_spec)?;
     let (Some(train_labels), Some(test_labels)) = (train.labels(), test.labels()) else {
         bail!(
-            "k-NN needs labeled data: {} or {} has no labels (use class subfolders, IDX or CIFAR)",
-            args.train,
-            args.test
+            "k-NN needs labeled data: {train_spec} or {test_spec} has no labels (use class subfolders, IDX or CIFAR)"
         );
     };
     let size_or = |v: Option<u32>, default: Option<u32>| match v {
@@ -162,33 +221,7 @@ fn knn(args: KnnArgs) -> anyhow::Result<()> {
             (bank, queries, format!("{} teacher features", args.weights.as_ref().unwrap().display()))
         }
     };
-    if bank.dim != queries.dim {
-        bail!("bank and test features differ in size ({} vs {}); give --resize and --crop", bank.dim, queries.dim);
-    }
-    let results = knn_classify(
-        &bank.values,
-        &train_labels[..bank.rows],
-        &queries.values,
-        &test_labels[..queries.rows],
-        bank.dim,
-        &args.k,
-        args.temperature,
-        &device,
-    );
-    println!("k-NN on {what}: {} bank images, {} test images, T = {}", bank.rows, queries.rows, args.temperature);
-    for r in &results {
-        println!("{}-NN: top1 {:.2} top5 {:.2}", r.k, r.top1, r.top5);
-    }
-    if let Some(path) = &args.json {
-        let json = serde_json::json!({
-            "features": what,
-            "bank": bank.rows,
-            "test": queries.rows,
-            "temperature": args.temperature,
-            "results": results.iter().map(|r| serde_json::json!({"k": r.k, "top1": r.top1, "top5": r.top5})).collect::<Vec<_>>(),
-        });
-        let json = format!("{json:#}\n");
-        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(())
+    let bank_labels = train_labels[..bank.rows].to_vec();
+    let query_labels = test_labels[..queries.rows].to_vec();
+    Ok(((bank, bank_labels), (queries, query_labels), what))
 }
