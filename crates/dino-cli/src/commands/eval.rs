@@ -109,7 +109,7 @@ fn knn(args: KnnArgs) -> anyhow::Result<()> {
     if args.k.is_empty() || args.k.contains(&0) {
         bail!("--k needs positive numbers of neighbours");
     }
-    if !(args.temperature > 0.0) {
+    if args.temperature.is_nan() || args.temperature <= 0.0 {
         bail!("--temperature must be positive");
     }
     let ((bank, bank_labels), (queries, query_labels), what) = match &args.load_features {
