@@ -2,25 +2,15 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use dino_data::MultiCropConfig;
 use dino_model::DinoModel;
-use dino_train::{
-    DinoLoss, IterationParams, Optimizer, OptimizerKind, StepParams, TrainConfig, TrainState, train_step,
-};
+use dino_train::{DinoLoss, IterationParams, Optimizer, OptimizerKind, StepParams, TrainState, train_step};
+
+mod common;
+use common::tiny_config;
 
 #[test]
 fn a_non_finite_loss_stops_the_step_with_a_clear_error() {
-    let config = TrainConfig {
-        arch: "vit_tiny".into(),
-        patch_size: 8,
-        depth: 1,
-        img_size: 16,
-        out_dim: 32,
-        head_hidden_dim: 32,
-        head_bottleneck_dim: 16,
-        crops: MultiCropConfig { global_size: 16, local_size: 8, local_crops: 1, ..MultiCropConfig::default() },
-        ..TrainConfig::default()
-    };
+    let config = tiny_config(1);
     let model_config = config.model_config().unwrap();
     let device = Device::flex();
     let student = DinoModel::new(&model_config, &device.clone().autodiff());

@@ -7,33 +7,15 @@
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use dino_data::{Dataset, MultiCropConfig, Split};
+use dino_data::{Dataset, Split};
 use dino_model::weights::{CheckpointKey, read_safetensors};
-use dino_train::{KnnData, Observer, RunDir, TrainConfig, train};
+use dino_train::{KnnData, Observer, RunDir, train};
+
+mod common;
+use common::tiny_config;
 
 struct Quiet;
 impl Observer for Quiet {}
-
-fn tiny_config(epochs: usize) -> TrainConfig {
-    TrainConfig {
-        arch: "vit_tiny".into(),
-        patch_size: 8,
-        depth: 1,
-        img_size: 16,
-        out_dim: 32,
-        head_hidden_dim: 32,
-        head_bottleneck_dim: 16,
-        batch_size: 8,
-        epochs,
-        warmup_epochs: 1,
-        max_images: 24,
-        knn_every: 1,
-        knn_train_images: 24,
-        knn_test_images: 16,
-        crops: MultiCropConfig { global_size: 16, local_size: 8, local_crops: 1, ..MultiCropConfig::default() },
-        ..TrainConfig::default()
-    }
-}
 
 fn knn() -> Option<KnnData> {
     Some(KnnData {
