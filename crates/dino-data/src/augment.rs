@@ -89,7 +89,7 @@ impl MultiCropConfig {
             .into_iter()
             .chain((0..self.local_crops).map(|_| (self.local_size, self.local_scale, 0.5, 0.0)));
         for (size, scale, blur_p, solarize_p) in plans {
-            let mut px = random_resized_crop(img, size, scale, rng);
+            let mut px = random_resized_crop(img, size, scale, FilterType::CatmullRom, rng);
             if rng.random::<f64>() < 0.5 {
                 flip_horizontal(&mut px, size as usize);
             }
@@ -113,9 +113,35 @@ impl MultiCropConfig {
     }
 }
 
-/// torchvision `RandomResizedCrop.get_params` then a bicubic resize to `size x size`.
-/// Returns interleaved RGB in [0, 1].
-fn random_resized_crop(img: &RgbImage, size: u32, scale: (f64, f64), rng: &mut impl Rng) -> Vec<f32> {
+/// The training transform of the official `eval_linear.py`: `RandomResizedCrop(size)` (area
+/// 0.08-1, torchvision's default bilinear resampling), horizontal flip with p 0.5, ImageNet
+/// normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearTrainTransform {
+    /// Side of the crop (official 224: the backbone's training resolution).
+    pub size: u32,
+}
+
+impl LinearTrainTransform {
+    /// One augmented view of `img`: a normalised `[3, size, size]` buffer.
+    pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<f32> {
+        let mut px = random_resized_crop(img, self.size, (0.08, 1.0), FilterType::Bilinear, rng);
+        if rng.random::<f64>() < 0.5 {
+            flip_horizontal(&mut px, self.size as usize);
+        }
+        normalize_chw(&px, self.size as usize, IMAGENET_MEAN, IMAGENET_STD)
+    }
+}
+
+/// torchvision `RandomResizedCrop.get_params` then a resize to `size x size` with `filter`
+/// (CatmullRom = Pillow's bicubic). Returns interleaved RGB in [0, 1].
+fn random_resized_crop(
+    img: &RgbImage,
+    size: u32,
+    scale: (f64, f64),
+    filter: FilterType,
+    rng: &mut impl Rng,
+) -> Vec<f32> {
     let (width, height) = (img.width() as f64, img.height() as f64);
     let area = width * height;
     let log_ratio = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
@@ -147,7 +173,7 @@ fn random_resized_crop(img: &RgbImage, size: u32, scale: (f64, f64), rng: &mut i
     let src = ImageRef::new(img.width(), img.height(), img.as_raw(), PixelType::U8x3)
         .expect("an RgbImage buffer holds width * height * 3 bytes");
     let mut dst = Image::new(size, size, PixelType::U8x3);
-    let options = ResizeOptions::new().crop(left, top, w, h).resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
+    let options = ResizeOptions::new().crop(left, top, w, h).resize_alg(ResizeAlg::Convolution(filter));
     Resizer::new().resize(&src, &mut dst, &options).expect("U8x3 to U8x3");
     dst.buffer().iter().map(|&v| v as f32 / 255.0).collect()
 }
@@ -311,6 +337,17 @@ mod tests {
         let sizes: Vec<usize> = crops.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![3 * 32 * 32, 3 * 32 * 32, 3 * 16 * 16, 3 * 16 * 16, 3 * 16 * 16]);
         assert!(crops.iter().flatten().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn linear_train_views_are_normalised_crops_of_the_requested_size() {
+        let transform = LinearTrainTransform { size: 20 };
+        let a = transform.apply(&photo(), &mut StdRng::seed_from_u64(1));
+        let b = transform.apply(&photo(), &mut StdRng::seed_from_u64(2));
+        assert_eq!(a.len(), 3 * 20 * 20);
+        assert_ne!(a, b, "random crops differ");
+        // Normalised values of [0, 1] pixels stay within the ImageNet normalisation's range.
+        assert!(a.iter().all(|v| (-2.2..=2.7).contains(v)));
     }
 
     #[test]

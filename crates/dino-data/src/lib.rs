@@ -9,7 +9,7 @@ mod image_io;
 pub mod loader;
 mod transform;
 
-pub use augment::MultiCropConfig;
+pub use augment::{LinearTrainTransform, MultiCropConfig};
 pub use dataset::{Dataset, Split};
 
 pub use image_io::{IMAGE_EXTENSIONS, is_image_file, list_images, load_rgb, read_image_list};

@@ -1,9 +1,10 @@
-//! Using a trained backbone: feature extraction and per-head attention maps.
+//! Using a trained backbone: feature extraction, k-NN and linear evaluation, per-head attention maps.
 
 pub mod attention;
 pub mod extract;
 pub mod features;
 pub mod knn;
+pub mod linear;
 
 pub use extract::{
     ExtractOptions, Features, dataset_features, extract, pixel_features, read_labeled_features, write_features,
@@ -11,6 +12,7 @@ pub use extract::{
 };
 pub use features::FeatureSpec;
 pub use knn::{KnnResult, knn_classify};
+pub use linear::{LinearClassifier, LinearConfig, LinearEpoch, LinearProgress, TrainFeatures, train_linear};
 
 use std::path::PathBuf;
 
@@ -23,6 +25,9 @@ pub enum EvalError {
     /// An image does not fit the requested processing.
     #[error("{path}: {problem}")]
     Image { path: PathBuf, problem: String },
+    /// The linear probe's loss became NaN or infinite.
+    #[error("the linear classifier diverged in epoch {epoch} (lr {lr}); lower --lr")]
+    Diverged { epoch: usize, lr: f64 },
     /// An output could not be written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
