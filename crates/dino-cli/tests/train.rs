@@ -1,5 +1,6 @@
 //! `dino train` end to end on real Fashion-MNIST images (a subset, a tiny model), then the
-//! exported teacher used by `dino extract`; and the configuration errors a user can make.
+//! exported teacher used by `dino extract`, `dino eval knn` and `dino eval linear`; and the
+//! configuration errors a user can make.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +12,7 @@ fn dino(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn trains_on_fashion_mnist_and_exports_a_usable_teacher() {
+fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
     assert!(
         Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz").is_file(),
         "Fashion-MNIST is missing: `apt-get install -y dataset-fashion-mnist` (.ci/run does it)"
@@ -79,6 +80,72 @@ fn trains_on_fashion_mnist_and_exports_a_usable_teacher() {
         features.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let teacher = run.join("teacher_backbone.safetensors");
+    let test = format!("{FASHION_MNIST}#test");
+    let json = dir.path().join("knn.json");
+    let out = dino(&[
+        "eval",
+        "knn",
+        "--train",
+        FASHION_MNIST,
+        "--test",
+        &test,
+        "--weights",
+        teacher.to_str().unwrap(),
+        "--max-train",
+        "500",
+        "--max-test",
+        "200",
+        "--k",
+        "20",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let knn: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let top1 = knn["results"][0]["top1"].as_f64().unwrap();
+    // 10 classes: chance is 10 %; even a briefly trained tiny ViT sorts garments far better.
+    assert!((25.0..=100.0).contains(&top1), "{knn}");
+    assert_eq!(knn["test"], 200);
+
+    let linear = dir.path().join("linear");
+    let out = dino(&[
+        "eval",
+        "linear",
+        "--train",
+        FASHION_MNIST,
+        "--test",
+        &test,
+        "--weights",
+        teacher.to_str().unwrap(),
+        "--max-train",
+        "500",
+        "--max-test",
+        "200",
+        "--epochs",
+        "3",
+        "--n-last-blocks",
+        "1",
+        "--lr",
+        "0.1",
+        "--output",
+        linear.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("epoch 3/3") && stdout.contains("Top-1 test accuracy"), "{stdout}");
+    let log = std::fs::read_to_string(linear.join("log.txt")).unwrap();
+    let epochs: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(epochs.len(), 3, "{log}");
+    let last = &epochs[2];
+    let (top1, top5) = (last["test_acc1"].as_f64().unwrap(), last["test_acc5"].as_f64().unwrap());
+    assert!((20.0..=100.0).contains(&top1) && top5 >= top1, "{log}");
+    assert!(last["train_loss"].as_f64().unwrap().is_finite(), "{log}");
+    let classifier = std::fs::read(linear.join("linear.safetensors")).unwrap();
+    let classifier = safetensors::SafeTensors::deserialize(&classifier).unwrap();
+    assert_eq!(classifier.tensor("linear.weight").unwrap().shape(), [10, 192]);
+    assert_eq!(classifier.tensor("linear.bias").unwrap().shape(), [10]);
 }
 
 #[test]
@@ -89,6 +156,10 @@ fn configuration_errors_are_one_line() {
         (vec!["train", "--epochs", "0"], "epochs must be at least 1"),
         (vec!["train", "--data", "/nonexistent/images"], "no such file"),
         (vec!["train", "--arch", "vit_giant"], "unknown arch"),
+        (
+            vec!["eval", "linear", "--train", "synthetic", "--test", "synthetic#test", "--weights", "/nonexistent.pth"],
+            "/nonexistent.pth",
+        ),
     ] {
         let out = dino(&args);
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
