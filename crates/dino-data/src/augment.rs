@@ -383,7 +383,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let img = RgbImage::from_fn(100, 100, |x, _| Rgb([if x < 50 { 0 } else { 255 }, 0, 0]));
         // A crop of the whole image keeps both halves; its mean red is about one half.
-        let px = random_resized_crop(&img, 20, (1.0, 1.0), &mut rng);
+        let px = random_resized_crop(&img, 20, (1.0, 1.0), FilterType::CatmullRom, &mut rng);
         let red: f32 = px.chunks(3).map(|p| p[0]).sum::<f32>() / 400.0;
         assert!((red - 0.5).abs() < 0.1, "{red}");
     }

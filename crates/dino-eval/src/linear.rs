@@ -140,7 +140,10 @@ impl LinearClassifier {
             ("avgpool_patchtokens".to_string(), features.avgpool.to_string()),
         ];
         safetensors::serialize_to_file(
-            [("linear.weight", view(&w, self.weight.dims().to_vec())?), ("linear.bias", view(&b, self.bias.dims().to_vec())?)],
+            [
+                ("linear.weight", view(&w, self.weight.dims().to_vec())?),
+                ("linear.bias", view(&b, self.bias.dims().to_vec())?),
+            ],
             Some(metadata.into_iter().collect()),
             path,
         )
@@ -149,7 +152,10 @@ impl LinearClassifier {
 }
 
 fn one_hot(labels: &[u32], classes: usize, device: &Device) -> Tensor<2> {
-    let labels = Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&l| l as i64).collect(), [labels.len()]), device);
+    let labels = Tensor::<1, Int>::from_data(
+        TensorData::new(labels.iter().map(|&l| l as i64).collect(), [labels.len()]),
+        device,
+    );
     labels.one_hot::<2>(classes).float()
 }
 
@@ -180,7 +186,7 @@ pub enum TrainFeatures<'a> {
     /// through the frozen backbone.
     Augmented { vit: &'a VisionTransformer, data: &'a Dataset, count: usize, transform: LinearTrainTransform },
     /// Features computed once (faster, not the official protocol), `[N, dim]` with labels.
-    Fixed { features: Tensor<2>, labels: &'a [u32] },
+    Fixed { features: &'a Tensor<2>, labels: &'a [u32] },
 }
 
 /// Trains a linear classifier on frozen features and evaluates it on `test` (`[N, dim]` features
@@ -196,7 +202,8 @@ pub fn train_linear(
     let classes = labels.iter().chain(test.1).copied().max().map_or(1, |m| m as usize + 1);
     let dim = test.0.dims()[1];
     let mut classifier = LinearClassifier::new(dim, classes, config.seed, device);
-    let mut buffers = Momentum { weight: Tensor::zeros([classes, dim], device), bias: Tensor::zeros([classes], device) };
+    let mut buffers =
+        Momentum { weight: Tensor::zeros([classes, dim], device), bias: Tensor::zeros([classes], device) };
     let total = match &train {
         TrainFeatures::Augmented { count, data, .. } => (*count).min(data.len()),
         TrainFeatures::Fixed { labels, .. } => labels.len(),
@@ -214,7 +221,9 @@ pub fn train_linear(
                 }
                 TrainFeatures::Fixed { features, .. } => {
                     let idx: Vec<i64> = batch.iter().map(|&i| i as i64).collect();
-                    features.clone().select(0, Tensor::<1, Int>::from_data(TensorData::new(idx, [batch.len()]), device))
+                    (*features)
+                        .clone()
+                        .select(0, Tensor::<1, Int>::from_data(TensorData::new(idx, [batch.len()]), device))
                 }
             };
             let y: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
@@ -224,7 +233,8 @@ pub fn train_linear(
         }
         let (test_top1, test_top5) = classifier.accuracy(test.0, test.1);
         let best_top1 = history.iter().map(|e| e.best_top1).fold(test_top1, f64::max);
-        let result = LinearEpoch { epoch, lr, train_loss: loss_sum / seen.max(1) as f64, test_top1, test_top5, best_top1 };
+        let result =
+            LinearEpoch { epoch, lr, train_loss: loss_sum / seen.max(1) as f64, test_top1, test_top5, best_top1 };
         if !result.train_loss.is_finite() {
             return Err(EvalError::Diverged { epoch, lr });
         }
@@ -279,7 +289,8 @@ mod tests {
         let mut classifier = LinearClassifier::new(dim, classes, 3, &device);
         classifier.bias = Tensor::random([classes], Distribution::Normal(0.0, 0.1), &device);
         let before = classifier.clone();
-        let mut buffers = Momentum { weight: Tensor::zeros([classes, dim], &device), bias: Tensor::zeros([classes], &device) };
+        let mut buffers =
+            Momentum { weight: Tensor::zeros([classes, dim], &device), bias: Tensor::zeros([classes], &device) };
         // lr 1, no momentum: the update is minus the gradient.
         classifier.sgd_step(x.clone(), &labels, 1.0, 0.0, &mut buffers);
         let ours = before.weight.clone() - classifier.weight;
@@ -320,7 +331,7 @@ mod tests {
         let mut epochs = Vec::new();
         let (classifier, history) = train_linear(
             &config,
-            TrainFeatures::Fixed { features: features.clone(), labels: &labels },
+            TrainFeatures::Fixed { features: &features, labels: &labels },
             &labels,
             (&features, &labels),
             &device,

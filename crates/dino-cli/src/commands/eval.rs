@@ -8,8 +8,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Subcommand, ValueEnum};
 use dino_data::{Dataset, EvalTransform, LinearTrainTransform};
 use dino_eval::{
-    ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures, dataset_features,
-    knn_classify, pixel_features, read_labeled_features, train_linear, write_labeled_features,
+    ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures, dataset_features, knn_classify,
+    pixel_features, read_labeled_features, train_linear, write_labeled_features,
 };
 use dino_model::VisionTransformer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,7 +20,7 @@ use crate::load::WeightArgs;
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
     /// Weighted k-NN classification on frozen features (the official eval_knn.py protocol).
-    Knn(KnnArgs),
+    Knn(Box<KnnArgs>),
     /// Linear classifier on frozen features (the official eval_linear.py protocol).
     Linear(Box<LinearArgs>),
 }
@@ -174,7 +174,7 @@ pub struct WeightFlags {
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
-        EvalCommand::Knn(args) => knn(args),
+        EvalCommand::Knn(args) => knn(*args),
         EvalCommand::Linear(args) => linear(*args),
     }
 }
@@ -343,13 +343,15 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
 
     let test_features = backbone_features(&vit, &test, limit(args.max_test), &options, &device, "test features")?;
     let test_labels = &test_labels[..test_features.rows];
-    let to_tensor =
-        |f: Features| Tensor::<2>::from_data(TensorData::new(f.values, [f.rows, f.dim]), &device);
+    let to_tensor = |f: Features| Tensor::<2>::from_data(TensorData::new(f.values, [f.rows, f.dim]), &device);
     let test_features = to_tensor(test_features);
     let count = limit(args.max_train).min(train.len());
-    let source = if args.no_augmentation {
-        let fixed = backbone_features(&vit, &train, count, &options, &device, "train features")?;
-        TrainFeatures::Fixed { features: to_tensor(fixed), labels: &train_labels[..count] }
+    let fixed = match args.no_augmentation {
+        true => Some(to_tensor(backbone_features(&vit, &train, count, &options, &device, "train features")?)),
+        false => None,
+    };
+    let source = if let Some(features) = &fixed {
+        TrainFeatures::Fixed { features, labels: &train_labels[..count] }
     } else {
         let size = transform.crop.unwrap_or(model.img_size as u32);
         TrainFeatures::Augmented { vit: &vit, data: &train, count, transform: LinearTrainTransform { size } }
@@ -365,13 +367,8 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     );
     let bar = bar(count, "epoch 1");
     let mut log_error = None;
-    let (classifier, history) = train_linear(
-        &config,
-        source,
-        &train_labels[..count],
-        (&test_features, test_labels),
-        &device,
-        |p| match p {
+    let (classifier, history) =
+        train_linear(&config, source, &train_labels[..count], (&test_features, test_labels), &device, |p| match p {
             LinearProgress::Batch { epoch, done, .. } => {
                 bar.set_prefix(format!("epoch {}/{}", epoch + 1, args.epochs));
                 bar.set_position(done as u64);
@@ -397,8 +394,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
                 }
                 bar.reset();
             }
-        },
-    )?;
+        })?;
     bar.finish_and_clear();
     if let Some(err) = log_error {
         return Err(err).with_context(|| format!("cannot write {}", log_path.display()));
@@ -406,7 +402,10 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let saved = args.output.join("linear.safetensors");
     classifier.save(&saved, &features)?;
     let last = history.last().expect("epochs > 0");
-    println!("Top-1 test accuracy: {:.2} (top-5 {:.2}; best top-1 {:.2})", last.test_top1, last.test_top5, last.best_top1);
+    println!(
+        "Top-1 test accuracy: {:.2} (top-5 {:.2}; best top-1 {:.2})",
+        last.test_top1, last.test_top5, last.best_top1
+    );
     println!("classifier: {}, log: {}", saved.display(), log_path.display());
     Ok(())
 }
