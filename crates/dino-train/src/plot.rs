@@ -1,24 +1,57 @@
-//! `training.png`: the loss (left) and the k-NN top-1 (right) per epoch, read from `log.txt`.
+//! `training.png`: the loss (left) and the k-NN top-1 (right, from the initial network on)
+//! against epochs done, read from `log.txt`.
 //!
-//! Drawn with plotters' bitmap backend and no text (its text needs system fonts): vertical grid
-//! lines mark the epochs, horizontal ones quarter each panel's range; the numbers are in
-//! `log.txt`.
+//! Text (titles, axis labels, tick values) needs a TrueType font: plotters' `ab_glyph` renderer
+//! draws it without a system font library, from the first font file found in `$DINO_FONT` or
+//! [`FONT_FILES`]. Without one the panels are drawn with their grid and no text (the numbers
+//! are in `log.txt` either way).
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
-fn series(log: &str, key: &str) -> Vec<(f64, f64)> {
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|v| Some((v["epoch"].as_f64()?, v[key].as_f64()?)))
-        .collect()
+/// Fonts looked for, in order, when `$DINO_FONT` names none (Debian/Ubuntu, Fedora, Arch paths).
+pub const FONT_FILES: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+const FONT: &str = "sans-serif";
+
+/// Registers a font once per process; false when none could be read.
+fn font_available() -> bool {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        let candidates = std::env::var("DINO_FONT").into_iter().chain(FONT_FILES.iter().map(|s| s.to_string()));
+        for path in candidates {
+            if let Ok(bytes) = std::fs::read(&path) {
+                // plotters keeps fonts for the whole process, as `&'static` bytes.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// `(epochs done, value)` per log line; `initial`, when the first line has it, at 0 epochs.
+fn series(log: &str, key: &str, initial: Option<&str>) -> Vec<(f64, f64)> {
+    let lines: Vec<serde_json::Value> = log.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+    let start = initial.and_then(|k| lines.first()?[k].as_f64()).map(|v| (0.0, v));
+    start.into_iter().chain(lines.iter().filter_map(|v| Some((v["epoch"].as_f64()? + 1.0, v[key].as_f64()?)))).collect()
 }
 
 fn panel(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     points: &[(f64, f64)],
     colour: RGBColor,
+    title: &str,
+    text: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if points.is_empty() {
         return Ok(());
@@ -26,17 +59,21 @@ fn panel(
     let (x_max, y) =
         points.iter().fold((1.0f64, (f64::MAX, f64::MIN)), |(x, (lo, hi)), p| (x.max(p.0), (lo.min(p.1), hi.max(p.1))));
     let pad = ((y.1 - y.0) * 0.1).max(1e-3);
-    let mut chart = ChartBuilder::on(area).margin(20).build_cartesian_2d(0.0..x_max, (y.0 - pad)..(y.1 + pad))?;
-    // Grid by hand (plotters' mesh needs fonts for its labels): a line per epoch, five levels.
-    let grey = RGBColor(220, 220, 220);
-    let (y_lo, y_hi) = (y.0 - pad, y.1 + pad);
-    for e in 0..=x_max as usize {
-        chart.draw_series(LineSeries::new([(e as f64, y_lo), (e as f64, y_hi)], grey))?;
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(20);
+    if text {
+        builder.caption(title, (FONT, 22)).x_label_area_size(40).y_label_area_size(60);
     }
-    for i in 0..=4 {
-        let level = y_lo + (y_hi - y_lo) * i as f64 / 4.0;
-        chart.draw_series(LineSeries::new([(0.0, level), (x_max, level)], grey))?;
+    let mut chart = builder.build_cartesian_2d(0.0..x_max, (y.0 - pad)..(y.1 + pad))?;
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(RGBColor(240, 240, 240)).bold_line_style(RGBColor(215, 215, 215));
+    if text {
+        mesh.x_desc("epochs").label_style((FONT, 15)).x_label_formatter(&|x| format!("{x:.0}"));
+    } else {
+        mesh.disable_axes();
     }
+    mesh.x_labels(x_max as usize + 1).y_labels(6);
+    mesh.draw()?;
     chart.draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(3)))?;
     chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, colour.filled())))?;
     Ok(())
@@ -44,12 +81,47 @@ fn panel(
 
 /// Draws the plot for the run whose `log.txt` is `log`.
 pub fn plot_history(log: &Path, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let text = std::fs::read_to_string(log)?;
+    draw(&std::fs::read_to_string(log)?, out, font_available())
+}
+
+fn draw(log: &str, out: &Path, text: bool) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::new(out, (1000, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(500);
-    panel(&left, &series(&text, "train_loss"), RGBColor(31, 119, 180))?;
-    panel(&right, &series(&text, "knn_top1"), RGBColor(214, 39, 40))?;
+    panel(&left, &series(log, "train_loss", None), RGBColor(31, 119, 180), "DINO loss", text)?;
+    panel(
+        &right,
+        &series(log, "knn_top1", Some("knn_top1_initial")),
+        RGBColor(214, 39, 40),
+        "teacher k-NN top-1 (%)",
+        text,
+    )?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both panels with and without text (the text only where this machine has a font).
+    #[test]
+    fn draws_both_panels() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = "{\"epoch\":0,\"train_loss\":7.1,\"knn_top1\":60.5,\"knn_top1_initial\":50}\n{\"epoch\":1,\"train_loss\":6.5,\"knn_top1\":70.25}\n";
+        let png = dir.path().join("training.png");
+        let mut dark_pixels = Vec::new();
+        for text in [false, font_available()] {
+            draw(log, &png, text).unwrap();
+            let img = image::open(&png).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), (1000, 400));
+            let coloured = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+            assert!(coloured([31, 119, 180]) > 100, "the loss curve is drawn");
+            assert!(coloured([214, 39, 40]) > 100, "the k-NN curve is drawn");
+            dark_pixels.push(img.pixels().filter(|p| p.0.iter().all(|&v| v < 100)).count());
+        }
+        if font_available() {
+            assert!(dark_pixels[1] > dark_pixels[0] + 500, "titles and labels are drawn: {dark_pixels:?}");
+        }
+    }
 }
