@@ -32,6 +32,8 @@ enum Command {
     /// Evaluate frozen features: `dino eval knn`.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
+    /// Time the training step, inference and augmentation (compare with torch_reference.py).
+    Bench(commands::bench::BenchArgs),
 }
 
 /// Training allocates and frees the same large activation buffers every step. glibc's malloc
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Extract(args) => commands::extract::run(args),
         Command::Attention(args) => commands::attention::run(args),
         Command::Eval(command) => commands::eval::run(command),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

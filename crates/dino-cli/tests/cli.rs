@@ -363,3 +363,34 @@ fn eval_knn_reports_each_k_for_pixels_and_backbones() {
         fails(&["eval", "knn", "--train", flat.to_str().unwrap(), "--test", "synthetic#test", "--features", "pixels"]);
     assert!(e.contains("labels"), "{e}");
 }
+
+/// `dino bench` prints the reference script's fields; `--augment` times real image files.
+#[test]
+fn bench_prints_comparable_json() {
+    let out = ok(&["bench", "--preset", "small28", "--steps", "1", "--batch", "4", "--threads", "2"]);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let (train, infer) = (&lines[0], &lines[1]);
+    assert_eq!((train["what"].as_str(), infer["what"].as_str()), (Some("train"), Some("infer")));
+    for key in ["preset", "dim", "depth", "heads", "patch", "global_px", "local_px", "n_local", "out_dim", "batch"] {
+        assert!(!train[key].is_null() && !infer[key].is_null(), "{key} missing: {out}");
+    }
+    assert_eq!(train["threads"], 2);
+    assert_eq!(train["batch"], 4);
+    assert!(train["step_ms_median"].as_f64().unwrap() > 0.0 && train["train_img_per_s"].as_f64().unwrap() > 0.0);
+    assert!(infer["infer_img_per_s"].as_f64().unwrap() > 0.0 && infer["infer_batch"] == 16);
+    assert!(infer["peak_rss_mib"].as_f64().unwrap() > 10.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3u8 {
+        RgbImage::from_fn(120 + i as u32 * 40, 100, |x, y| Rgb([x as u8, y as u8, i * 60]))
+            .save(dir.path().join(format!("{i}.png")))
+            .unwrap();
+    }
+    let out = ok(&["bench", "--augment", dir.path().to_str().unwrap(), "--seconds", "0.3"]);
+    let augment: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(augment["images"], 3);
+    assert!(augment["augment_img_per_s_one_thread"].as_f64().unwrap() > 0.0);
+    assert!(augment["augment_img_per_s_all_threads"].as_f64().unwrap() > 0.0);
+    assert!(fails(&["bench", "--preset", "huge"]).contains("small28, tiny32, official_s16"));
+}

@@ -1,5 +1,6 @@
 //! DINO self-supervised training, step-exact with the official `main_dino.py`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod ema;

@@ -1,4 +1,5 @@
 pub mod attention;
+pub mod bench;
 pub mod eval;
 pub mod extract;
 pub mod train;

@@ -1,0 +1,86 @@
+//! `dino bench`: training-step, inference and augmentation speed, printed as one JSON object per
+//! measurement with the field names of `shared/bench/torch_reference.py`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dino_data::list_images;
+use dino_train::bench::{BENCH_PRESETS, BenchPreset, bench_augment, bench_infer, bench_train, peak_rss_mib};
+use serde_json::{Value, json};
+
+use crate::device::DeviceArg;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Network, crops and batch: small28, tiny32 or official_s16 (as the reference script).
+    #[arg(long, value_name = "NAME", required_unless_present = "augment")]
+    preset: Option<String>,
+    /// Threads (default: all cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Timed steps after two warm-up steps; the median is reported.
+    #[arg(long, default_value_t = 6, value_name = "N")]
+    steps: usize,
+    /// Override the preset's batch size.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+    /// Instead: time the official multi-crop augmentation (decoding included) of the images
+    /// under DIR, on one thread and on all threads.
+    #[arg(long, value_name = "DIR", conflicts_with = "preset")]
+    augment: Option<PathBuf>,
+    /// Seconds per augmentation measurement.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set up the thread pool")?;
+    }
+    let base = json!({
+        "impl": "dino-rs",
+        "version": env!("CARGO_PKG_VERSION"),
+        "threads": rayon::current_num_threads(),
+        "device": format!("{:?}", args.device).to_lowercase(),
+    });
+    let print = |what: &str, fields: Vec<Value>| {
+        let mut object = base.as_object().expect("an object").clone();
+        object.insert("what".into(), what.into());
+        for field in fields {
+            object.extend(field.as_object().expect("an object").clone());
+        }
+        if let Some(mib) = peak_rss_mib() {
+            object.insert("peak_rss_mib".into(), json!(mib));
+        }
+        println!("{}", Value::Object(object));
+    };
+    if let Some(dir) = &args.augment {
+        let files = list_images(dir)?;
+        if files.is_empty() {
+            bail!("no images under {}", dir.display());
+        }
+        print("augment", vec![json!(bench_augment(&files, args.seconds)?)]);
+        return Ok(());
+    }
+    let name = args.preset.as_deref().expect("clap requires --preset without --augment");
+    let names: Vec<&str> = BENCH_PRESETS.iter().map(|p| p.preset).collect();
+    let mut preset = BenchPreset::find(name)
+        .with_context(|| format!("unknown --preset '{name}'; choose one of {}", names.join(", ")))?;
+    if let Some(batch) = args.batch {
+        preset.batch = batch.max(1);
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let device = args.device.device()?;
+    print("train", vec![json!(preset), json!(bench_train(&preset, args.steps, &device))]);
+    print("infer", vec![json!(preset), json!(bench_infer(&preset, args.steps, &device))]);
+    Ok(())
+}

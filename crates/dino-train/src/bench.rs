@@ -1,0 +1,243 @@
+//! `dino bench`: the speed of the training step, of inference and of the multi-crop
+//! augmentation, measured exactly as `shared/bench/torch_reference.py` measures PyTorch, so the
+//! two print comparable numbers: the same presets, random crops, two warm-up steps, then the
+//! median.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor};
+use dino_data::{MultiCropConfig, load_rgb};
+use dino_model::DinoModel;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rayon::prelude::*;
+
+use crate::config::TrainConfig;
+use crate::loss::DinoLoss;
+use crate::optim::{Optimizer, OptimizerKind, StepParams};
+use crate::step::{IterationParams, TrainState, train_step};
+
+/// A benchmark setting: backbone, head, crops and batch, as `PRESETS` of the reference script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BenchPreset {
+    pub preset: &'static str,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub patch: usize,
+    pub global_px: usize,
+    pub local_px: usize,
+    pub n_local: usize,
+    pub out_dim: usize,
+    pub batch: usize,
+}
+
+/// The reference script's presets, field for field.
+pub const BENCH_PRESETS: [BenchPreset; 3] = [
+    BenchPreset {
+        preset: "small28",
+        dim: 192,
+        depth: 6,
+        heads: 3,
+        patch: 4,
+        global_px: 28,
+        local_px: 12,
+        n_local: 4,
+        out_dim: 4096,
+        batch: 64,
+    },
+    BenchPreset {
+        preset: "tiny32",
+        dim: 192,
+        depth: 12,
+        heads: 3,
+        patch: 4,
+        global_px: 32,
+        local_px: 16,
+        n_local: 6,
+        out_dim: 8192,
+        batch: 32,
+    },
+    BenchPreset {
+        preset: "official_s16",
+        dim: 384,
+        depth: 12,
+        heads: 6,
+        patch: 16,
+        global_px: 224,
+        local_px: 96,
+        n_local: 8,
+        out_dim: 65536,
+        batch: 4,
+    },
+];
+
+impl BenchPreset {
+    pub fn find(name: &str) -> Option<Self> {
+        BENCH_PRESETS.iter().copied().find(|p| p.preset == name)
+    }
+
+    /// The training config with this network and these crops (the reference has no drop path;
+    /// its head is the official one: hidden 2048, bottleneck 256, frozen weight norm).
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            arch: "vit_tiny".into(),
+            embed_dim: self.dim,
+            depth: self.depth,
+            num_heads: self.heads,
+            patch_size: self.patch,
+            img_size: self.global_px,
+            out_dim: self.out_dim,
+            drop_path_rate: 0.0,
+            batch_size: self.batch,
+            crops: MultiCropConfig {
+                global_size: self.global_px as u32,
+                local_size: self.local_px as u32,
+                local_crops: self.n_local,
+                ..MultiCropConfig::default()
+            },
+            ..TrainConfig::default()
+        }
+    }
+}
+
+/// The training-step measurement (`bench_train` of the reference).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct TrainTiming {
+    pub step_ms_median: f64,
+    pub train_img_per_s: f64,
+    pub steps: usize,
+}
+
+/// The inference measurement (`bench_infer` of the reference).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct InferTiming {
+    pub infer_batch: usize,
+    pub infer_img_per_s: f64,
+}
+
+/// The augmentation measurement (`bench_augment` of the reference, plus all threads).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct AugmentTiming {
+    pub augment_img_per_s_one_thread: f64,
+    pub augment_img_per_s_all_threads: f64,
+    pub images: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+/// Runs `steps + 2` full training steps on fixed random crops (teacher on the globals, student
+/// on all crops grouped by resolution, loss, backward, clipping, AdamW, EMA, center) and times
+/// the last `steps`.
+pub fn bench_train(preset: &BenchPreset, steps: usize, device: &Device) -> TrainTiming {
+    let config = preset.train_config();
+    let model = config.model_config().expect("bench presets are valid");
+    let train_device = device.clone().autodiff();
+    train_device.seed(0);
+    let student = DinoModel::new(&model, &train_device);
+    let mut state = TrainState {
+        teacher: student.valid(),
+        student,
+        loss: DinoLoss::new(preset.out_dim, config.crops.num_crops(), device),
+        optimizer: Optimizer::new(OptimizerKind::Adamw),
+    };
+    let crop = |s: usize| Tensor::<4>::random([preset.batch, 3, s, s], Distribution::Normal(0.0, 1.0), device);
+    let crops: Vec<Tensor<4>> =
+        (0..2).map(|_| crop(preset.global_px)).chain((0..preset.n_local).map(|_| crop(preset.local_px))).collect();
+    let params = IterationParams {
+        step: StepParams { lr: 1e-4, weight_decay: 0.04, clip_grad: 3.0, freeze_last_layer: false },
+        momentum: 0.996,
+        teacher_temp: 0.04,
+    };
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..steps + 2 {
+        let started = Instant::now();
+        // Random inputs give a finite loss; the step reads it back, which waits for the work.
+        let (next, _) = train_step(state, &crops, &params).expect("finite loss on random crops");
+        state = next;
+        if step >= 2 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(times);
+    TrainTiming { step_ms_median: med * 1e3, train_img_per_s: preset.batch as f64 / med, steps }
+}
+
+/// Backbone forward (final-normed CLS) on a batch of max(batch, 16) global crops, `steps + 2`
+/// times; the last `steps` timed.
+pub fn bench_infer(preset: &BenchPreset, steps: usize, device: &Device) -> InferTiming {
+    let model = preset.train_config().model_config().expect("bench presets are valid");
+    device.seed(0);
+    let vit = DinoModel::new(&model, device).backbone;
+    let bs = preset.batch.max(16);
+    let x = Tensor::<4>::random([bs, 3, preset.global_px, preset.global_px], Distribution::Normal(0.0, 1.0), device);
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..steps + 2 {
+        let started = Instant::now();
+        let _ = vit.forward(x.clone()).sum().into_scalar::<f32>();
+        if step >= 2 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    InferTiming { infer_batch: bs, infer_img_per_s: bs as f64 / median(times) }
+}
+
+/// The official 224 px multi-crop augmentation (2 global + 8 local crops) of the image files in
+/// `files`, decoding included, for about `seconds` on one thread, then as long on all threads.
+pub fn bench_augment(files: &[PathBuf], seconds: f64) -> Result<AugmentTiming, dino_data::DataError> {
+    let config = MultiCropConfig::default();
+    let one = |i: usize| -> Result<(), dino_data::DataError> {
+        let img = load_rgb(&files[i % files.len()])?;
+        std::hint::black_box(config.apply(&img, &mut StdRng::seed_from_u64(i as u64)));
+        Ok(())
+    };
+    let (mut n, started) = (0, Instant::now());
+    while started.elapsed().as_secs_f64() < seconds {
+        one(n)?;
+        n += 1;
+    }
+    let single = n as f64 / started.elapsed().as_secs_f64();
+    let chunk = rayon::current_num_threads() * 4;
+    let (mut n, started) = (0, Instant::now());
+    while started.elapsed().as_secs_f64() < seconds {
+        (n..n + chunk).into_par_iter().try_for_each(one)?;
+        n += chunk;
+    }
+    let all = n as f64 / started.elapsed().as_secs_f64();
+    Ok(AugmentTiming { augment_img_per_s_one_thread: single, augment_img_per_s_all_threads: all, images: files.len() })
+}
+
+/// Peak resident memory of this process so far in MiB (`VmHWM`), where the OS reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_build_valid_configs() {
+        for preset in BENCH_PRESETS {
+            let config = preset.train_config();
+            config.validate().unwrap();
+            let model = config.model_config().unwrap();
+            assert_eq!(
+                (model.vit.embed_dim, model.vit.depth, model.vit.num_heads),
+                (preset.dim, preset.depth, preset.heads)
+            );
+            assert_eq!(config.crops.num_crops(), 2 + preset.n_local);
+        }
+        assert_eq!(BenchPreset::find("tiny32").unwrap().batch, 32);
+        assert!(BenchPreset::find("huge").is_none());
+    }
+}
