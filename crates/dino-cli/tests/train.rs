@@ -142,6 +142,21 @@ fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
     let (top1, top5) = (last["test_acc1"].as_f64().unwrap(), last["test_acc5"].as_f64().unwrap());
     assert!((20.0..=100.0).contains(&top1) && top5 >= top1, "{log}");
     assert!(last["train_loss"].as_f64().unwrap().is_finite(), "{log}");
+    let picture = dir.path().join("embedding.png");
+    let out = dino(&[
+        "eval",
+        "embedding",
+        "--data",
+        &test,
+        "--weights",
+        teacher.to_str().unwrap(),
+        "--max-images",
+        "100",
+        "--output",
+        picture.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(image::image_dimensions(&picture).unwrap(), (900, 800));
     let classifier = std::fs::read(linear.join("linear.safetensors")).unwrap();
     let classifier = safetensors::SafeTensors::deserialize(&classifier).unwrap();
     assert_eq!(classifier.tensor("linear.weight").unwrap().shape(), [10, 192]);

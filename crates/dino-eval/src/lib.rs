@@ -1,8 +1,10 @@
 //! Using a trained backbone: feature extraction, k-NN and linear evaluation, per-head attention maps.
 
 pub mod attention;
+pub mod embedding;
 pub mod extract;
 pub mod features;
+pub mod figures;
 pub mod knn;
 pub mod linear;
 

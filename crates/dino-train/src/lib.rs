@@ -6,7 +6,6 @@ pub mod config;
 pub mod ema;
 pub mod loss;
 pub mod optim;
-mod plot;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

@@ -20,9 +20,9 @@ use crate::TrainConfig;
 use crate::checkpoint::{CheckpointError, load_checkpoint, load_official_checkpoint, save_checkpoint};
 use crate::loss::DinoLoss;
 use crate::optim::{Optimizer, StepParams};
-use crate::plot::plot_history;
 use crate::schedule::{cosine_schedule, teacher_temp_schedule};
 use crate::step::{IterationParams, NonFiniteLoss, TrainState, train_step};
+use dino_eval::figures::plot_history;
 
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Subcommand, ValueEnum};
 use dino_data::{Dataset, EvalTransform, LinearTrainTransform};
+use dino_eval::embedding::pca_2d;
+use dino_eval::figures::plot_embedding;
 use dino_eval::{
     ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures, dataset_features, knn_classify,
     pixel_features, read_labeled_features, train_linear, write_labeled_features,
@@ -23,6 +25,8 @@ pub enum EvalCommand {
     Knn(Box<KnnArgs>),
     /// Linear classifier on frozen features (the official eval_linear.py protocol).
     Linear(Box<LinearArgs>),
+    /// Picture of the feature space: PCA of labeled images' features, coloured by class.
+    Embedding(Box<EmbeddingArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -41,22 +45,14 @@ pub struct KnnArgs {
     /// Labeled images to classify (SPEC, e.g. /usr/share/datasets/fashion-mnist#test).
     #[arg(long, value_name = "SPEC", required_unless_present = "load_features")]
     test: Option<String>,
-    /// Weights of the backbone (not needed with --features pixels).
-    #[arg(long, value_name = "FILE")]
-    weights: Option<PathBuf>,
     #[command(flatten)]
-    weight_args: WeightFlags,
-    /// What to classify: the backbone's features or the raw pixels.
-    #[arg(long, value_enum, default_value = "backbone")]
-    features: FeatureSource,
+    source: FeatureArgs,
     /// Numbers of neighbours, comma-separated (official 10,20,100,200).
     #[arg(long, value_delimiter = ',', default_value = "10,20,100,200")]
     k: Vec<usize>,
     /// Temperature of the vote weights exp(similarity / T) (official 0.07).
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
-    #[command(flatten)]
-    size: SizeArgs,
     /// Use only the first N bank images (0 = all).
     #[arg(long, default_value_t = 0, value_name = "N")]
     max_train: usize,
@@ -74,9 +70,82 @@ pub struct KnnArgs {
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+/// Which features the k-NN and the embedding use: a backbone's or the raw pixels.
+#[derive(Debug, Args)]
+struct FeatureArgs {
+    /// Weights of the backbone (not needed with --features pixels).
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    weight_args: WeightFlags,
+    /// What to use: the backbone's final-normed CLS token or the raw pixels.
+    #[arg(long, value_enum, default_value = "backbone")]
+    features: FeatureSource,
+    #[command(flatten)]
+    size: SizeArgs,
     /// Images per forward pass.
     #[arg(long, default_value_t = 128, value_name = "N")]
     batch_size: usize,
+}
+
+impl FeatureArgs {
+    /// L2-normalised features of the first `count` images of each `(dataset, count, name)`,
+    /// and a description of what they are.
+    fn compute(&self, sets: &[(&Dataset, usize, &str)], device: &Device) -> anyhow::Result<(Vec<Features>, String)> {
+        match self.features {
+            FeatureSource::Pixels => {
+                let transform = self.size.transform(None);
+                let features = sets
+                    .iter()
+                    .map(|(data, count, _)| Ok(pixel_features(data, *count, &transform)?))
+                    .collect::<anyhow::Result<_>>()?;
+                Ok((features, "raw pixels".into()))
+            }
+            FeatureSource::Backbone => {
+                let weights = self.weights.clone().context("--weights FILE is required (or use --features pixels)")?;
+                let flags = &self.weight_args;
+                let loader = WeightArgs {
+                    weights: weights.clone(),
+                    checkpoint_key: flags.checkpoint_key,
+                    arch: flags.arch.clone(),
+                    patch_size: flags.patch_size,
+                    num_heads: flags.num_heads,
+                };
+                let (config, vit) = loader.load(device)?;
+                let options = ExtractOptions {
+                    transform: self.size.transform(Some(config.img_size as u32)),
+                    features: FeatureSpec::default(),
+                    l2_norm: true,
+                    batch_size: self.batch_size.max(1),
+                };
+                let features = sets
+                    .iter()
+                    .map(|(data, count, name)| backbone_features(&vit, data, *count, &options, device, name))
+                    .collect::<anyhow::Result<_>>()?;
+                Ok((features, format!("{} features", weights.display())))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EmbeddingArgs {
+    /// Labeled images to embed (SPEC, e.g. /usr/share/datasets/fashion-mnist#test).
+    #[arg(long, value_name = "SPEC")]
+    data: String,
+    #[command(flatten)]
+    source: FeatureArgs,
+    /// Embed only the first N images (0 = all).
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    max_images: usize,
+    /// The PNG to write.
+    #[arg(long, short, default_value = "embedding.png", value_name = "FILE")]
+    output: PathBuf,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -176,6 +245,7 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
     match command {
         EvalCommand::Knn(args) => knn(*args),
         EvalCommand::Linear(args) => linear(*args),
+        EvalCommand::Embedding(args) => embedding(*args),
     }
 }
 
@@ -278,38 +348,27 @@ fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)
     let (train, train_labels) = labeled(args.train.as_deref().unwrap_or_default())?;
     let (test, test_labels) = labeled(args.test.as_deref().unwrap_or_default())?;
     let device = args.device.device()?;
-    let (bank, queries, what): (Features, Features, String) = match args.features {
-        FeatureSource::Pixels => {
-            let transform = args.size.transform(None);
-            let bank = pixel_features(&train, limit(args.max_train), &transform)?;
-            let queries = pixel_features(&test, limit(args.max_test), &transform)?;
-            (bank, queries, "raw pixels".into())
-        }
-        FeatureSource::Backbone => {
-            let weights = args.weights.clone().context("--weights FILE is required (or use --features pixels)")?;
-            let flags = &args.weight_args;
-            let loader = WeightArgs {
-                weights: weights.clone(),
-                checkpoint_key: flags.checkpoint_key,
-                arch: flags.arch.clone(),
-                patch_size: flags.patch_size,
-                num_heads: flags.num_heads,
-            };
-            let (config, vit) = loader.load(&device)?;
-            let options = ExtractOptions {
-                transform: args.size.transform(Some(config.img_size as u32)),
-                features: FeatureSpec::default(),
-                l2_norm: true,
-                batch_size: args.batch_size.max(1),
-            };
-            let bank = backbone_features(&vit, &train, limit(args.max_train), &options, &device, "bank")?;
-            let queries = backbone_features(&vit, &test, limit(args.max_test), &options, &device, "test")?;
-            (bank, queries, format!("{} features", weights.display()))
-        }
-    };
+    let sets = [(&train, limit(args.max_train), "bank"), (&test, limit(args.max_test), "test")];
+    let (mut features, what) = args.source.compute(&sets, &device)?;
+    let queries = features.pop().expect("two sets");
+    let bank = features.pop().expect("two sets");
     let bank_labels = train_labels[..bank.rows].to_vec();
     let query_labels = test_labels[..queries.rows].to_vec();
     Ok(((bank, bank_labels), (queries, query_labels), what))
+}
+
+/// PCA of the L2-normalised features (the space the k-NN searches), coloured by class.
+fn embedding(args: EmbeddingArgs) -> anyhow::Result<()> {
+    let (data, labels) = labeled(&args.data)?;
+    let device = args.device.device()?;
+    let (features, what) = args.source.compute(&[(&data, limit(args.max_images), "features")], &device)?;
+    let features = &features[0];
+    let points = pca_2d(features);
+    let title = format!("{}: {} images, PCA of {what}", data.name, features.rows);
+    plot_embedding(&points, &labels[..features.rows], &data.classes, &title, &args.output)
+        .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", args.output.display()))?;
+    println!("{} images of {} -> {}", features.rows, data.name, args.output.display());
+    Ok(())
 }
 
 fn linear(args: LinearArgs) -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
-//! `training.png`: the loss (left) and the k-NN top-1 (right, from the initial network on)
-//! against epochs done, read from `log.txt`.
+//! Figures: `training.png` (the loss and the k-NN top-1 per epoch, read from a run's
+//! `log.txt`) and the 2-D embedding of labeled features.
 //!
 //! Text (titles, axis labels, tick values) needs a TrueType font: plotters' `ab_glyph` renderer
 //! draws it without a system font library, from the first font file found in `$DINO_FONT` or
@@ -100,9 +100,95 @@ fn draw(log: &str, out: &Path, text: bool) -> Result<(), Box<dyn std::error::Err
     Ok(())
 }
 
+/// Ten distinguishable class colours (matplotlib's tab10); further classes reuse them.
+const TAB10: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// A scatter plot of 2-D points coloured by label, with a legend of `class_names` and a title
+/// (when a font is available).
+pub fn plot_embedding(
+    points: &[[f32; 2]],
+    labels: &[u32],
+    class_names: &[String],
+    title: &str,
+    out: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let text = font_available();
+    let root = BitMapBackend::new(out, (900, 800)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let range = |axis: usize| {
+        let (lo, hi) = points.iter().fold((f32::MAX, f32::MIN), |(lo, hi), p| (lo.min(p[axis]), hi.max(p[axis])));
+        let pad = ((hi - lo) * 0.05).max(1e-3);
+        (lo - pad)..(hi + pad)
+    };
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if text {
+        builder.caption(title, (FONT, 22)).x_label_area_size(35).y_label_area_size(50);
+    }
+    let mut chart = builder.build_cartesian_2d(range(0), range(1))?;
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(RGBColor(240, 240, 240));
+    if text {
+        mesh.x_desc("PC 1").y_desc("PC 2").label_style((FONT, 14));
+    } else {
+        mesh.disable_axes();
+    }
+    mesh.draw()?;
+    let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    for class in 0..classes {
+        let colour = TAB10[class % TAB10.len()];
+        let series = chart.draw_series(
+            points
+                .iter()
+                .zip(labels)
+                .filter(|(_, l)| **l as usize == class)
+                .map(|(p, _)| Circle::new((p[0], p[1]), 2, colour.mix(0.6).filled())),
+        )?;
+        if text {
+            let name = class_names.get(class).cloned().unwrap_or_else(|| class.to_string());
+            series.label(name).legend(move |(x, y)| Circle::new((x, y), 5, colour.filled()));
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FONT, 14))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draws_an_embedding_in_class_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("embedding.png");
+        let points: Vec<[f32; 2]> =
+            (0..60).map(|i| [(i % 3) as f32 * 5.0 + (i as f32 * 0.1).sin(), i as f32 * 0.1]).collect();
+        let labels: Vec<u32> = (0..60).map(|i| i % 3).collect();
+        plot_embedding(&points, &labels, &["a".into(), "b".into(), "c".into()], "test", &png).unwrap();
+        let img = image::open(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (900, 800));
+        let non_white = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+        assert!(non_white > 1000, "points drawn: {non_white}");
+    }
 
     /// Both panels with and without text (the text only where this machine has a font).
     #[test]
