@@ -364,7 +364,11 @@ fn embedding(args: EmbeddingArgs) -> anyhow::Result<()> {
     let (features, what) = args.source.compute(&[(&data, limit(args.max_images), "features")], &device)?;
     let features = &features[0];
     let points = pca_2d(features);
-    let title = format!("{}: {} images, PCA of {what}", data.name, features.rows);
+    let source = match (&args.source.features, &args.source.weights) {
+        (FeatureSource::Backbone, Some(w)) => w.file_name().map_or(what.clone(), |f| f.to_string_lossy().into_owned()),
+        _ => what,
+    };
+    let title = format!("PCA of {source}, {} images", features.rows);
     plot_embedding(&points, &labels[..features.rows], &data.classes, &title, &args.output)
         .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", args.output.display()))?;
     println!("{} images of {} -> {}", features.rows, data.name, args.output.display());

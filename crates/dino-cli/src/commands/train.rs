@@ -25,7 +25,8 @@ pub struct TrainArgs {
     #[arg(long, short, default_value = "runs/dino", value_name = "DIR")]
     output: PathBuf,
     /// Starting settings: official (main_dino.py's ViT-S/16), small28 (28-32 px images),
-    /// quick (minutes on a CPU with the synthetic data).
+    /// fashion (Fashion-MNIST on 2 CPU cores, BENCHMARKS.md), quick (minutes on a CPU with the
+    /// synthetic data).
     #[arg(long, default_value = "quick", value_name = "NAME")]
     preset: String,
     /// A TOML file of settings, applied over the preset.
