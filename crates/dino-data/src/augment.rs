@@ -268,32 +268,31 @@ fn grayscale(px: &mut [f32]) {
 /// PIL's `GaussianBlur(radius)` blurs with standard deviation `radius`; we convolve with the
 /// sampled Gaussian (truncated at 3 sigma), edges extended.
 fn gaussian_blur(px: &mut [f32], size: usize, sigma: f64) {
-    let half = (3.0 * sigma).ceil() as isize;
-    let weights: Vec<f32> = (-half..=half).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
+    let half = (3.0 * sigma).ceil() as usize;
+    let weights: Vec<f32> =
+        (-(half as isize)..=half as isize).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32).collect();
     let total: f32 = weights.iter().sum();
     let weights: Vec<f32> = weights.iter().map(|w| w / total).collect();
-    let at = |i: isize| i.clamp(0, size as isize - 1) as usize;
+    // Separable, edges replicated. Each pass accumulates one tap at a time over a whole row
+    // (a contiguous multiply-add the compiler vectorises): this was 40 % of the augmentation time
+    // as a per-pixel gather.
+    let row = 3 * size;
+    let mut padded = vec![0.0f32; 3 * (size + 2 * half)];
     let mut tmp = vec![0.0f32; px.len()];
-    for y in 0..size {
-        for x in 0..size {
-            for c in 0..3 {
-                tmp[3 * (y * size + x) + c] = weights
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| w * px[3 * (y * size + at(x as isize + k as isize - half)) + c])
-                    .sum();
-            }
+    for (src, dst) in px.chunks_exact(row).zip(tmp.chunks_exact_mut(row)) {
+        for (j, p) in padded.chunks_exact_mut(3).enumerate() {
+            let x = j.saturating_sub(half).min(size - 1);
+            p.copy_from_slice(&src[3 * x..3 * x + 3]);
+        }
+        for (k, &w) in weights.iter().enumerate() {
+            dst.iter_mut().zip(&padded[3 * k..3 * k + row]).for_each(|(d, s)| *d += w * s);
         }
     }
-    for y in 0..size {
-        for x in 0..size {
-            for c in 0..3 {
-                px[3 * (y * size + x) + c] = weights
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| w * tmp[3 * (at(y as isize + k as isize - half) * size + x) + c])
-                    .sum();
-            }
+    px.fill(0.0);
+    for (y, dst) in px.chunks_exact_mut(row).enumerate() {
+        for (k, &w) in weights.iter().enumerate() {
+            let source = (y + k).saturating_sub(half).min(size - 1);
+            dst.iter_mut().zip(&tmp[source * row..(source + 1) * row]).for_each(|(d, s)| *d += w * s);
         }
     }
 }
@@ -337,6 +336,42 @@ mod tests {
         let sizes: Vec<usize> = crops.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![3 * 32 * 32, 3 * 32 * 32, 3 * 16 * 16, 3 * 16 * 16, 3 * 16 * 16]);
         assert!(crops.iter().flatten().all(|v| v.is_finite()));
+    }
+
+    /// The row-wise blur equals the definition: a normalised Gaussian of radius ceil(3 sigma)
+    /// over edge-replicated neighbours, horizontally then vertically.
+    #[test]
+    fn blur_matches_its_definition() {
+        let size = 9;
+        let mut px: Vec<f32> = (0..3 * size * size).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
+        let original = px.clone();
+        let sigma = 1.3;
+        gaussian_blur(&mut px, size, sigma);
+        let half = (3.0 * sigma).ceil() as isize;
+        let w: Vec<f64> = (-half..=half).map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let at = |i: isize| i.clamp(0, size as isize - 1) as usize;
+        let get = |v: &[f32], x: usize, y: usize, c: usize| v[3 * (y * size + x) + c] as f64;
+        let mut h = vec![0.0f32; px.len()];
+        for y in 0..size {
+            for x in 0..size {
+                for c in 0..3 {
+                    let sum: f64 =
+                        (-half..=half).map(|k| w[(k + half) as usize] * get(&original, at(x as isize + k), y, c)).sum();
+                    h[3 * (y * size + x) + c] = (sum / total) as f32;
+                }
+            }
+        }
+        for y in 0..size {
+            for x in 0..size {
+                for c in 0..3 {
+                    let sum: f64 =
+                        (-half..=half).map(|k| w[(k + half) as usize] * get(&h, x, at(y as isize + k), c)).sum();
+                    let got = px[3 * (y * size + x) + c] as f64;
+                    assert!((got - sum / total).abs() < 1e-5, "({x}, {y}, {c}): {got} vs {}", sum / total);
+                }
+            }
+        }
     }
 
     #[test]
