@@ -22,7 +22,8 @@ impl HeadLayer {
         match self {
             Self::Linear(l) => l.forward(x),
             Self::BatchNorm(bn) => bn.forward(x),
-            Self::Gelu(g) => g.forward(x),
+            // The fused kernel computes the same exact (erf) GELU as `burn::nn::Gelu`.
+            Self::Gelu(_) => dino_kernels::gelu(x),
         }
     }
 }

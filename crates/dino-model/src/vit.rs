@@ -5,12 +5,11 @@
 //! and its LayerNorm `gamma`/`beta` names.
 
 use burn::module::{Module, Param};
+use burn::nn::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use dino_kernels::{gelu, layer_norm, merge_heads, self_attention, split_heads};
 
 use crate::config::VitConfig;
 use crate::init::{linear, torch_default_uniform, trunc_normal};
@@ -50,34 +49,51 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `[B, N, D]` -> q, k, v, each `[B, heads, N, D/heads]`.
-    fn qkv(&self, x: Tensor<3>) -> [Tensor<4>; 3] {
-        let [b, n, d] = x.dims();
-        let h = self.num_heads;
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, h, n, d / h]);
-        [part(0), part(1), part(2)]
-    }
-
-    /// `[B, heads, N, D/heads]` -> `[B, N, D]` through the output projection.
-    fn merge(&self, heads: Tensor<4>) -> Tensor<3> {
-        let [b, h, n, dh] = heads.dims();
-        self.proj.forward(heads.swap_dims(1, 2).reshape([b, n, h * dh]))
-    }
-
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [q, k, v] = self.qkv(x);
-        // The fused op's default scale is head_dim^-0.5, the official one.
-        self.merge(attention(q, k, v, None, None, AttentionModuleOptions::default()))
+        let qkv = per_token(&self.qkv, x);
+        per_token(&self.proj, self_attention(qkv, self.num_heads))
     }
 
     /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let [q, k, v] = self.qkv(x);
+        let [q, k, v] = split_heads(per_token(&self.qkv, x), self.num_heads);
         let scale = (q.dims()[3] as f64).powf(-0.5);
         let weights = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3);
-        (self.merge(weights.clone().matmul(v)), weights)
+        (per_token(&self.proj, merge_heads(weights.clone().matmul(v))), weights)
+    }
+}
+
+/// A Linear layer on every token as one `[B*N, in] x [in, out]` matmul: for some shapes burn
+/// would run B small matmuls instead, which parallelise worse.
+fn per_token(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, n, d] = x.dims();
+    let y = layer.forward(x.reshape([b * n, d]));
+    let out = y.dims()[1];
+    y.reshape([b, n, out])
+}
+
+/// `torch.nn.LayerNorm` over the last dimension; `gamma`/`beta` are burn's names for PyTorch's
+/// `weight`/`bias`.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub gamma: Param<Tensor<1>>,
+    pub beta: Param<Tensor<1>>,
+    epsilon: f64,
+}
+
+impl LayerNorm {
+    fn new(dim: usize, epsilon: f64, device: &Device) -> Self {
+        Self {
+            gamma: Param::from_tensor(Tensor::ones([dim], device)),
+            beta: Param::from_tensor(Tensor::zeros([dim], device)),
+            epsilon,
+        }
+    }
+
+    /// `[..., D]` -> `[..., D]`.
+    pub fn forward<const R: usize>(&self, x: Tensor<R>) -> Tensor<R> {
+        layer_norm(x, self.gamma.val(), self.beta.val(), self.epsilon)
     }
 }
 
@@ -91,7 +107,7 @@ pub struct Mlp {
 impl Mlp {
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        per_token(&self.fc2, gelu(per_token(&self.fc1, x)))
     }
 }
 
@@ -147,7 +163,7 @@ impl VisionTransformer {
     pub fn new(config: &VitConfig, device: &Device) -> Self {
         let d = config.embed_dim;
         let grid = config.grid_size();
-        let norm = || LayerNormConfig::new(d).with_epsilon(config.layer_norm_eps).init(device);
+        let norm = || LayerNorm::new(d, config.layer_norm_eps, device);
         let blocks = (0..config.depth)
             .map(|i| Block {
                 norm1: norm(),

@@ -1,0 +1,171 @@
+//! The kernels as a burn backend extension: forward on `Flex`, and on `Autodiff<Flex>` a graph
+//! node whose backward is the closed-form kernel (one node instead of a dozen composed ones).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Flex, backend_extension};
+use burn::tensor::{Shape, TensorData};
+
+use crate::{attention, gelu, layer_norm};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// Exact GELU, elementwise.
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// LayerNorm over the last dimension: x `[..., C]`, gamma and beta `[C]`.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    /// Multi-head self-attention: qkv `[B, N, 3D]` -> `[B, N, D]`.
+    fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
+}
+
+/// The tensor with its elements contiguous from offset 0 (a copy only when they are not).
+fn dense(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() { t } else { t.to_contiguous() }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("fused kernels run on dense f32 tensors")
+}
+
+fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn shape(t: &FlexTensor) -> Shape {
+    t.layout().shape().clone()
+}
+
+fn attention_dims(qkv: &FlexTensor, heads: usize) -> attention::Dims {
+    let s = shape(qkv);
+    assert!(s.num_dims() == 3 && s[2] % (3 * heads) == 0, "attention: qkv {s:?} is not [B, N, 3 * heads * head_dim]");
+    attention::Dims { batch: s[0], tokens: s[1], heads, head_dim: s[2] / 3 / heads }
+}
+
+fn layer_norm_forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, FlexTensor) {
+    let (y, stats) = layer_norm::forward(values(x), values(gamma), values(beta), eps as f32);
+    let rows = stats.len() / 2;
+    (tensor(y, shape(x)), tensor(stats, Shape::new([rows, 2])))
+}
+
+impl FusedOps for Flex {
+    fn fused_gelu(x: FlexTensor) -> FlexTensor {
+        let x = dense(x);
+        tensor(gelu::forward(values(&x)), shape(&x))
+    }
+
+    fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+        layer_norm_forward(&dense(x), &dense(gamma), &dense(beta), eps).0
+    }
+
+    fn fused_self_attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
+        let qkv = dense(qkv);
+        let d = attention_dims(&qkv, heads);
+        tensor(attention::forward(values(&qkv), d), Shape::new([d.batch, d.tokens, d.heads * d.head_dim]))
+    }
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    /// The input x.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        if let [Some(x)] = ops.parents {
+            let dx = gelu::backward(values(&ops.state), values(&grad));
+            grads.register::<Flex>(x.id, tensor(dx, shape(&grad)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    /// The input x, gamma, and the per-row (mean, 1/σ).
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        let (x, gamma, stats) = &ops.state;
+        let (dx, dgamma, dbeta) = layer_norm::backward(values(x), values(gamma), values(stats), values(&grad));
+        let [px, pgamma, pbeta] = ops.parents;
+        for (parent, g, s) in [(px, dx, shape(x)), (pgamma, dgamma, shape(gamma)), (pbeta, dbeta, shape(gamma))] {
+            if let Some(parent) = parent {
+                grads.register::<Flex>(parent.id, tensor(g, s));
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 1> for AttentionBackward {
+    /// qkv, the softmax attention `[B, heads, N, N]`, and the sizes.
+    type State = (FlexTensor, FlexTensor, attention::Dims);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        if let [Some(parent)] = ops.parents {
+            let (qkv, probs, d) = &ops.state;
+            let dqkv = attention::backward(values(qkv), values(probs), values(&grad), *d);
+            grads.register::<Flex>(parent.id, tensor(dqkv, shape(qkv)));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let input = dense(x.primitive().clone());
+        match GeluBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::fused_gelu(input.clone());
+                prep.finish(input, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_gelu(input)),
+        }
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let (xs, gs, bs) =
+            (dense(x.primitive().clone()), dense(gamma.primitive().clone()), dense(beta.primitive().clone()));
+        match LayerNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, stats) = layer_norm_forward(&xs, &gs, &bs, eps);
+                prep.finish((xs, gs, stats), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(layer_norm_forward(&xs, &gs, &bs, eps).0),
+        }
+    }
+
+    fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self> {
+        let input = dense(qkv.primitive().clone());
+        let d = attention_dims(&input, heads);
+        match AttentionBackward.prepare::<C>([qkv.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, probs) = attention::forward_with_probs(values(&input), d);
+                let probs = tensor(probs, Shape::new([d.batch, d.heads, d.tokens, d.tokens]));
+                let out = tensor(out, Shape::new([d.batch, d.tokens, d.heads * d.head_dim]));
+                prep.finish((input, probs, d), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_self_attention(input, heads)),
+        }
+    }
+}

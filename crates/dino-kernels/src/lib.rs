@@ -1,0 +1,76 @@
+//! Fused CPU kernels for the ViT hot path, with closed-form backward passes: exact GELU,
+//! LayerNorm, and multi-head self-attention read straight from the qkv projection.
+//!
+//! burn's flex backend runs these as chains of single-threaded elementwise ops, each with a
+//! fresh tensor, and their autodiff graphs as a dozen nodes; here each is one parallel,
+//! vectorised pass forward and one backward (see BENCHMARKS.md for what that buys).
+//!
+//! The functions take and return ordinary `Tensor`s. On a flex device (with or without autodiff)
+//! with f32 data they run the kernels through a burn backend extension; on any other device they
+//! fall back to burn's composed ops, so GPU backends keep working unchanged.
+
+mod attention;
+mod extension;
+mod gelu;
+mod layer_norm;
+mod simd;
+
+use burn::backend::Dispatch;
+use burn::tensor::module::attention as composed_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Device, Tensor, activation};
+
+pub use extension::FusedOps;
+
+fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32 && x.device() == Device::flex()
+}
+
+/// Exact (erf) GELU, elementwise: `[...]` -> `[...]`.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x) {
+        return activation::gelu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
+}
+
+/// LayerNorm over the last dimension (biased variance, as `torch.nn.LayerNorm`):
+/// x `[..., C]`, gamma and beta `[C]` -> `[..., C]`.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
+    if !runs_fused(&x) {
+        return burn::tensor::module::layer_norm(x, gamma, Some(beta), eps);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
+/// The fused qkv projection `[B, N, 3D]` split into q, k, v, each `[B, heads, N, D/heads]`.
+pub fn split_heads(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
+    let [b, n, width] = qkv.dims();
+    let d = width / 3;
+    let qkv = qkv.reshape([b, n, 3, heads, d / heads]).permute([2, 0, 3, 1, 4]);
+    let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, n, d / heads]);
+    [part(0), part(1), part(2)]
+}
+
+/// Heads `[B, heads, N, D/heads]` -> tokens `[B, N, D]`.
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, n, dh] = x.dims();
+    x.swap_dims(1, 2).reshape([b, n, h * dh])
+}
+
+/// Multi-head self-attention, softmax(q kᵀ / √(D/heads)) v per head, from the fused qkv
+/// projection `[B, N, 3D]` (q, k, v each `[heads, D/heads]` per token) -> `[B, N, D]`, heads
+/// concatenated as in `vision_transformer.py`.
+pub fn self_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    if !runs_fused(&qkv) {
+        let [q, k, v] = split_heads(qkv, heads);
+        // The op's default scale is head_dim^-0.5, the official one.
+        return merge_heads(composed_attention(q, k, v, None, None, AttentionModuleOptions::default()));
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_self_attention(qkv.into_dispatch(), heads))
+}

@@ -1,0 +1,153 @@
+//! Branch-free f32 math that LLVM turns into SIMD code, and a way to compile a loop for the best
+//! instruction set the CPU has while the binary stays portable.
+//!
+//! libm's scalar `erff` alone was 11 % of a small28 training step (perf). Every function here
+//! uses plain `a * b + c` (no fused multiply-add), so the AVX-512, AVX2 and portable builds of a
+//! loop give bit-identical results and runs do not depend on the machine's instruction set.
+
+/// Compiles `$body` three times (AVX-512, AVX2, baseline) and runs the best one this CPU has.
+/// The body must be an expression over the named arguments; it is inlined into each variant so
+/// that LLVM vectorises it with that variant's instructions.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) { body($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `v4` was compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `v3` was compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// erf(x) for f32, absolute error below 1e-6: the rational approximation of Eigen's
+/// `generic_fast_erf_float` (odd degree-13 numerator, even degree-8 denominator on [-4, 4];
+/// outside, erf is ±1 in f32).
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub fn erf(x: f32) -> f32 {
+    let x = x.max(-4.0).min(4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.72614225801306e-10 + 2.77068142495902e-08;
+    p = x2 * p + -2.10102402082508e-06;
+    p = x2 * p + -5.69250639462346e-05;
+    p = x2 * p + -7.34990630326855e-04;
+    p = x2 * p + -2.95459980854025e-03;
+    p = x2 * p + -1.60960333262415e-02;
+    let mut q = x2 * -1.45660718464996e-05 + -2.13374055278905e-04;
+    q = x2 * q + -1.68282697438203e-03;
+    q = x2 * q + -7.37332916720468e-03;
+    q = x2 * q + -1.42647390514189e-02;
+    x * p / q
+}
+
+/// exp(x) for f32 within 2 ulp (Cephes `expf`): x = n ln2 + r, a degree-5 polynomial in r,
+/// times 2^n built from its bits. Inputs are clamped to [-87.3, 88.3], so exp of a very
+/// negative number is about 1e-38 rather than 0.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.max(-87.3).min(88.3);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4 * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Sum of a slice in 16 independent lanes (vectorisable, and the same order on every CPU).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Dot product of two equally long slices, in 16 independent lanes.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// erf from its Taylor series in f64 (|x| <= 3) or the continued fraction tail.
+    fn erf_f64(x: f64) -> f64 {
+        let mut sum = 0.0f64;
+        let mut term = x;
+        let mut n = 0.0f64;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) || n < 3.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+            if n > 200.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn erf_matches_the_series_to_1e6() {
+        let mut worst = 0.0f64;
+        for i in -3000..=3000 {
+            let x = i as f64 / 1000.0;
+            worst = worst.max((erf(x as f32) as f64 - erf_f64(x)).abs());
+        }
+        assert!(worst < 1e-6, "max |erf error| {worst}");
+        assert_eq!(erf(10.0), 1.0);
+        assert_eq!(erf(-10.0), -1.0);
+    }
+
+    #[test]
+    fn exp_is_within_a_few_ulp() {
+        for i in -8000..=8000 {
+            let x = i as f32 / 100.0;
+            let (ours, exact) = (exp(x) as f64, (x as f64).exp());
+            assert!(((ours - exact) / exact).abs() < 3e-7, "exp({x}) = {ours}, expected {exact}");
+        }
+        assert!(exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn sum_and_dot_cover_the_tail() {
+        let x: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        assert_eq!(sum(&x), (0..37).sum::<i32>() as f32);
+        assert_eq!(dot(&x, &x), (0..37).map(|i| i * i).sum::<i32>() as f32);
+    }
+}
