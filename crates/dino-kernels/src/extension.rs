@@ -46,7 +46,7 @@ fn shape(t: &FlexTensor) -> Shape {
 
 fn attention_dims(qkv: &FlexTensor, heads: usize) -> attention::Dims {
     let s = shape(qkv);
-    assert!(s.num_dims() == 3 && s[2] % (3 * heads) == 0, "attention: qkv {s:?} is not [B, N, 3 * heads * head_dim]");
+    assert!(s.num_dims() == 3 && s[2].is_multiple_of(3 * heads), "attention: qkv {s:?} is not [B, N, 3 * heads * head_dim]");
     attention::Dims { batch: s[0], tokens: s[1], heads, head_dim: s[2] / 3 / heads }
 }
 

@@ -41,7 +41,7 @@ pub(crate) use multiversion;
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
 pub fn erf(x: f32) -> f32 {
-    let x = x.max(-4.0).min(4.0);
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = x2 * -2.72614225801306e-10 + 2.77068142495902e-08;
     p = x2 * p + -2.10102402082508e-06;
@@ -62,7 +62,7 @@ pub fn erf(x: f32) -> f32 {
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.max(-87.3).min(88.3);
+    let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4 * r + 1.398_199_9e-3;

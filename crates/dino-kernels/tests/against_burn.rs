@@ -33,7 +33,7 @@ fn gelu_matches_burn() {
     let device = Device::flex().autodiff();
     let x = random([4, 33, 70], &device) * 3.0;
     let w = random([4, 33, 70], &device);
-    let (ours, g1) = run(&[x.clone()], &w, |v| gelu(v[0].clone()));
+    let (ours, g1) = run(std::slice::from_ref(&x), &w, |v| gelu(v[0].clone()));
     let (burn, g2) = run(&[x], &w, |v| activation::gelu(v[0].clone()));
     assert!(max_diff(ours, burn) < 1e-5);
     assert!(max_diff(g1[0].clone(), g2[0].clone()) < 1e-5);
@@ -75,8 +75,8 @@ fn self_attention_matches_burn() {
         let [q, k, v] = split_heads(v[0].clone(), heads);
         merge_heads(attention(q, k, v, None, None, AttentionModuleOptions::default()))
     };
-    let (ours, g1) = run(&[qkv.clone()], &w, |v| self_attention(v[0].clone(), heads));
-    let (burn, g2) = run(&[qkv.clone()], &w, composed);
+    let (ours, g1) = run(std::slice::from_ref(&qkv), &w, |v| self_attention(v[0].clone(), heads));
+    let (burn, g2) = run(std::slice::from_ref(&qkv), &w, composed);
     assert!(max_diff(ours.clone(), burn) < 1e-5);
     assert!(max_diff(g1[0].clone(), g2[0].clone()) < 1e-5);
     // Without autodiff the same kernel runs, keeping no attention matrices.
