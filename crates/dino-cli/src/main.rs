@@ -38,14 +38,16 @@ enum Command {
 
 /// Training allocates and frees the same large activation buffers every step. glibc's malloc
 /// serves them with mmap and unmaps them on free, so each step page-faults freshly zeroed memory
-/// (a quarter of the time was kernel time). Keeping freed memory in the heap removes that:
-/// +20 % images/s on the small28 preset (BENCHMARKS.md).
+/// (a quarter of the time was kernel time). Keeping freed memory in the heap removes that
+/// (BENCHMARKS.md). glibc rejects an mmap threshold above 32 MiB, so mmap is switched off
+/// instead (`M_MMAP_MAX` = 0) and the heap is never trimmed.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        let no_mmap = libc::mallopt(libc::M_MMAP_MAX, 0);
+        let no_trim = libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        debug_assert!(no_mmap == 1 && no_trim == 1, "glibc refused a malloc tunable");
     }
 }
 

@@ -10,10 +10,12 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{Shape, TensorData};
 
-use crate::{attention, gelu, layer_norm};
+use crate::{attention, gelu, layer_norm, linear};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
+    /// Fully connected layer: x `[..., K]`, weight `[K, N]` (burn's layout), bias `[N]` -> `[..., N]`.
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Exact GELU, elementwise.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// LayerNorm over the last dimension: x `[..., C]`, gamma and beta `[C]`.
@@ -46,7 +48,10 @@ fn shape(t: &FlexTensor) -> Shape {
 
 fn attention_dims(qkv: &FlexTensor, heads: usize) -> attention::Dims {
     let s = shape(qkv);
-    assert!(s.num_dims() == 3 && s[2].is_multiple_of(3 * heads), "attention: qkv {s:?} is not [B, N, 3 * heads * head_dim]");
+    assert!(
+        s.num_dims() == 3 && s[2].is_multiple_of(3 * heads),
+        "attention: qkv {s:?} is not [B, N, 3 * heads * head_dim]"
+    );
     attention::Dims { batch: s[0], tokens: s[1], heads, head_dim: s[2] / 3 / heads }
 }
 
@@ -56,7 +61,30 @@ fn layer_norm_forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps
     (tensor(y, shape(x)), tensor(stats, Shape::new([rows, 2])))
 }
 
+fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> linear::Dims {
+    let (xs, ws) = (shape(x), shape(weight));
+    let k = xs[xs.num_dims() - 1];
+    assert!(ws.num_dims() == 2 && ws[0] == k, "linear: input {xs:?} does not match weight {ws:?}");
+    linear::Dims { rows: xs.num_elements() / k.max(1), k, n: ws[1] }
+}
+
+/// `shape` with its last dimension replaced by `last`.
+fn with_last(shape: Shape, last: usize) -> Shape {
+    let mut dims = shape.to_vec();
+    *dims.last_mut().expect("a tensor with at least one dimension") = last;
+    Shape::from(dims)
+}
+
+fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+    let d = linear_dims(x, weight);
+    tensor(linear::forward(values(x), values(weight), values(bias), d), with_last(shape(x), d.n))
+}
+
 impl FusedOps for Flex {
+    fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        linear_forward(&dense(x), &dense(weight), &dense(bias))
+    }
+
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         let x = dense(x);
         tensor(gelu::forward(values(&x)), shape(&x))
@@ -70,6 +98,30 @@ impl FusedOps for Flex {
         let qkv = dense(qkv);
         let d = attention_dims(&qkv, heads);
         tensor(attention::forward(values(&qkv), d), Shape::new([d.batch, d.tokens, d.heads * d.head_dim]))
+    }
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 3> for LinearBackward {
+    /// The input x and the weight.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        let (x, weight) = &ops.state;
+        let d = linear_dims(x, weight);
+        let [px, pw, pb] = ops.parents;
+        if let Some(p) = px {
+            grads.register::<Flex>(p.id, tensor(linear::backward_input(values(weight), values(&grad), d), shape(x)));
+        }
+        if let Some(p) = pw {
+            grads.register::<Flex>(p.id, tensor(linear::backward_weight(values(x), values(&grad), d), shape(weight)));
+        }
+        if let Some(p) = pb {
+            grads.register::<Flex>(p.id, tensor(linear::backward_bias(values(&grad), d.n), Shape::new([d.n])));
+        }
     }
 }
 
@@ -127,6 +179,18 @@ impl Backward<Flex, 1> for AttentionBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (xs, ws, bs) =
+            (dense(x.primitive().clone()), dense(weight.primitive().clone()), dense(bias.primitive().clone()));
+        match LinearBackward.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = linear_forward(&xs, &ws, &bs);
+                prep.finish((xs, ws), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(linear_forward(&xs, &ws, &bs)),
+        }
+    }
+
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let input = dense(x.primitive().clone());
         match GeluBackward.prepare::<C>([x.node()]).compute_bound().stateful() {

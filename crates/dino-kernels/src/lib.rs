@@ -1,5 +1,5 @@
-//! Fused CPU kernels for the ViT hot path, with closed-form backward passes: exact GELU,
-//! LayerNorm, and multi-head self-attention read straight from the qkv projection.
+//! Fused CPU kernels for the ViT hot path, with closed-form backward passes: linear layers,
+//! exact GELU, LayerNorm, and multi-head self-attention read straight from the qkv projection.
 //!
 //! burn's flex backend runs these as chains of single-threaded elementwise ops, each with a
 //! fresh tensor, and their autodiff graphs as a dozen nodes; here each is one parallel,
@@ -13,9 +13,11 @@ mod attention;
 mod extension;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod simd;
 
 use burn::backend::Dispatch;
+use burn::nn::Linear;
 use burn::tensor::module::attention as composed_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, activation};
@@ -24,6 +26,27 @@ pub use extension::FusedOps;
 
 fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && x.device() == Device::flex()
+}
+
+/// A burn `Linear` layer (weight `[K, N]`) on every row: `[..., K]` -> `[..., N]`, as one
+/// `[rows, K] x [K, N]` product whatever the leading dimensions.
+pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    match bias {
+        Some(bias) if runs_fused(&x) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+        )),
+        _ => {
+            let mut dims = x.dims();
+            let k = dims[D - 1];
+            let y =
+                burn::tensor::module::linear(x.reshape([dims.iter().product::<usize>() / k.max(1), k]), weight, bias);
+            dims[D - 1] = y.dims()[1];
+            y.reshape(dims)
+        }
+    }
 }
 
 /// Exact (erf) GELU, elementwise: `[...]` -> `[...]`.

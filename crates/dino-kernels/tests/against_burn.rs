@@ -1,11 +1,13 @@
 //! The fused kernels against burn's composed ops on the flex backend, forward and backward,
 //! through the public `Tensor` API (so the backend-extension glue is exercised too).
 
+use burn::module::{Param, ParamId};
+use burn::nn::Linear;
 use burn::tensor::activation;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
-use dino_kernels::{gelu, layer_norm, merge_heads, self_attention, split_heads};
+use dino_kernels::{gelu, layer_norm, linear, merge_heads, self_attention, split_heads};
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar()
@@ -82,4 +84,27 @@ fn self_attention_matches_burn() {
     // Without autodiff the same kernel runs, keeping no attention matrices.
     let plain = self_attention(qkv.inner(), heads);
     assert!(max_diff(plain, ours) == 0.0);
+}
+
+#[test]
+fn linear_matches_burn() {
+    let device = Device::flex().autodiff();
+    let x = random([3, 7, 24], &device);
+    let w = random([3, 7, 40], &device);
+    // Weight and bias go in as leaves too, to compare their gradients.
+    let apply = |v: Vec<Tensor<3>>, fused: bool| {
+        let layer = Linear {
+            weight: Param::initialized(ParamId::new(), v[1].clone().reshape([24, 40])),
+            bias: Some(Param::initialized(ParamId::new(), v[2].clone().reshape([40]))),
+        };
+        if fused { linear(&layer, v[0].clone()) } else { layer.forward(v[0].clone()) }
+    };
+    let inputs = [x, random([1, 24, 40], &device), random([1, 1, 40], &device)];
+    let (a, ga) = run(&inputs, &w, |v| apply(v, true));
+    let (b, gb) = run(&inputs, &w, |v| apply(v, false));
+    assert!(max_diff(a, b) < 1e-5);
+    for (name, (x, y)) in ["x", "weight", "bias"].iter().zip(ga.into_iter().zip(gb)) {
+        let d = max_diff(x, y);
+        assert!(d < 1e-4, "d{name} differs by {d}");
+    }
 }

@@ -20,7 +20,7 @@ pub enum HeadLayer {
 impl HeadLayer {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
-            Self::Linear(l) => l.forward(x),
+            Self::Linear(l) => dino_kernels::linear(l, x),
             Self::BatchNorm(bn) => bn.forward(x),
             // The fused kernel computes the same exact (erf) GELU as `burn::nn::Gelu`.
             Self::Gelu(_) => dino_kernels::gelu(x),

@@ -51,26 +51,17 @@ pub struct Attention {
 impl Attention {
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let qkv = per_token(&self.qkv, x);
-        per_token(&self.proj, self_attention(qkv, self.num_heads))
+        let qkv = dino_kernels::linear(&self.qkv, x);
+        dino_kernels::linear(&self.proj, self_attention(qkv, self.num_heads))
     }
 
     /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let [q, k, v] = split_heads(per_token(&self.qkv, x), self.num_heads);
+        let [q, k, v] = split_heads(dino_kernels::linear(&self.qkv, x), self.num_heads);
         let scale = (q.dims()[3] as f64).powf(-0.5);
         let weights = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3);
-        (per_token(&self.proj, merge_heads(weights.clone().matmul(v))), weights)
+        (dino_kernels::linear(&self.proj, merge_heads(weights.clone().matmul(v))), weights)
     }
-}
-
-/// A Linear layer on every token as one `[B*N, in] x [in, out]` matmul: for some shapes burn
-/// would run B small matmuls instead, which parallelise worse.
-fn per_token(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let [b, n, d] = x.dims();
-    let y = layer.forward(x.reshape([b * n, d]));
-    let out = y.dims()[1];
-    y.reshape([b, n, out])
 }
 
 /// `torch.nn.LayerNorm` over the last dimension; `gamma`/`beta` are burn's names for PyTorch's
@@ -107,7 +98,7 @@ pub struct Mlp {
 impl Mlp {
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        per_token(&self.fc2, gelu(per_token(&self.fc1, x)))
+        dino_kernels::linear(&self.fc2, gelu(dino_kernels::linear(&self.fc1, x)))
     }
 }
 
