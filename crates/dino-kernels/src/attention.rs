@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{dot, exp, multiversion, sum};
+use crate::simd::{dot, exp, max, multiversion, sum};
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +87,7 @@ unsafe fn matmul(
 multiversion! {
     fn softmax_rows(s: &mut [f32], n: usize) {
         for row in s.chunks_exact_mut(n) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let max = max(row);
             for v in row.iter_mut() {
                 *v = exp(*v - max);
             }

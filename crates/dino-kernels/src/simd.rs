@@ -88,6 +88,20 @@ pub fn sum(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Largest element (-inf for an empty slice), in 16 independent lanes.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
 /// Dot product of two equally long slices, in 16 independent lanes.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -149,5 +163,7 @@ mod tests {
         let x: Vec<f32> = (0..37).map(|i| i as f32).collect();
         assert_eq!(sum(&x), (0..37).sum::<i32>() as f32);
         assert_eq!(dot(&x, &x), (0..37).map(|i| i * i).sum::<i32>() as f32);
+        assert_eq!(max(&x), 36.0);
+        assert_eq!(max(&x[..20]), 19.0);
     }
 }
