@@ -14,15 +14,17 @@ mod extension;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod optim;
 mod simd;
 
 use burn::backend::Dispatch;
 use burn::nn::Linear;
 use burn::tensor::module::attention as composed_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor, activation};
+use burn::tensor::{DType, Device, Tensor, TensorData, activation};
 
 pub use extension::FusedOps;
+pub use optim::AdamwScalars;
 
 fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && x.device() == Device::flex()
@@ -96,4 +98,48 @@ pub fn self_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
         return merge_heads(composed_attention(q, k, v, None, None, AttentionModuleOptions::default()));
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_self_attention(qkv.into_dispatch(), heads))
+}
+
+/// The values of a plain (non-autodiff) flex tensor, moved out when it owns them.
+fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().expect("f32 data on a flex device")
+}
+
+fn from_host<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// One `torch.optim.AdamW` step of a parameter `p` with gradient `g` and moments `m`, `v`
+/// (same shapes, plain device): returns the new `[p, m, v]`. Decay is applied before the
+/// update, as torch does.
+pub fn adamw_step<const D: usize>(
+    p: Tensor<D>,
+    g: Tensor<D>,
+    m: Tensor<D>,
+    v: Tensor<D>,
+    s: AdamwScalars,
+) -> [Tensor<D>; 3] {
+    if !runs_fused(&p) {
+        let p = p * s.decay;
+        let m = m * s.beta1 + g.clone() * (1.0 - s.beta1);
+        let v = v * s.beta2 + g.square() * (1.0 - s.beta2);
+        let denom = v.clone().sqrt() * s.inv_sqrt_bias2 + s.eps;
+        return [p - m.clone() / denom * s.step_size, m, v];
+    }
+    let (device, shape) = (p.device(), p.dims());
+    let (mut pv, mut mv, mut vv) = (host_values(p), host_values(m), host_values(v));
+    optim::adamw(&mut pv, &mut mv, &mut vv, &host_values(g), s);
+    [from_host(pv, shape, &device), from_host(mv, shape, &device), from_host(vv, shape, &device)]
+}
+
+/// The teacher's EMA update of one parameter (plain device):
+/// `momentum · teacher + (1 − momentum) · student`.
+pub fn ema<const D: usize>(teacher: Tensor<D>, student: Tensor<D>, momentum: f64) -> Tensor<D> {
+    if !runs_fused(&teacher) {
+        return teacher * momentum + student * (1.0 - momentum);
+    }
+    let (device, shape) = (teacher.device(), teacher.dims());
+    let mut t = host_values(teacher);
+    optim::ema(&mut t, &host_values(student), momentum as f32);
+    from_host(t, shape, &device)
 }

@@ -35,6 +35,7 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 /// # Safety
 /// Every pointer must address its whole matrix under the given strides, and `dst` must be
 /// initialised when `accumulate` is true.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     [m, n, k]: [usize; 3],
     dst: *mut f32,

@@ -24,8 +24,8 @@ impl ModuleMapper for Ema {
         let s = self.student.next().expect("teacher and student have the same structure");
         let m = self.momentum;
         param.map(|t| {
-            let shape = t.shape();
-            t * m + s.reshape(shape) * (1.0 - m)
+            let shape = t.dims();
+            dino_kernels::ema(t, s.reshape(shape), m)
         })
     }
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor};
+use dino_kernels::AdamwScalars;
 use serde::{Deserialize, Serialize};
 
 /// The optimizers of `main_dino.py --optimizer`.
@@ -228,13 +229,15 @@ fn adamw(p: Tensor<1>, g: Tensor<1>, state: Option<ParamState>, lr: f64, wd: f64
         Some(ParamState { step, m, v: Some(v) }) => (step + 1, m, v),
         _ => (1, g.zeros_like(), g.zeros_like()),
     };
-    let p = if wd != 0.0 { p * (1.0 - lr * wd) } else { p };
-    let m = m * b1 + g.clone() * (1.0 - b1);
-    let v = v * b2 + g.square() * (1.0 - b2);
-    let bias1 = 1.0 - b1.powi(step);
-    let bias2 = 1.0 - b2.powi(step);
-    let denom = v.clone().sqrt() / bias2.sqrt() + ADAM_EPS;
-    let p = p - m.clone() / denom * (lr / bias1);
+    let scalars = AdamwScalars {
+        decay: (1.0 - lr * wd) as f32,
+        beta1: b1 as f32,
+        beta2: b2 as f32,
+        inv_sqrt_bias2: (1.0 - b2.powi(step)).sqrt().recip() as f32,
+        eps: ADAM_EPS as f32,
+        step_size: (lr / (1.0 - b1.powi(step))) as f32,
+    };
+    let [p, m, v] = dino_kernels::adamw_step(p, g, m, v, scalars);
     (p, ParamState { step, m, v: Some(v) })
 }
 
