@@ -10,12 +10,14 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{Shape, TensorData};
 
-use crate::{attention, gelu, layer_norm, linear};
+use crate::{attention, gelu, layer_norm, linear, weight_norm};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
     /// Fully connected layer: x `[..., K]`, weight `[K, N]` (burn's layout), bias `[N]` -> `[..., N]`.
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Weight normalisation of rows: v `[K, C]`, g `[K, 1]` -> g · v / ‖v‖ (norm per row).
+    fn fused_weight_norm(v: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Exact GELU, elementwise.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// LayerNorm over the last dimension: x `[..., C]`, gamma and beta `[C]`.
@@ -80,7 +82,17 @@ fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> Fle
     tensor(linear::forward(values(x), values(weight), values(bias), d), with_last(shape(x), d.n))
 }
 
+fn weight_norm_forward(v: &FlexTensor, g: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let (w, inv) = weight_norm::forward(values(v), values(g));
+    let rows = inv.len();
+    (tensor(w, shape(v)), tensor(inv, Shape::new([rows])))
+}
+
 impl FusedOps for Flex {
+    fn fused_weight_norm(v: FlexTensor, g: FlexTensor) -> FlexTensor {
+        weight_norm_forward(&dense(v), &dense(g)).0
+    }
+
     fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
         linear_forward(&dense(x), &dense(weight), &dense(bias))
     }
@@ -121,6 +133,27 @@ impl Backward<Flex, 3> for LinearBackward {
         }
         if let Some(p) = pb {
             grads.register::<Flex>(p.id, tensor(linear::backward_bias(values(&grad), d.n), Shape::new([d.n])));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WeightNormBackward;
+
+impl Backward<Flex, 2> for WeightNormBackward {
+    /// v, g and the inverse row norms.
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        let (v, g, inv) = &ops.state;
+        let (dv, dg) = weight_norm::backward(values(v), values(g), values(inv), values(&grad));
+        let [pv, pg] = ops.parents;
+        if let Some(p) = pv {
+            grads.register::<Flex>(p.id, tensor(dv, shape(v)));
+        }
+        if let Some(p) = pg {
+            grads.register::<Flex>(p.id, tensor(dg, shape(g)));
         }
     }
 }
@@ -188,6 +221,17 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish((xs, ws), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(linear_forward(&xs, &ws, &bs)),
+        }
+    }
+
+    fn fused_weight_norm(v: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (vs, gs) = (dense(v.primitive().clone()), dense(g.primitive().clone()));
+        match WeightNormBackward.prepare::<C>([v.node(), g.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (w, inv) = weight_norm_forward(&vs, &gs);
+                prep.finish((vs, gs, inv), w)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(weight_norm_forward(&vs, &gs).0),
         }
     }
 

@@ -16,6 +16,7 @@ mod layer_norm;
 mod linear;
 mod optim;
 mod simd;
+mod weight_norm;
 
 use burn::backend::Dispatch;
 use burn::nn::Linear;
@@ -71,6 +72,16 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
         beta.into_dispatch(),
         eps,
     ))
+}
+
+/// `torch.nn.utils.weight_norm` with norms per row: v `[K, C]`, g `[K, 1]` -> `[K, C]`,
+/// row k being g_k · v_k / ‖v_k‖.
+pub fn weight_norm(v: Tensor<2>, g: Tensor<2>) -> Tensor<2> {
+    if !runs_fused(&v) {
+        let norm = v.clone().square().sum_dim(1).sqrt();
+        return v * (g / norm);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_weight_norm(v.into_dispatch(), g.into_dispatch()))
 }
 
 /// The fused qkv projection `[B, N, 3D]` split into q, k, v, each `[B, heads, N, D/heads]`.

@@ -108,3 +108,22 @@ fn linear_matches_burn() {
         assert!(d < 1e-4, "d{name} differs by {d}");
     }
 }
+
+#[test]
+fn weight_norm_matches_burn() {
+    let device = Device::flex().autodiff();
+    let v = random([37, 16], &device);
+    let g = random([37, 1], &device) + 2.0;
+    let w = random([37, 16], &device);
+    let composed = |x: Vec<Tensor<2>>| {
+        let norm = x[0].clone().square().sum_dim(1).sqrt();
+        x[0].clone() * (x[1].clone() / norm)
+    };
+    let (a, ga) = run(&[v.clone(), g.clone()], &w, |x| dino_kernels::weight_norm(x[0].clone(), x[1].clone()));
+    let (b, gb) = run(&[v, g], &w, composed);
+    assert!(max_diff(a, b) < 1e-5);
+    for (name, (x, y)) in ["v", "g"].iter().zip(ga.into_iter().zip(gb)) {
+        let d = max_diff(x, y);
+        assert!(d < 1e-4, "d{name} differs by {d}");
+    }
+}

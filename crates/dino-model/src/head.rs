@@ -39,9 +39,7 @@ pub struct WeightNormLinear {
 impl WeightNormLinear {
     /// `[B, bottleneck]` -> `[B, K]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let v = self.weight_v.val();
-        let norm = v.clone().square().sum_dim(1).sqrt(); // [K, 1]
-        let w = v * (self.weight_g.val() / norm);
+        let w = dino_kernels::weight_norm(self.weight_v.val(), self.weight_g.val()); // [K, bottleneck]
         x.matmul(w.transpose())
     }
 }
