@@ -10,7 +10,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{Shape, TensorData};
 
-use crate::{attention, gelu, layer_norm, linear, weight_norm};
+use crate::{attention, gelu, layer_norm, linear, patch_embed, weight_norm};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -18,6 +18,13 @@ pub trait FusedOps: Backend {
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Weight normalisation of rows: v `[K, C]`, g `[K, 1]` -> g · v / ‖v‖ (norm per row).
     fn fused_weight_norm(v: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// ViT patch embedding (Conv2d, kernel = stride = p): images `[B, C, H, W]`, weight
+    /// `[D, C, p, p]`, bias `[D]` -> `[B, (H/p)·(W/p), D]`, patches in row-major grid order.
+    fn fused_patch_embed(
+        images: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// Exact GELU, elementwise.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// LayerNorm over the last dimension: x `[..., C]`, gamma and beta `[C]`.
@@ -88,7 +95,31 @@ fn weight_norm_forward(v: &FlexTensor, g: &FlexTensor) -> (FlexTensor, FlexTenso
     (tensor(w, shape(v)), tensor(inv, Shape::new([rows])))
 }
 
+fn patch_dims(images: &FlexTensor, weight: &FlexTensor) -> patch_embed::Dims {
+    let (i, w) = (shape(images), shape(weight));
+    assert!(
+        i.num_dims() == 4 && w.num_dims() == 4 && i[1] == w[1] && w[2] == w[3] && i[2] >= w[2] && i[3] >= w[3],
+        "patch embed: images {i:?} do not match weight {w:?}"
+    );
+    patch_embed::Dims { batch: i[0], channels: i[1], height: i[2], width: i[3], patch: w[2], dim: w[0] }
+}
+
+fn patch_embed_forward(images: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let d = patch_dims(images, weight);
+    let (out, patches) = patch_embed::forward(values(images), values(weight), values(bias), d);
+    let (h, w) = d.grid();
+    let rows = d.batch * h * w;
+    (
+        tensor(out, Shape::new([d.batch, h * w, d.dim])),
+        tensor(patches, Shape::new([rows, d.channels * d.patch * d.patch])),
+    )
+}
+
 impl FusedOps for Flex {
+    fn fused_patch_embed(images: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        patch_embed_forward(&dense(images), &dense(weight), &dense(bias)).0
+    }
+
     fn fused_weight_norm(v: FlexTensor, g: FlexTensor) -> FlexTensor {
         weight_norm_forward(&dense(v), &dense(g)).0
     }
@@ -154,6 +185,35 @@ impl Backward<Flex, 2> for WeightNormBackward {
         }
         if let Some(p) = pg {
             grads.register::<Flex>(p.id, tensor(dg, shape(g)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PatchEmbedBackward;
+
+impl Backward<Flex, 3> for PatchEmbedBackward {
+    /// The images, the weight and the gathered patches.
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        let (images, weight, patches) = &ops.state;
+        let d = patch_dims(images, weight);
+        let [pi, pw, pb] = ops.parents;
+        if let Some(p) = pi {
+            grads.register::<Flex>(
+                p.id,
+                tensor(patch_embed::backward_images(values(weight), values(&grad), d), shape(images)),
+            );
+        }
+        if pw.is_some() || pb.is_some() {
+            let (dw, db) = patch_embed::backward_params(values(patches), values(&grad), d);
+            for (parent, g, s) in [(pw, dw, shape(weight)), (pb, db, Shape::new([d.dim]))] {
+                if let Some(p) = parent {
+                    grads.register::<Flex>(p.id, tensor(g, s));
+                }
+            }
         }
     }
 }
@@ -232,6 +292,22 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish((vs, gs, inv), w)
             }
             OpsKind::UnTracked(prep) => prep.finish(weight_norm_forward(&vs, &gs).0),
+        }
+    }
+
+    fn fused_patch_embed(
+        images: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (is, ws, bs) =
+            (dense(images.primitive().clone()), dense(weight.primitive().clone()), dense(bias.primitive().clone()));
+        match PatchEmbedBackward.prepare::<C>([images.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, patches) = patch_embed_forward(&is, &ws, &bs);
+                prep.finish((is, ws, patches), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(patch_embed_forward(&is, &ws, &bs).0),
         }
     }
 

@@ -15,11 +15,13 @@ mod gelu;
 mod layer_norm;
 mod linear;
 mod optim;
+mod patch_embed;
 mod simd;
 mod weight_norm;
 
 use burn::backend::Dispatch;
 use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
 use burn::tensor::module::attention as composed_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData, activation};
@@ -48,6 +50,31 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
                 burn::tensor::module::linear(x.reshape([dims.iter().product::<usize>() / k.max(1), k]), weight, bias);
             dims[D - 1] = y.dims()[1];
             y.reshape(dims)
+        }
+    }
+}
+
+/// ViT patch embedding by a Conv2d with kernel = stride = p (bias required):
+/// images `[B, C, H, W]` -> (`[B, h·w, D]` with patches in row-major grid order, h = H/p,
+/// w = W/p). Pixels past the last whole patch are ignored, as with PyTorch's strided conv.
+pub fn patch_embed(conv: &Conv2d, images: Tensor<4>) -> (Tensor<3>, usize, usize) {
+    let weight = conv.weight.val();
+    let [_, _, p, _] = weight.dims();
+    let [b, _, height, width] = images.dims();
+    let (h, w) = (height / p, width / p);
+    match conv.bias.as_ref().map(|b| b.val()) {
+        Some(bias) if runs_fused(&images) => {
+            let out = <Dispatch as FusedOps>::fused_patch_embed(
+                images.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+            );
+            (Tensor::from_dispatch(out), h, w)
+        }
+        _ => {
+            let x = conv.forward(images); // [B, D, h, w]
+            let d = x.dims()[1];
+            (x.reshape([b, d, h * w]).swap_dims(1, 2), h, w)
         }
     }
 }

@@ -127,3 +127,30 @@ fn weight_norm_matches_burn() {
         assert!(d < 1e-4, "d{name} differs by {d}");
     }
 }
+
+#[test]
+fn patch_embed_matches_burn_conv() {
+    use burn::nn::conv::{Conv2d, Conv2dConfig};
+    let device = Device::flex().autodiff();
+    // 18 x 13 pixels with patch 4: the last rows/columns are not a whole patch and are ignored.
+    let images = random([2, 3, 18, 13], &device);
+    let weight = random([8, 3, 4, 4], &device);
+    let bias = random([1, 1, 1, 8], &device);
+    let w = random([2, 4, 3, 8], &device);
+    let conv = |v: &[Tensor<4>]| {
+        let mut c: Conv2d = Conv2dConfig::new([3, 8], [4, 4]).with_stride([4, 4]).init(&device);
+        c.weight = Param::initialized(ParamId::new(), v[1].clone().reshape([8, 3, 4, 4]));
+        c.bias = Some(Param::initialized(ParamId::new(), v[2].clone().reshape([8])));
+        c
+    };
+    let ours = |v: Vec<Tensor<4>>| dino_kernels::patch_embed(&conv(&v), v[0].clone()).0.reshape([2, 4, 3, 8]);
+    let burn =
+        |v: Vec<Tensor<4>>| conv(&v).forward(v[0].clone()).reshape([2, 8, 12]).swap_dims(1, 2).reshape([2, 4, 3, 8]);
+    let (a, ga) = run(&[images.clone(), weight.clone(), bias.clone()], &w, ours);
+    let (b, gb) = run(&[images, weight, bias], &w, burn);
+    assert!(max_diff(a, b) < 1e-5);
+    for (name, (x, y)) in ["images", "weight", "bias"].iter().zip(ga.into_iter().zip(gb)) {
+        let d = max_diff(x, y);
+        assert!(d < 1e-4, "d{name} differs by {d}");
+    }
+}

@@ -34,9 +34,7 @@ impl PatchEmbed {
     /// `[B, 3, H, W]` -> (`[B, N, D]` with N = (H/p)(W/p), grid height H/p, grid width W/p).
     /// Pixels beyond the last whole patch are ignored, as with PyTorch's strided conv.
     pub fn forward(&self, images: Tensor<4>) -> (Tensor<3>, usize, usize) {
-        let x = self.proj.forward(images); // [B, D, h, w]
-        let [_, _, h, w] = x.dims();
-        (x.flatten::<3>(2, 3).swap_dims(1, 2), h, w)
+        dino_kernels::patch_embed(&self.proj, images)
     }
 }
 
