@@ -8,6 +8,9 @@
 
 use rayon::prelude::*;
 
+use gemm::Parallelism;
+
+use crate::matmul::gemm;
 use crate::simd::{dot, exp, max, multiversion, sum};
 
 /// Sizes of one attention call.
@@ -40,47 +43,6 @@ impl Shared {
     /// `offset` must lie inside the buffer.
     unsafe fn at(self, offset: usize) -> *mut f32 {
         unsafe { self.0.add(offset) }
-    }
-}
-
-/// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]`, strides in elements as (row, column); the
-/// destination is row-major with row stride `dst_rs`.
-///
-/// # Safety
-/// Every pointer must address its whole matrix under the given strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    [m, n, k]: [usize; 3],
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    [lhs_rs, lhs_cs]: [usize; 2],
-    rhs: *const f32,
-    [rhs_rs, rhs_cs]: [usize; 2],
-    scale: f32,
-) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 
@@ -123,10 +85,10 @@ fn head_forward(qkv: &[f32], d: Dims, index: usize, probs: &mut [f32], out: Shar
     unsafe {
         let q = qkv.as_ptr().add(base);
         let (k, v) = (q.add(width), q.add(2 * width));
-        matmul([n, n, dh], probs.as_mut_ptr(), n, q, [row, 1], k, [1, row], d.scale());
+        gemm([n, n, dh], (probs.as_mut_ptr(), n), false, (q, [row, 1]), (k, [1, row]), d.scale(), Parallelism::None);
         softmax_rows(probs, n);
         let o = out.at(b * n * width + h * dh);
-        matmul([n, dh, n], o, width, probs.as_ptr(), [n, 1], v, [row, 1], 1.0);
+        gemm([n, dh, n], (o, width), false, (probs.as_ptr(), [n, 1]), (v, [row, 1]), 1.0, Parallelism::None);
     }
 }
 
@@ -179,11 +141,11 @@ pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
                 let go = dout.as_ptr().add(b * n * width + h * dh);
                 let dq = shared.at(base);
                 let (dk, dv) = (dq.add(width), dq.add(2 * width));
-                matmul([n, dh, n], dv, row, p.as_ptr(), [1, n], go, [width, 1], 1.0);
-                matmul([n, n, dh], ds.as_mut_ptr(), n, go, [width, 1], v, [1, row], 1.0);
+                gemm([n, dh, n], (dv, row), false, (p.as_ptr(), [1, n]), (go, [width, 1]), 1.0, Parallelism::None);
+                gemm([n, n, dh], (ds.as_mut_ptr(), n), false, (go, [width, 1]), (v, [1, row]), 1.0, Parallelism::None);
                 softmax_backward_rows(p, ds, n, d.scale());
-                matmul([n, dh, n], dq, row, ds.as_ptr(), [n, 1], k, [row, 1], 1.0);
-                matmul([n, dh, n], dk, row, ds.as_ptr(), [1, n], q, [row, 1], 1.0);
+                gemm([n, dh, n], (dq, row), false, (ds.as_ptr(), [n, 1]), (k, [row, 1]), 1.0, Parallelism::None);
+                gemm([n, dh, n], (dk, row), false, (ds.as_ptr(), [1, n]), (q, [row, 1]), 1.0, Parallelism::None);
             }
         },
     );

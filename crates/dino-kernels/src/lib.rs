@@ -14,6 +14,7 @@ mod extension;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod matmul;
 mod optim;
 mod patch_embed;
 mod simd;

@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use crate::matmul::{Operand, gemm};
+
 /// Below this many multiply-adds a product runs on one thread (flex's threshold).
 const PARALLEL_MIN_OPS: usize = 192 * 192 * 192;
 /// Rows per block of the weight gradient's reduction.
@@ -30,59 +32,13 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, row-major `dst`; strides as (row, column).
-///
-/// # Safety
-/// Every pointer must address its whole matrix under the given strides, and `dst` must be
-/// initialised when `accumulate` is true.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
-    [m, n, k]: [usize; 3],
-    dst: *mut f32,
-    accumulate: bool,
-    lhs: *const f32,
-    [lhs_rs, lhs_cs]: [usize; 2],
-    rhs: *const f32,
-    [rhs_rs, rhs_cs]: [usize; 2],
-    parallelism: gemm::Parallelism,
-) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 /// A `[m, n]` product written by gemm into fresh memory (no zeroing pass).
-fn product(
-    [m, n, k]: [usize; 3],
-    lhs: (*const f32, [usize; 2]),
-    rhs: (*const f32, [usize; 2]),
-    parallelism: gemm::Parallelism,
-) -> Vec<f32> {
+fn product([m, n, k]: [usize; 3], lhs: Operand, rhs: Operand, parallelism: gemm::Parallelism) -> Vec<f32> {
     let mut out = Vec::<f32>::with_capacity(m * n);
     // SAFETY: gemm writes all m·n elements without reading them (accumulate = false); the
     // callers pass operands of the stated sizes.
     unsafe {
-        gemm_into([m, n, k], out.as_mut_ptr(), false, lhs.0, lhs.1, rhs.0, rhs.1, parallelism);
+        gemm([m, n, k], (out.as_mut_ptr(), n), false, lhs, rhs, 1.0, parallelism);
         out.set_len(m * n);
     }
     out
@@ -111,7 +67,15 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
     unsafe {
         y.set_len(d.rows * d.n);
         let parallelism = parallelism(d.rows, d.n, d.k);
-        gemm_into([d.rows, d.n, d.k], y.as_mut_ptr(), true, x.as_ptr(), [d.k, 1], w.as_ptr(), [d.n, 1], parallelism);
+        gemm(
+            [d.rows, d.n, d.k],
+            (y.as_mut_ptr(), d.n),
+            true,
+            (x.as_ptr(), [d.k, 1]),
+            (w.as_ptr(), [d.n, 1]),
+            1.0,
+            parallelism,
+        );
     }
     y
 }
@@ -145,9 +109,10 @@ pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
         .zip(dy.par_chunks(WEIGHT_GRAD_ROWS * d.n))
         .map(|(x, dy)| block(x, dy, gemm::Parallelism::None))
         .collect();
-    let mut dw = partials[0].clone();
-    for p in &partials[1..] {
-        dw.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    let mut blocks = partials.into_iter();
+    let mut dw = blocks.next().expect("more rows than one block");
+    for p in blocks {
+        dw.iter_mut().zip(&p).for_each(|(a, v)| *a += v);
     }
     dw
 }

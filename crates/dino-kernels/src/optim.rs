@@ -23,6 +23,21 @@ pub struct AdamwScalars {
     pub step_size: f32,
 }
 
+impl AdamwScalars {
+    /// The factors of step `step` (counted from 1) for learning rate `lr`, weight decay `wd`,
+    /// `betas` and `eps`, computed in f64.
+    pub fn new(lr: f64, wd: f64, (beta1, beta2): (f64, f64), eps: f64, step: i32) -> Self {
+        Self {
+            decay: (1.0 - lr * wd) as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            inv_sqrt_bias2: (1.0 - beta2.powi(step)).sqrt().recip() as f32,
+            eps: eps as f32,
+            step_size: (lr / (1.0 - beta1.powi(step))) as f32,
+        }
+    }
+}
+
 multiversion! {
     fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamwScalars) {
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
@@ -68,14 +83,7 @@ mod tests {
         let g: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
         let (mut p, mut m, mut v) = (vec![0.5f32; n], vec![0.01f32; n], vec![0.02f32; n]);
         let (lr, wd, b1, b2, eps, step): (f64, f64, f64, f64, f64, i32) = (1e-3, 0.04, 0.9, 0.999, 1e-8, 3);
-        let s = AdamwScalars {
-            decay: (1.0 - lr * wd) as f32,
-            beta1: b1 as f32,
-            beta2: b2 as f32,
-            inv_sqrt_bias2: (1.0 - b2.powi(step)).sqrt().recip() as f32,
-            eps: eps as f32,
-            step_size: (lr / (1.0 - b1.powi(step))) as f32,
-        };
+        let s = AdamwScalars::new(lr, wd, (b1, b2), eps, step);
         adamw(&mut p, &mut m, &mut v, &g, s);
         for i in (0..n).step_by(997) {
             let gi = g[i] as f64;

@@ -224,19 +224,11 @@ pub fn official_state_order<M: Module>(model: &M) -> Vec<(usize, usize)> {
 
 /// `torch.optim.AdamW` for one parameter.
 fn adamw(p: Tensor<1>, g: Tensor<1>, state: Option<ParamState>, lr: f64, wd: f64) -> (Tensor<1>, ParamState) {
-    let (b1, b2) = ADAM_BETAS;
     let (step, m, v) = match state {
         Some(ParamState { step, m, v: Some(v) }) => (step + 1, m, v),
         _ => (1, g.zeros_like(), g.zeros_like()),
     };
-    let scalars = AdamwScalars {
-        decay: (1.0 - lr * wd) as f32,
-        beta1: b1 as f32,
-        beta2: b2 as f32,
-        inv_sqrt_bias2: (1.0 - b2.powi(step)).sqrt().recip() as f32,
-        eps: ADAM_EPS as f32,
-        step_size: (lr / (1.0 - b1.powi(step))) as f32,
-    };
+    let scalars = AdamwScalars::new(lr, wd, ADAM_BETAS, ADAM_EPS, step);
     let [p, m, v] = dino_kernels::adamw_step(p, g, m, v, scalars);
     (p, ParamState { step, m, v: Some(v) })
 }
