@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use gemm::Parallelism;
 
+use crate::buffer::Shared;
 use crate::matmul::gemm;
 use crate::simd::{dot, exp, max, multiversion, sum};
 
@@ -28,21 +29,6 @@ impl Dims {
     }
     fn scale(&self) -> f32 {
         (self.head_dim as f32).powf(-0.5)
-    }
-}
-
-/// A raw pointer that tasks share; each task writes a disjoint set of elements through it.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every task writes only its own head's columns of its own sample.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// # Safety
-    /// `offset` must lie inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
     }
 }
 

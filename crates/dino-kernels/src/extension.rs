@@ -3,6 +3,7 @@
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
@@ -16,6 +17,17 @@ use crate::{attention, gelu, layer_norm, linear, patch_embed, weight_norm};
 pub trait FusedOps: Backend {
     /// Fully connected layer: x `[..., K]`, weight `[K, N]` (burn's layout), bias `[N]` -> `[..., N]`.
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// GELU of a fully connected layer: x `[..., K]`, weight `[K, N]`, bias `[N]` ->
+    /// GELU(x W + b) `[..., N]`.
+    fn fused_linear_gelu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>)
+    -> FloatTensor<Self>;
+    /// A fully connected layer added onto a residual stream: residual `[..., N]` + x W + b.
+    fn fused_linear_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// Weight normalisation of rows: v `[K, C]`, g `[K, 1]` -> g · v / ‖v‖ (norm per row).
     fn fused_weight_norm(v: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
     /// ViT patch embedding (Conv2d, kernel = stride = p): images `[B, C, H, W]`, weight
@@ -89,6 +101,26 @@ fn linear_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> Fle
     tensor(linear::forward(values(x), values(weight), values(bias), d), with_last(shape(x), d.n))
 }
 
+fn linear_gelu_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+    let d = linear_dims(x, weight);
+    tensor(linear::forward_gelu(values(x), values(weight), values(bias), d), with_last(shape(x), d.n))
+}
+
+/// (pre-activation, GELU of it).
+fn linear_gelu_forward_keep(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let d = linear_dims(x, weight);
+    let (h, a) = linear::forward_gelu_keep(values(x), values(weight), values(bias), d);
+    let out_shape = with_last(shape(x), d.n);
+    (tensor(h, out_shape.clone()), tensor(a, out_shape))
+}
+
+fn linear_add_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, residual: &FlexTensor) -> FlexTensor {
+    let d = linear_dims(x, weight);
+    let out_shape = with_last(shape(x), d.n);
+    assert_eq!(shape(residual), out_shape, "linear add: the residual does not have the layer's output shape");
+    tensor(linear::forward_add(values(x), values(weight), values(bias), values(residual), d), out_shape)
+}
+
 fn weight_norm_forward(v: &FlexTensor, g: &FlexTensor) -> (FlexTensor, FlexTensor) {
     let (w, inv) = weight_norm::forward(values(v), values(g));
     let rows = inv.len();
@@ -128,6 +160,14 @@ impl FusedOps for Flex {
         linear_forward(&dense(x), &dense(weight), &dense(bias))
     }
 
+    fn fused_linear_gelu(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        linear_gelu_forward(&dense(x), &dense(weight), &dense(bias))
+    }
+
+    fn fused_linear_add(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, residual: FlexTensor) -> FlexTensor {
+        linear_add_forward(&dense(x), &dense(weight), &dense(bias), &dense(residual))
+    }
+
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         let x = dense(x);
         tensor(gelu::forward(values(&x)), shape(&x))
@@ -144,6 +184,27 @@ impl FusedOps for Flex {
     }
 }
 
+/// Registers the gradients of a linear layer's input, weight and bias (those that are tracked)
+/// for the output gradient `dy`.
+fn register_linear_grads(
+    grads: &mut Gradients,
+    [px, pw, pb]: [Option<NodeId>; 3],
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    dy: &FlexTensor,
+) {
+    let d = linear_dims(x, weight);
+    if let Some(id) = px {
+        grads.register::<Flex>(id, tensor(linear::backward_input(values(weight), values(dy), d), shape(x)));
+    }
+    if let Some(id) = pw {
+        grads.register::<Flex>(id, tensor(linear::backward_weight(values(x), values(dy), d), shape(weight)));
+    }
+    if let Some(id) = pb {
+        grads.register::<Flex>(id, tensor(linear::backward_bias(values(dy), d.n), Shape::new([d.n])));
+    }
+}
+
 #[derive(Debug)]
 struct LinearBackward;
 
@@ -154,16 +215,39 @@ impl Backward<Flex, 3> for LinearBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = dense(grads.consume::<Flex>(&ops.node));
         let (x, weight) = &ops.state;
-        let d = linear_dims(x, weight);
-        let [px, pw, pb] = ops.parents;
-        if let Some(p) = px {
-            grads.register::<Flex>(p.id, tensor(linear::backward_input(values(weight), values(&grad), d), shape(x)));
-        }
-        if let Some(p) = pw {
-            grads.register::<Flex>(p.id, tensor(linear::backward_weight(values(x), values(&grad), d), shape(weight)));
-        }
-        if let Some(p) = pb {
-            grads.register::<Flex>(p.id, tensor(linear::backward_bias(values(&grad), d.n), Shape::new([d.n])));
+        register_linear_grads(grads, ops.parents.map(|p| p.map(|p| p.id)), x, weight, &grad);
+    }
+}
+
+#[derive(Debug)]
+struct LinearGeluBackward;
+
+impl Backward<Flex, 3> for LinearGeluBackward {
+    /// The input x, the weight and the pre-activation x W + b.
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        let (x, weight, pre) = &ops.state;
+        let dpre = tensor(gelu::backward(values(pre), values(&grad)), shape(pre));
+        register_linear_grads(grads, ops.parents.map(|p| p.map(|p| p.id)), x, weight, &dpre);
+    }
+}
+
+#[derive(Debug)]
+struct LinearAddBackward;
+
+impl Backward<Flex, 4> for LinearAddBackward {
+    /// The input x and the weight.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        let (x, weight) = &ops.state;
+        let [px, pw, pb, presidual] = ops.parents.map(|p| p.map(|p| p.id));
+        register_linear_grads(grads, [px, pw, pb], x, weight, &grad);
+        if let Some(id) = presidual {
+            grads.register::<Flex>(id, grad);
         }
     }
 }
@@ -281,6 +365,40 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish((xs, ws), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(linear_forward(&xs, &ws, &bs)),
+        }
+    }
+
+    fn fused_linear_gelu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (xs, ws, bs) =
+            (dense(x.primitive().clone()), dense(weight.primitive().clone()), dense(bias.primitive().clone()));
+        match LinearGeluBackward.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (pre, y) = linear_gelu_forward_keep(&xs, &ws, &bs);
+                prep.finish((xs, ws, pre), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(linear_gelu_forward(&xs, &ws, &bs)),
+        }
+    }
+
+    fn fused_linear_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (xs, ws, bs, rs) = (
+            dense(x.primitive().clone()),
+            dense(weight.primitive().clone()),
+            dense(bias.primitive().clone()),
+            dense(residual.primitive().clone()),
+        );
+        let nodes = [x.node(), weight.node(), bias.node(), residual.node()];
+        match LinearAddBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = linear_add_forward(&xs, &ws, &bs, &rs);
+                prep.finish((xs, ws), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(linear_add_forward(&xs, &ws, &bs, &rs)),
         }
     }
 

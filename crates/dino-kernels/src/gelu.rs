@@ -2,9 +2,9 @@
 //! Both run in parallel chunks; `burn`'s flex GELU calls scalar libm `erff` on one thread.
 
 use std::f32::consts::FRAC_1_SQRT_2;
+use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
+use crate::buffer::par_filled;
 use crate::simd::{erf, exp, multiversion};
 
 /// Elements per parallel task: large enough that a task is not dominated by scheduling.
@@ -12,39 +12,55 @@ const CHUNK: usize = 1 << 14;
 /// 1 / √(2π), the standard normal density at 0.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+}
+
 multiversion! {
-    fn forward_chunk(x: &[f32], y: &mut [f32]) {
+    /// Writes GELU(x) into every element of `y`.
+    fn forward_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            y.write(gelu(x));
         }
     }
 }
 
 multiversion! {
-    fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    fn forward_in_place(x: &mut [f32]) {
+        for x in x.iter_mut() {
+            *x = gelu(*x);
+        }
+    }
+}
+
+multiversion! {
+    /// Writes dL/dy · GELU'(x) into every element of `dx`.
+    fn backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
             let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
             let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
-            *dx = dy * (cdf + x * pdf);
+            dx.write(dy * (cdf + x * pdf));
         }
     }
 }
 
 /// GELU(x), elementwise.
 pub fn forward(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
-    y
+    // SAFETY: chunk i of the output is written in full from chunk i of x, of the same length.
+    unsafe { par_filled(x.len(), CHUNK, |i, y| forward_chunk(&x[i * CHUNK..][..y.len()], y)) }
 }
 
 /// dL/dx = dL/dy · GELU'(x), elementwise.
 pub fn backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), dy.len(), "GELU backward: input and gradient lengths differ");
-    let mut dx = vec![0.0; x.len()];
-    dx.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, dy))| backward_chunk(x, dy, dx));
-    dx
+    // SAFETY: as in `forward`.
+    unsafe {
+        par_filled(x.len(), CHUNK, |i, dx| {
+            let at = i * CHUNK;
+            backward_chunk(&x[at..][..dx.len()], &dy[at..][..dx.len()], dx)
+        })
+    }
 }
 
 #[cfg(test)]

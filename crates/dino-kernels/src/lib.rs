@@ -10,6 +10,7 @@
 //! fall back to burn's composed ops, so GPU backends keep working unchanged.
 
 mod attention;
+mod buffer;
 mod extension;
 mod gelu;
 mod layer_norm;
@@ -44,14 +45,44 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
             weight.into_dispatch(),
             bias.into_dispatch(),
         )),
-        _ => {
-            let mut dims = x.dims();
-            let k = dims[D - 1];
-            let y =
-                burn::tensor::module::linear(x.reshape([dims.iter().product::<usize>() / k.max(1), k]), weight, bias);
-            dims[D - 1] = y.dims()[1];
-            y.reshape(dims)
-        }
+        _ => composed_linear(weight, bias, x),
+    }
+}
+
+fn composed_linear<const D: usize>(weight: Tensor<2>, bias: Option<Tensor<1>>, x: Tensor<D>) -> Tensor<D> {
+    let mut dims = x.dims();
+    let k = dims[D - 1];
+    let y = burn::tensor::module::linear(x.reshape([dims.iter().product::<usize>() / k.max(1), k]), weight, bias);
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
+}
+
+/// GELU of a `Linear` layer, `[..., K]` -> `[..., N]`: on flex, the GELU runs on each tile of the
+/// product while it is in cache, and the backward is one node.
+pub fn linear_gelu<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    match bias {
+        Some(bias) if runs_fused(&x) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_gelu(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+        )),
+        _ => gelu(composed_linear(weight, bias, x)),
+    }
+}
+
+/// `residual + layer(x)`: `[..., K]` and `[..., N]` -> `[..., N]`. On flex the product
+/// accumulates straight onto the residual stream (no separate addition pass).
+pub fn linear_add<const D: usize>(layer: &Linear, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
+    let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    match bias {
+        Some(bias) if runs_fused(&x) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_add(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            residual.into_dispatch(),
+        )),
+        _ => residual + composed_linear(weight, bias, x),
     }
 }
 

@@ -3,10 +3,16 @@
 //!
 //! burn's flex matmul allocates each output zeroed and then copies it once more to realign it,
 //! on one thread, and adds the bias in a separate pass; here the output starts as the broadcast
-//! bias and gemm accumulates into it.
+//! bias (plus the residual stream, for [`forward_add`]) and gemm accumulates into it. When the
+//! layer has many rows and a small weight, the output is made in tiles of rows, one gemm each on
+//! one thread, and what follows the product (GELU) runs on each tile while it is in cache.
+
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use crate::buffer::{Shared, assume_init};
+use crate::gelu;
 use crate::matmul::{Operand, gemm};
 
 /// Below this many multiply-adds a product runs on one thread (flex's threshold).
@@ -15,6 +21,9 @@ const PARALLEL_MIN_OPS: usize = 192 * 192 * 192;
 const WEIGHT_GRAD_ROWS: usize = 512;
 /// Elements per parallel task for the bias passes.
 const CHUNK: usize = 1 << 14;
+/// Tiles per tiled forward pass: enough to share out over the threads, few enough that packing
+/// the weight once per tile (inside gemm) stays cheap against the product.
+const TILES: usize = 16;
 
 /// Sizes of one layer call: `rows` inputs of width `k` to outputs of width `n`.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +31,22 @@ pub struct Dims {
     pub rows: usize,
     pub k: usize,
     pub n: usize,
+}
+
+impl Dims {
+    /// Whether the forward runs as independent tiles of rows (each one single-threaded gemm,
+    /// then its epilogue while in cache) rather than one gemm parallelised inside: worth it with
+    /// enough tiles to share out and a weight small enough that packing it per tile is cheap.
+    /// Depends on the sizes only, so results do not depend on the thread count.
+    fn tiled(&self) -> bool {
+        self.rows >= 1024 && self.k * self.n <= 1 << 20
+    }
+
+    /// Rows per tile (also the chunk of the bias and epilogue passes when not tiled): a sixteenth
+    /// of the rows, rounded up to a multiple of 16.
+    fn tile_rows(&self) -> usize {
+        self.rows.div_ceil(TILES).next_multiple_of(16).max(16)
+    }
 }
 
 fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
@@ -49,35 +74,101 @@ fn check(x: &[f32], w: &[f32], d: Dims) {
     assert_eq!(w.len(), d.k * d.n, "linear: weight is not [{}, {}]", d.k, d.n);
 }
 
-/// x `[rows, k]`, W `[k, n]`, b `[n]` -> `[rows, n]`.
-pub fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
+/// Writes b, plus the residual rows from `row0` on when given, into every row of `tile`.
+fn init_tile<'a>(tile: &'a mut [MaybeUninit<f32>], b: &[f32], residual: Option<&[f32]>, row0: usize) -> &'a mut [f32] {
+    let n = b.len();
+    match residual {
+        Some(r) => {
+            for (row, r) in tile.chunks_exact_mut(n).zip(r[row0 * n..].chunks_exact(n)) {
+                row.iter_mut().zip(r).zip(b).for_each(|((o, &r), &b)| {
+                    o.write(r + b);
+                });
+            }
+        }
+        None => {
+            for row in tile.chunks_exact_mut(n) {
+                row.iter_mut().zip(b).for_each(|(o, &b)| {
+                    o.write(b);
+                });
+            }
+        }
+    }
+    // SAFETY: the tile holds whole rows (a multiple of n elements), all written above.
+    unsafe { assume_init(tile) }
+}
+
+/// x `[rows, k]` W `[k, n]` + b (+ residual `[rows, n]`), then `finish(first row, tile)` on each
+/// tile of `d.tile_rows()` rows of the result.
+fn forward_with(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    residual: Option<&[f32]>,
+    d: Dims,
+    finish: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     check(x, w, d);
     assert_eq!(b.len(), d.n, "linear: bias is not [{}]", d.n);
-    let rows_per_task = (CHUNK / d.n.max(1)).max(1);
+    if let Some(r) = residual {
+        assert_eq!(r.len(), d.rows * d.n, "linear: residual is not [rows, {}]", d.n);
+    }
+    let tile_rows = d.tile_rows();
+    let tile_len = tile_rows * d.n;
+    // SAFETY (both calls): the tile holds whole rows from row0, sizes were checked, so gemm reads
+    // and writes inside the buffers.
+    let accumulate_product = |tile: &mut [f32], row0: usize, parallelism| unsafe {
+        let lhs = (x.as_ptr().add(row0 * d.k), [d.k, 1]);
+        gemm([tile.len() / d.n, d.n, d.k], (tile.as_mut_ptr(), d.n), true, lhs, (w.as_ptr(), [d.n, 1]), 1.0, parallelism);
+    };
     let mut y = Vec::<f32>::with_capacity(d.rows * d.n);
-    y.spare_capacity_mut().par_chunks_mut(rows_per_task * d.n).for_each(|chunk| {
-        for row in chunk.chunks_exact_mut(d.n) {
-            row.iter_mut().zip(b).for_each(|(o, &v)| {
-                o.write(v);
-            });
-        }
-    });
-    // SAFETY: the loop above wrote all rows·n elements (the capacity is exactly that, a whole
-    // number of rows); sizes were checked, so gemm reads and writes inside the buffers.
-    unsafe {
-        y.set_len(d.rows * d.n);
-        let parallelism = parallelism(d.rows, d.n, d.k);
-        gemm(
-            [d.rows, d.n, d.k],
-            (y.as_mut_ptr(), d.n),
-            true,
-            (x.as_ptr(), [d.k, 1]),
-            (w.as_ptr(), [d.n, 1]),
-            1.0,
-            parallelism,
-        );
+    let tiles = y.spare_capacity_mut().par_chunks_mut(tile_len.max(1)).enumerate();
+    if d.tiled() {
+        tiles.for_each(|(t, tile)| {
+            let tile = init_tile(tile, b, residual, t * tile_rows);
+            accumulate_product(tile, t * tile_rows, gemm::Parallelism::None);
+            finish(t * tile_rows, tile);
+        });
+        // SAFETY: the tiles cover all rows·n elements, each initialised by `init_tile`.
+        unsafe { y.set_len(d.rows * d.n) };
+    } else {
+        tiles.for_each(|(t, tile)| {
+            init_tile(tile, b, residual, t * tile_rows);
+        });
+        // SAFETY: as above.
+        unsafe { y.set_len(d.rows * d.n) };
+        accumulate_product(&mut y, 0, parallelism(d.rows, d.n, d.k));
+        y.par_chunks_mut(tile_len.max(1)).enumerate().for_each(|(t, tile)| finish(t * tile_rows, tile));
     }
     y
+}
+
+/// x `[rows, k]`, W `[k, n]`, b `[n]` -> `[rows, n]`.
+pub fn forward(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
+    forward_with(x, w, b, None, d, |_, _| {})
+}
+
+/// residual `[rows, n]` + x W + b: the product accumulates onto the residual stream, which saves
+/// the separate addition pass of `x + layer(y)`.
+pub fn forward_add(x: &[f32], w: &[f32], b: &[f32], residual: &[f32], d: Dims) -> Vec<f32> {
+    forward_with(x, w, b, Some(residual), d, |_, _| {})
+}
+
+/// GELU(x W + b) `[rows, n]`, without keeping the pre-activation (inference).
+pub fn forward_gelu(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
+    forward_with(x, w, b, None, d, |_, tile| gelu::forward_in_place(tile))
+}
+
+/// (h = x W + b, GELU(h)), both `[rows, n]`: the pre-activation is kept for the backward.
+pub fn forward_gelu_keep(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+    let mut a = Vec::<f32>::with_capacity(d.rows * d.n);
+    let out = Shared(a.as_mut_ptr());
+    let h = forward_with(x, w, b, None, d, |row0, tile| {
+        // SAFETY: tiles are disjoint row ranges inside the capacity rows·n; each is written once.
+        gelu::forward_chunk(tile, unsafe { out.uninit_slice(row0 * d.n, tile.len()) })
+    });
+    // SAFETY: the tiles covered every row, each written in full by `forward_chunk`.
+    unsafe { a.set_len(d.rows * d.n) };
+    (h, a)
 }
 
 /// dL/dx = dy Wᵀ: `[rows, k]`.

@@ -71,7 +71,10 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * (r * r) + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits: adding 1.5·2^23 puts the integer n in the low mantissa bits (exact for
+    // |n| < 2^22), which stays in SIMD registers; `n as i32` is a saturating scalar conversion.
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    y * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Sum of a slice in 16 independent lanes (vectorisable, and the same order on every CPU).

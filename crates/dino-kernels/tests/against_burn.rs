@@ -7,7 +7,7 @@ use burn::tensor::activation;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
-use dino_kernels::{gelu, layer_norm, linear, merge_heads, self_attention, split_heads};
+use dino_kernels::{gelu, layer_norm, linear, linear_add, linear_gelu, merge_heads, self_attention, split_heads};
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar()
@@ -106,6 +106,46 @@ fn linear_matches_burn() {
     for (name, (x, y)) in ["x", "weight", "bias"].iter().zip(ga.into_iter().zip(gb)) {
         let d = max_diff(x, y);
         assert!(d < 1e-4, "d{name} differs by {d}");
+    }
+}
+
+/// `linear_gelu` and `linear_add` against burn's linear + GELU and residual + linear, on few
+/// rows (one parallel gemm) and on many (row tiles), forward and backward, and without autodiff.
+#[test]
+fn fused_linear_epilogues_match_burn() {
+    let device = Device::flex().autodiff();
+    let layer = |v: &[Tensor<3>]| Linear {
+        weight: Param::initialized(ParamId::new(), v[1].clone().reshape([24, 40])),
+        bias: Some(Param::initialized(ParamId::new(), v[2].clone().reshape([40]))),
+    };
+    let gelu_fused = |v: Vec<Tensor<3>>| linear_gelu(&layer(&v), v[0].clone());
+    let gelu_burn = |v: Vec<Tensor<3>>| activation::gelu(layer(&v).forward(v[0].clone()));
+    let add_fused = |v: Vec<Tensor<3>>| linear_add(&layer(&v), v[0].clone(), v[3].clone());
+    let add_burn = |v: Vec<Tensor<3>>| v[3].clone() + layer(&v).forward(v[0].clone());
+    for tokens in [7, 700] {
+        let inputs = [
+            random([3, tokens, 24], &device),
+            random([1, 24, 40], &device) * 0.3,
+            random([1, 1, 40], &device),
+            random([3, tokens, 40], &device),
+        ];
+        let w = random([3, tokens, 40], &device);
+        type Apply<'a> = &'a dyn Fn(Vec<Tensor<3>>) -> Tensor<3>;
+        let cases: [(&str, usize, Apply, Apply); 2] =
+            [("gelu", 3, &gelu_fused, &gelu_burn), ("add", 4, &add_fused, &add_burn)];
+        for (case, leaves, fused, composed) in cases {
+            let inputs = &inputs[..leaves];
+            let (a, ga) = run(inputs, &w, fused);
+            let (b, gb) = run(inputs, &w, composed);
+            assert!(max_diff(a.clone(), b) < 1e-5, "{case}, {tokens} tokens");
+            for (name, (x, y)) in ["x", "weight", "bias", "residual"].iter().zip(ga.into_iter().zip(gb)) {
+                let scale: f32 = y.clone().abs().max().into_scalar();
+                let d = max_diff(x, y);
+                assert!(d < 2e-6 * scale.max(1.0), "{case}, {tokens} tokens: d{name} differs by {d} (scale {scale})");
+            }
+            let plain: Vec<Tensor<3>> = inputs.iter().map(|t| t.clone().inner()).collect();
+            assert!(max_diff(fused(plain), a) < 1e-6, "{case} without autodiff");
+        }
     }
 }
 

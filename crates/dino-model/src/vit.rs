@@ -9,7 +9,7 @@ use burn::nn::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use dino_kernels::{gelu, layer_norm, merge_heads, self_attention, split_heads};
+use dino_kernels::{layer_norm, linear_add, linear_gelu, merge_heads, self_attention, split_heads};
 
 use crate::config::VitConfig;
 use crate::init::{linear, torch_default_uniform, trunc_normal};
@@ -47,10 +47,19 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `[B, N, D]` -> the heads' outputs side by side `[B, N, D]`, before the projection.
+    fn heads(&self, x: Tensor<3>) -> Tensor<3> {
+        self_attention(dino_kernels::linear(&self.qkv, x), self.num_heads)
+    }
+
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let qkv = dino_kernels::linear(&self.qkv, x);
-        dino_kernels::linear(&self.proj, self_attention(qkv, self.num_heads))
+        dino_kernels::linear(&self.proj, self.heads(x))
+    }
+
+    /// `residual + forward(x)`, all `[B, N, D]`, with the projection accumulated onto the residual.
+    pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        linear_add(&self.proj, self.heads(x), residual)
     }
 
     /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
@@ -96,7 +105,12 @@ pub struct Mlp {
 impl Mlp {
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        dino_kernels::linear(&self.fc2, gelu(dino_kernels::linear(&self.fc1, x)))
+        dino_kernels::linear(&self.fc2, linear_gelu(&self.fc1, x))
+    }
+
+    /// `residual + forward(x)`, all `[B, N, D]`, with fc2 accumulated onto the residual.
+    pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        linear_add(&self.fc2, linear_gelu(&self.fc1, x), residual)
     }
 }
 
@@ -110,10 +124,15 @@ pub struct Block {
     drop_path: f64,
 }
 
+/// Whether stochastic depth at `rate` drops anything on `device`.
+fn stochastic_depth(rate: f64, device: &Device) -> bool {
+    rate > 0.0 && device.is_autodiff()
+}
+
 /// Stochastic depth: drops a residual branch for whole samples with probability `rate`, and
 /// rescales the kept ones. Active only on an autodiff device, i.e. while training the student.
 fn drop_path(x: Tensor<3>, rate: f64) -> Tensor<3> {
-    if rate == 0.0 || !x.device().is_autodiff() {
+    if !stochastic_depth(rate, &x.device()) {
         return x;
     }
     let keep = 1.0 - rate;
@@ -124,6 +143,11 @@ fn drop_path(x: Tensor<3>, rate: f64) -> Tensor<3> {
 impl Block {
     /// `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if !stochastic_depth(self.drop_path, &x.device()) {
+            // Without stochastic depth the branches add straight onto the residual stream.
+            let x = self.attn.forward_add(self.norm1.forward(x.clone()), x);
+            return self.mlp.forward_add(self.norm2.forward(x.clone()), x);
+        }
         let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x)), self.drop_path);
         x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path)
     }
