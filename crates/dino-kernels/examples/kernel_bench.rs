@@ -52,6 +52,17 @@ fn main() {
         let g = (gelu(ha.clone()) * ones.clone()).sum().backward();
         drop(ha.grad(&g).unwrap())
     });
+    let param = |t: Tensor<2>| Param::initialized(ParamId::new(), t.autodiff().require_grad());
+    let fc1a = Linear {
+        weight: param(fc1.weight.val()),
+        bias: Some(Param::initialized(ParamId::new(), Tensor::zeros([4 * d], &ad).require_grad())),
+    };
+    let xa = x.clone().autodiff().require_grad();
+    let onesa = Tensor::<2>::ones([rows, 4 * d], &ad);
+    time("fc1 fwd+bwd (autodiff)", rows * 4 * d, || {
+        let g = (linear(&fc1a, xa.clone()) * onesa.clone()).sum().backward();
+        drop(fc1a.weight.val().grad(&g).unwrap())
+    });
     time("mul+sum fwd+bwd (autodiff)", rows * 4 * d, || {
         let g = (ha.clone() * ones.clone()).sum().backward();
         drop(ha.grad(&g).unwrap())

@@ -6,11 +6,12 @@
 //! and head-merge copies of the composed version disappear; the backward is closed-form:
 //! dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dP ∘ P)) · scale, dQ = dS K, dK = dSᵀ Q.
 
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
-use crate::buffer::Shared;
+use crate::buffer::{Shared, assume_init};
 use crate::matmul::gemm;
 use crate::simd::{dot, exp, max, multiversion, sum};
 
@@ -59,8 +60,9 @@ multiversion! {
     }
 }
 
-/// One head of one sample: P = softmax(q kᵀ · scale) into `probs` `[N, N]`, P v into `out`.
-fn head_forward(qkv: &[f32], d: Dims, index: usize, probs: &mut [f32], out: Shared) {
+/// One head of one sample: P = softmax(q kᵀ · scale) into `probs` `[N, N]`, P v into `out`
+/// (every element of both written).
+fn head_forward(qkv: &[f32], d: Dims, index: usize, probs: &mut [MaybeUninit<f32>], out: Shared) {
     let (b, h) = (index / d.heads, index % d.heads);
     let (n, dh, width) = (d.tokens, d.head_dim, d.width());
     let row = 3 * width;
@@ -71,7 +73,10 @@ fn head_forward(qkv: &[f32], d: Dims, index: usize, probs: &mut [f32], out: Shar
     unsafe {
         let q = qkv.as_ptr().add(base);
         let (k, v) = (q.add(width), q.add(2 * width));
-        gemm([n, n, dh], (probs.as_mut_ptr(), n), false, (q, [row, 1]), (k, [1, row]), d.scale(), Parallelism::None);
+        let p = probs.as_mut_ptr().cast::<f32>();
+        gemm([n, n, dh], (p, n), false, (q, [row, 1]), (k, [1, row]), d.scale(), Parallelism::None);
+        // The product above wrote all N·N probabilities.
+        let probs = assume_init(probs);
         softmax_rows(probs, n);
         let o = out.at(b * n * width + h * dh);
         gemm([n, dh, n], (o, width), false, (probs.as_ptr(), [n, 1]), (v, [row, 1]), 1.0, Parallelism::None);
@@ -86,10 +91,19 @@ fn check_input(qkv: &[f32], d: Dims) {
 pub fn forward_with_probs(qkv: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
     check_input(qkv, d);
     let n = d.tokens;
-    let mut out = vec![0.0; d.batch * n * d.width()];
-    let mut probs = vec![0.0; d.batch * d.heads * n * n];
+    let (out_len, probs_len) = (d.batch * n * d.width(), d.batch * d.heads * n * n);
+    let (mut out, mut probs) = (Vec::with_capacity(out_len), Vec::with_capacity(probs_len));
     let shared = Shared(out.as_mut_ptr());
-    probs.par_chunks_mut(n * n).enumerate().for_each(|(i, p)| head_forward(qkv, d, i, p, shared));
+    probs.spare_capacity_mut()[..probs_len]
+        .par_chunks_mut(n * n)
+        .enumerate()
+        .for_each(|(i, p)| head_forward(qkv, d, i, p, shared));
+    // SAFETY: each (sample, head) task wrote its N·N probabilities and its head's columns of
+    // the sample's output rows; together they cover both buffers.
+    unsafe {
+        out.set_len(out_len);
+        probs.set_len(probs_len);
+    }
     (out, probs)
 }
 
@@ -97,11 +111,14 @@ pub fn forward_with_probs(qkv: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
 pub fn forward(qkv: &[f32], d: Dims) -> Vec<f32> {
     check_input(qkv, d);
     let n = d.tokens;
-    let mut out = vec![0.0; d.batch * n * d.width()];
+    let out_len = d.batch * n * d.width();
+    let mut out = Vec::with_capacity(out_len);
     let shared = Shared(out.as_mut_ptr());
     (0..d.batch * d.heads)
         .into_par_iter()
-        .for_each_init(|| vec![0.0; n * n], |p, i| head_forward(qkv, d, i, p, shared));
+        .for_each_init(|| vec![MaybeUninit::uninit(); n * n], |p, i| head_forward(qkv, d, i, p, shared));
+    // SAFETY: the (sample, head) tasks wrote every column of every output row.
+    unsafe { out.set_len(out_len) };
     out
 }
 
@@ -112,7 +129,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
     assert_eq!(probs.len(), d.batch * d.heads * n * n, "attention backward: probabilities are not [B, heads, N, N]");
     assert_eq!(dout.len(), d.batch * n * width, "attention backward: gradient is not [B, N, D]");
     let row = 3 * width;
-    let mut dqkv = vec![0.0; qkv.len()];
+    let mut dqkv = Vec::with_capacity(qkv.len());
     let shared = Shared(dqkv.as_mut_ptr());
     probs.par_chunks(n * n).enumerate().for_each_init(
         || vec![0.0; n * n],
@@ -135,6 +152,9 @@ pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
             }
         },
     );
+    // SAFETY: each (sample, head) task wrote its q, k and v columns of the sample's rows (gemm
+    // without accumulation); together they cover every element.
+    unsafe { dqkv.set_len(qkv.len()) };
     dqkv
 }
 

@@ -51,3 +51,11 @@ pub unsafe fn par_filled(
     unsafe { v.set_len(len) };
     v
 }
+
+/// Zeroes `s` and returns it as initialised floats (done by each task on its own chunk, while
+/// it is in cache, rather than in one serial pass over a whole fresh buffer).
+pub fn zeroed(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    s.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just written.
+    unsafe { assume_init(s) }
+}

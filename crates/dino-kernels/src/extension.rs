@@ -1,9 +1,9 @@
 //! The kernels as a burn backend extension: forward on `Flex`, and on `Autodiff<Flex>` a graph
 //! node whose backward is the closed-form kernel (one node instead of a dozen composed ones).
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
@@ -368,7 +368,11 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_linear_gelu(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_linear_gelu(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
         let (xs, ws, bs) =
             (dense(x.primitive().clone()), dense(weight.primitive().clone()), dense(bias.primitive().clone()));
         match LinearGeluBackward.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {

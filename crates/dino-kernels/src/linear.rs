@@ -17,8 +17,10 @@ use crate::matmul::{Operand, gemm};
 
 /// Below this many multiply-adds a product runs on one thread (flex's threshold).
 const PARALLEL_MIN_OPS: usize = 192 * 192 * 192;
-/// Rows per block of the weight gradient's reduction.
-const WEIGHT_GRAD_ROWS: usize = 512;
+/// Blocks of rows of the weight gradient's reduction, once there are at least
+/// `WEIGHT_GRAD_MIN_ROWS` rows.
+const WEIGHT_GRAD_BLOCKS: usize = 8;
+const WEIGHT_GRAD_MIN_ROWS: usize = 2048;
 /// Elements per parallel task for the bias passes.
 const CHUNK: usize = 1 << 14;
 /// Tiles per tiled forward pass: enough to share out over the threads, few enough that packing
@@ -118,7 +120,15 @@ fn forward_with(
     // and writes inside the buffers.
     let accumulate_product = |tile: &mut [f32], row0: usize, parallelism| unsafe {
         let lhs = (x.as_ptr().add(row0 * d.k), [d.k, 1]);
-        gemm([tile.len() / d.n, d.n, d.k], (tile.as_mut_ptr(), d.n), true, lhs, (w.as_ptr(), [d.n, 1]), 1.0, parallelism);
+        gemm(
+            [tile.len() / d.n, d.n, d.k],
+            (tile.as_mut_ptr(), d.n),
+            true,
+            lhs,
+            (w.as_ptr(), [d.n, 1]),
+            1.0,
+            parallelism,
+        );
     };
     let mut y = Vec::<f32>::with_capacity(d.rows * d.n);
     let tiles = y.spare_capacity_mut().par_chunks_mut(tile_len.max(1)).enumerate();
@@ -181,9 +191,9 @@ pub fn backward_input(w: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
 /// dL/dW = xᵀ dy: `[k, n]`.
 ///
 /// The product reduces over all rows into a small matrix, which gemm parallelises poorly
-/// (~170 GFLOP/s on 2 cores against ~245 for this split): blocks of rows run as separate
-/// single-threaded products, added in block order, so the result does not depend on the
-/// thread count.
+/// (~170 GFLOP/s on 2 cores against ~245 for this split): a fixed number of blocks of rows run
+/// as separate single-threaded products, then are added in block order (in parallel over the
+/// elements), so the result does not depend on the thread count.
 pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     assert_eq!(x.len(), d.rows * d.k, "linear backward: input is not [rows, {}]", d.k);
     assert_eq!(dy.len(), d.rows * d.n, "linear backward: gradient is not [rows, {}]", d.n);
@@ -192,19 +202,21 @@ pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
         let rows = dy.len() / d.n;
         product([d.k, d.n, rows], (x.as_ptr(), [1, d.k]), (dy.as_ptr(), [d.n, 1]), parallelism)
     };
-    if d.rows <= WEIGHT_GRAD_ROWS {
+    if d.rows < WEIGHT_GRAD_MIN_ROWS {
         return block(x, dy, parallelism(d.k, d.n, d.rows));
     }
-    let partials: Vec<Vec<f32>> = x
-        .par_chunks(WEIGHT_GRAD_ROWS * d.k)
-        .zip(dy.par_chunks(WEIGHT_GRAD_ROWS * d.n))
+    let rows = d.rows.div_ceil(WEIGHT_GRAD_BLOCKS);
+    let mut partials: Vec<Vec<f32>> = x
+        .par_chunks(rows * d.k)
+        .zip(dy.par_chunks(rows * d.n))
         .map(|(x, dy)| block(x, dy, gemm::Parallelism::None))
         .collect();
-    let mut blocks = partials.into_iter();
-    let mut dw = blocks.next().expect("more rows than one block");
-    for p in blocks {
-        dw.iter_mut().zip(&p).for_each(|(a, v)| *a += v);
-    }
+    let mut dw = partials.remove(0);
+    dw.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
+        for p in &partials {
+            out.iter_mut().zip(&p[i * CHUNK..]).for_each(|(a, v)| *a += v);
+        }
+    });
     dw
 }
 
