@@ -8,10 +8,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Flex, backend_extension};
+use burn::backend::{Autodiff, AutodiffBackend, Backend, Flex, backend_extension};
 use burn::tensor::{Shape, TensorData};
 
-use crate::{attention, gelu, layer_norm, linear, patch_embed, weight_norm};
+use crate::{attention, gelu, layer_norm, linear, optim, patch_embed, weight_norm};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -48,11 +48,23 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// Multi-head self-attention: qkv `[B, N, 3D]` -> `[B, N, D]`.
     fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
+    /// Σ x² over all elements, as a one-element f64 tensor. Not tracked by autodiff.
+    fn fused_squared_norm(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// The teacher's EMA update, momentum · teacher + (1 − momentum) · student, written into the
+    /// teacher's buffer when nothing else holds it. Not tracked by autodiff.
+    fn fused_ema(teacher: FloatTensor<Self>, student: FloatTensor<Self>, momentum: f64) -> FloatTensor<Self>;
 }
 
 /// The tensor with its elements contiguous from offset 0 (a copy only when they are not).
 fn dense(t: FlexTensor) -> FlexTensor {
     if t.as_slice::<f32>().is_some() { t } else { t.to_contiguous() }
+}
+
+/// The tensor as the sole owner of a buffer holding exactly its elements, contiguous from offset 0
+/// (a copy only when it is a view or shared), for in-place updates.
+fn owned(t: FlexTensor) -> FlexTensor {
+    let exact = t.as_slice::<f32>().is_some_and(|s| s.len() == t.storage::<f32>().len());
+    if exact && t.is_unique() { t } else { t.to_contiguous() }
 }
 
 fn values(t: &FlexTensor) -> &[f32] {
@@ -175,6 +187,18 @@ impl FusedOps for Flex {
 
     fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
         layer_norm_forward(&dense(x), &dense(gamma), &dense(beta), eps).0
+    }
+
+    fn fused_squared_norm(x: FlexTensor) -> FlexTensor {
+        let sum = optim::squared_norm(values(&dense(x)));
+        FlexTensor::from_data(TensorData::new(vec![sum], [1]))
+    }
+
+    fn fused_ema(teacher: FlexTensor, student: FlexTensor, momentum: f64) -> FlexTensor {
+        let (mut teacher, student) = (owned(teacher), dense(student));
+        assert_eq!(shape(&teacher), shape(&student), "EMA: teacher and student shapes differ");
+        optim::ema(teacher.storage_mut::<f32>(), values(&student), momentum as f32);
+        teacher
     }
 
     fn fused_self_attention(qkv: FlexTensor, heads: usize) -> FlexTensor {
@@ -473,5 +497,13 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::fused_self_attention(input, heads)),
         }
+    }
+
+    fn fused_squared_norm(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(Flex::fused_squared_norm(Self::inner(x)))
+    }
+
+    fn fused_ema(teacher: FloatTensor<Self>, student: FloatTensor<Self>, momentum: f64) -> FloatTensor<Self> {
+        Self::from_inner(Flex::fused_ema(Self::inner(teacher), Self::inner(student), momentum))
     }
 }

@@ -203,13 +203,18 @@ pub fn adamw_step<const D: usize>(
 }
 
 /// The teacher's EMA update of one parameter (plain device):
-/// `momentum · teacher + (1 − momentum) · student`.
+/// `momentum · teacher + (1 − momentum) · student`, in the teacher's buffer on flex.
 pub fn ema<const D: usize>(teacher: Tensor<D>, student: Tensor<D>, momentum: f64) -> Tensor<D> {
     if !runs_fused(&teacher) {
         return teacher * momentum + student * (1.0 - momentum);
     }
-    let (device, shape) = (teacher.device(), teacher.dims());
-    let mut t = host_values(teacher);
-    optim::ema(&mut t, &host_values(student), momentum as f32);
-    from_host(t, shape, &device)
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_ema(teacher.into_dispatch(), student.into_dispatch(), momentum))
+}
+
+/// Σ x² over every element, accumulated in f64 across parallel chunks on flex.
+pub fn squared_norm<const D: usize>(x: Tensor<D>) -> f64 {
+    if !runs_fused(&x) {
+        return x.square().sum().into_scalar::<f64>();
+    }
+    Tensor::<1>::from_dispatch(<Dispatch as FusedOps>::fused_squared_norm(x.into_dispatch())).into_scalar::<f64>()
 }

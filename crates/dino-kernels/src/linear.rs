@@ -23,9 +23,10 @@ const WEIGHT_GRAD_BLOCKS: usize = 8;
 const WEIGHT_GRAD_MIN_ROWS: usize = 2048;
 /// Elements per parallel task for the bias passes.
 const CHUNK: usize = 1 << 14;
-/// Tiles per tiled forward pass: enough to share out over the threads, few enough that packing
-/// the weight once per tile (inside gemm) stays cheap against the product.
-const TILES: usize = 16;
+/// Rows per tile of the tiled forward pass, about: enough that packing the weight once per tile
+/// (inside gemm) stays cheap against the product, few enough that the tiles share out over
+/// the threads.
+const TILE_ROWS: usize = 256;
 
 /// Sizes of one layer call: `rows` inputs of width `k` to outputs of width `n`.
 #[derive(Debug, Clone, Copy)]
@@ -41,13 +42,15 @@ impl Dims {
     /// enough tiles to share out and a weight small enough that packing it per tile is cheap.
     /// Depends on the sizes only, so results do not depend on the thread count.
     fn tiled(&self) -> bool {
-        self.rows >= 1024 && self.k * self.n <= 1 << 20
+        self.rows >= 4 * TILE_ROWS && self.k * self.n <= 1 << 20
     }
 
-    /// Rows per tile (also the chunk of the bias and epilogue passes when not tiled): a sixteenth
-    /// of the rows, rounded up to a multiple of 16.
+    /// Rows per tile (also the chunk of the bias and epilogue passes when not tiled): the rows
+    /// split into an even number of tiles of at most about `TILE_ROWS` (so that two threads get
+    /// equal shares), rounded up to a multiple of 16.
     fn tile_rows(&self) -> usize {
-        self.rows.div_ceil(TILES).next_multiple_of(16).max(16)
+        let tiles = 2 * self.rows.div_ceil(2 * TILE_ROWS);
+        self.rows.div_ceil(tiles).next_multiple_of(16).max(16)
     }
 }
 

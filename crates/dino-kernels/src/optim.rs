@@ -21,6 +21,8 @@ pub struct AdamwScalars {
     pub eps: f32,
     /// lr / (1 − β₁ᵗ).
     pub step_size: f32,
+    /// Factor on the gradient first: the clipping coefficient, or 1.
+    pub grad_scale: f32,
 }
 
 impl AdamwScalars {
@@ -34,18 +36,39 @@ impl AdamwScalars {
             inv_sqrt_bias2: (1.0 - beta2.powi(step)).sqrt().recip() as f32,
             eps: eps as f32,
             step_size: (lr / (1.0 - beta1.powi(step))) as f32,
+            grad_scale: 1.0,
         }
+    }
+
+    /// The same step on the gradient times `scale` (gradient clipping folded into the update).
+    pub fn with_grad_scale(self, scale: f64) -> Self {
+        Self { grad_scale: scale as f32, ..self }
     }
 }
 
 multiversion! {
     fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamwScalars) {
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = g * s.grad_scale;
             *m = *m * s.beta1 + g * (1.0 - s.beta1);
             *v = *v * s.beta2 + g * g * (1.0 - s.beta2);
             let denom = v.sqrt() * s.inv_sqrt_bias2 + s.eps;
             *p = *p * s.decay - *m / denom * s.step_size;
         }
+    }
+}
+
+multiversion! {
+    fn squares_chunk(x: &[f32]) -> f64 {
+        let mut lanes = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v * v;
+            }
+        }
+        lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
     }
 }
 
@@ -65,6 +88,12 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: AdamwSca
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, s));
+}
+
+/// Σ x², in parallel chunks added in order (f64 across chunks), so thread-count independent.
+pub fn squared_norm(x: &[f32]) -> f64 {
+    let partials: Vec<f64> = x.par_chunks(CHUNK).map(squares_chunk).collect();
+    partials.iter().sum()
 }
 
 /// teacher ← momentum · teacher + (1 − momentum) · student, in place.

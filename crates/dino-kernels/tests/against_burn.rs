@@ -194,3 +194,21 @@ fn patch_embed_matches_burn_conv() {
         assert!(d < 1e-4, "d{name} differs by {d}");
     }
 }
+
+/// The in-place EMA and the squared norm against composed ops; a teacher buffer that another
+/// tensor shares is copied, not overwritten.
+#[test]
+fn ema_and_squared_norm_match_burn() {
+    let device = Device::flex();
+    let (teacher, student) = (random([300, 70], &device), random([300, 70], &device));
+    let expected = teacher.clone() * 0.9 + student.clone() * 0.1;
+    let before = teacher.clone().into_data();
+    let kept = teacher.clone();
+    let updated = dino_kernels::ema(teacher, student.clone(), 0.9);
+    assert!(max_diff(updated, expected) < 1e-6);
+    assert_eq!(kept.into_data(), before, "the EMA wrote into a buffer another tensor holds");
+
+    let norm = dino_kernels::squared_norm(student.clone());
+    let composed = student.square().sum().into_scalar::<f64>();
+    assert!((norm - composed).abs() < 1e-5 * composed, "{norm} vs {composed}");
+}

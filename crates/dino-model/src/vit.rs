@@ -244,17 +244,24 @@ impl VisionTransformer {
         Tensor::cat(vec![cls, patches], 1) + self.pos_embed_for(h, w)
     }
 
+    /// Images `[B, 3, H, W]` -> every token after the last block, before the final norm,
+    /// `[B, 1 + N, D]`.
+    fn through_blocks(&self, images: Tensor<4>) -> Tensor<3> {
+        self.blocks.iter().fold(self.prepare_tokens(images), |x, blk| blk.forward(x))
+    }
+
     /// Images `[B, 3, H, W]` -> every token after the final norm, `[B, 1 + N, D]`.
     pub fn forward_features(&self, images: Tensor<4>) -> Tensor<3> {
-        let x = self.blocks.iter().fold(self.prepare_tokens(images), |x, blk| blk.forward(x));
-        self.norm.forward(x)
+        self.norm.forward(self.through_blocks(images))
     }
 
     /// Images `[B, 3, H, W]` -> the final-normed CLS token `[B, D]` (the DINO feature).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self.forward_features(images);
+        let x = self.through_blocks(images);
         let [b, _, d] = x.dims();
-        x.narrow(1, 0, 1).reshape([b, d])
+        // LayerNorm acts on each token alone, so norming only the CLS token gives the official
+        // `norm(x)[:, 0]` without norming (and back-propagating through) every patch token.
+        self.norm.forward(x.narrow(1, 0, 1).reshape([b, d]))
     }
 
     /// Images `[B, 3, H, W]` -> the final-normed patch tokens `[B, N, D]`.

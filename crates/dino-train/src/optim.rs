@@ -68,8 +68,8 @@ impl Optimizer {
     /// Updates every parameter of `model` that has a gradient in `grads`, in the official order
     /// (clip, drop frozen, step). Returns the model and the norm of each gradient before
     /// clipping, in parameter order (official `named_parameters` order).
-    pub fn step<M: Module>(&mut self, model: M, grads: &Gradients, params: &StepParams) -> (M, Vec<f64>) {
-        let mut mapper = StepMapper { optimizer: self, grads, params, path: Vec::new(), norms: Vec::new() };
+    pub fn step<M: Module>(&mut self, model: M, mut grads: Gradients, params: &StepParams) -> (M, Vec<f64>) {
+        let mut mapper = StepMapper { optimizer: self, grads: &mut grads, params, path: Vec::new(), norms: Vec::new() };
         let model = model.map(&mut mapper);
         let norms = mapper.norms;
         (model, norms)
@@ -126,7 +126,7 @@ impl Optimizer {
 
 struct StepMapper<'a> {
     optimizer: &'a mut Optimizer,
-    grads: &'a Gradients,
+    grads: &'a mut Gradients,
     params: &'a StepParams,
     path: Vec<String>,
     norms: Vec<f64>,
@@ -143,22 +143,19 @@ impl ModuleMapper for StepMapper<'_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = tensor.grad(self.grads) else {
+        // Taken out of `grads`, so that the update can reuse its buffer.
+        let Some(grad) = tensor.grad_remove(self.grads) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let shape = tensor.shape();
         let n = shape.num_elements();
-        let mut grad = grad.reshape([n]);
+        let grad = grad.reshape([n]);
 
         // utils.clip_gradients: each parameter on its own, with the official epsilon.
-        let norm = grad.clone().square().sum().into_scalar::<f64>().sqrt();
+        let norm = dino_kernels::squared_norm(grad.clone()).sqrt();
         self.norms.push(norm);
-        if self.params.clip_grad > 0.0 {
-            let coef = self.params.clip_grad / (norm + 1e-6);
-            if coef < 1.0 {
-                grad = grad * coef;
-            }
-        }
+        let coef = if self.params.clip_grad > 0.0 { self.params.clip_grad / (norm + 1e-6) } else { 1.0 };
+        let grad_scale = coef.min(1.0);
         // utils.cancel_gradients_last_layer, after clipping: the parameter is left untouched.
         if self.params.freeze_last_layer && self.path.iter().any(|p| p == "last_layer") {
             return Param::from_mapped_value(id, tensor, mapper);
@@ -168,10 +165,12 @@ impl ModuleMapper for StepMapper<'_> {
         let require_grad = tensor.is_require_grad();
         let p = tensor.without_autodiff().reshape([n]);
         let state = self.optimizer.states.remove(&id);
+        let clipped = |grad: Tensor<1>| if grad_scale < 1.0 { grad * grad_scale } else { grad };
         let (p, state) = match self.optimizer.kind {
-            OptimizerKind::Adamw => adamw(p, grad, state, self.params.lr, wd),
-            OptimizerKind::Sgd => sgd(p, grad, state, self.params.lr, wd),
-            OptimizerKind::Lars => lars(p, grad, state, self.params.lr, wd, D == 1),
+            // AdamW scales the gradient inside its single pass.
+            OptimizerKind::Adamw => adamw(p, grad, grad_scale, state, self.params.lr, wd),
+            OptimizerKind::Sgd => sgd(p, clipped(grad), state, self.params.lr, wd),
+            OptimizerKind::Lars => lars(p, clipped(grad), state, self.params.lr, wd, D == 1),
         };
         self.optimizer.states.insert(id, state);
         let mut updated = p.reshape(shape).autodiff();
@@ -222,13 +221,20 @@ pub fn official_state_order<M: Module>(model: &M) -> Vec<(usize, usize)> {
     order.regularised.into_iter().chain(order.others).collect()
 }
 
-/// `torch.optim.AdamW` for one parameter.
-fn adamw(p: Tensor<1>, g: Tensor<1>, state: Option<ParamState>, lr: f64, wd: f64) -> (Tensor<1>, ParamState) {
+/// `torch.optim.AdamW` for one parameter, on the gradient `g · grad_scale`.
+fn adamw(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    grad_scale: f64,
+    state: Option<ParamState>,
+    lr: f64,
+    wd: f64,
+) -> (Tensor<1>, ParamState) {
     let (step, m, v) = match state {
         Some(ParamState { step, m, v: Some(v) }) => (step + 1, m, v),
         _ => (1, g.zeros_like(), g.zeros_like()),
     };
-    let scalars = AdamwScalars::new(lr, wd, ADAM_BETAS, ADAM_EPS, step);
+    let scalars = AdamwScalars::new(lr, wd, ADAM_BETAS, ADAM_EPS, step).with_grad_scale(grad_scale);
     let [p, m, v] = dino_kernels::adamw_step(p, g, m, v, scalars);
     (p, ParamState { step, m, v: Some(v) })
 }
@@ -306,7 +312,7 @@ mod tests {
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_about_lr() {
-        let (p, state) = adamw(t(&[1.0, -1.0]), t(&[0.3, -2.0]), None, 0.01, 0.0);
+        let (p, state) = adamw(t(&[1.0, -1.0]), t(&[0.3, -2.0]), 1.0, None, 0.01, 0.0);
         close(&values(p), &[0.99, -0.99]);
         assert_eq!(state.step, 1);
     }

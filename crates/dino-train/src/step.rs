@@ -61,7 +61,7 @@ pub fn train_step(
         return Err(NonFiniteLoss { loss: scalar });
     }
     let grads = value.backward();
-    let (student, grad_norms) = optimizer.step(student, &grads, &params.step);
+    let (student, grad_norms) = optimizer.step(student, grads, &params.step);
     let teacher = ema_update(teacher, &student, params.momentum);
     loss.update_center(teacher_out);
     Ok((TrainState { student, teacher, loss, optimizer }, StepReport { loss: scalar, grad_norms }))
