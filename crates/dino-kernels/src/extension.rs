@@ -221,11 +221,18 @@ fn register_linear_grads(
     if let Some(id) = px {
         grads.register::<Flex>(id, tensor(linear::backward_input(values(weight), values(dy), d), shape(x)));
     }
-    if let Some(id) = pw {
-        grads.register::<Flex>(id, tensor(linear::backward_weight(values(x), values(dy), d), shape(weight)));
-    }
-    if let Some(id) = pb {
-        grads.register::<Flex>(id, tensor(linear::backward_bias(values(dy), d.n), Shape::new([d.n])));
+    match (pw, pb) {
+        (Some(pw), pb) => {
+            let (dw, db) = linear::backward_params(values(x), values(dy), d);
+            grads.register::<Flex>(pw, tensor(dw, shape(weight)));
+            if let Some(pb) = pb {
+                grads.register::<Flex>(pb, tensor(db, Shape::new([d.n])));
+            }
+        }
+        (None, Some(pb)) => {
+            grads.register::<Flex>(pb, tensor(linear::backward_bias(values(dy), d.n), Shape::new([d.n])))
+        }
+        (None, None) => {}
     }
 }
 

@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::buffer::{Shared, assume_init};
+use crate::buffer::{Shared, assume_init, par_filled};
 use crate::gelu;
 use crate::matmul::{Operand, gemm};
 
@@ -191,51 +191,81 @@ pub fn backward_input(w: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     product([d.rows, d.k, d.n], (dy.as_ptr(), [d.n, 1]), (w.as_ptr(), [1, d.n]), parallelism(d.rows, d.k, d.n))
 }
 
-/// dL/dW = xᵀ dy: `[k, n]`.
+/// Column sums of `dy` `[rows, n]` in row order.
+fn column_sums(dy: &[f32], n: usize) -> Vec<f32> {
+    let mut acc = vec![0.0; n];
+    for row in dy.chunks_exact(n) {
+        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+    }
+    acc
+}
+
+/// (dL/dW = xᵀ dy `[k, n]`, dL/db = column sums of dy `[n]`).
 ///
-/// The product reduces over all rows into a small matrix, which gemm parallelises poorly
-/// (~170 GFLOP/s on 2 cores against ~245 for this split): a fixed number of blocks of rows run
-/// as separate single-threaded products, then are added in block order (in parallel over the
-/// elements), so the result does not depend on the thread count.
-pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
+/// The weight gradient reduces over all rows into a small matrix, which gemm parallelises poorly
+/// (~170-220 GFLOP/s on 2 cores against ~220-290 for this split): a fixed number of blocks of
+/// rows run as separate single-threaded products, each also summing its rows of dy for the bias
+/// while they are in cache; the blocks are added in block order (in parallel over the
+/// elements), so the result does not depend on the thread count. gemm is faster with an output
+/// no taller than wide, so when k > n each block makes dWᵀ and the sum is transposed.
+pub fn backward_params(x: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), d.rows * d.k, "linear backward: input is not [rows, {}]", d.k);
     assert_eq!(dy.len(), d.rows * d.n, "linear backward: gradient is not [rows, {}]", d.n);
-    // xᵀ[i, r] = x[r, i]: row stride 1, column stride k.
-    let block = |x: &[f32], dy: &[f32], parallelism| {
-        let rows = dy.len() / d.n;
-        product([d.k, d.n, rows], (x.as_ptr(), [1, d.k]), (dy.as_ptr(), [d.n, 1]), parallelism)
-    };
     if d.rows < WEIGHT_GRAD_MIN_ROWS {
-        return block(x, dy, parallelism(d.k, d.n, d.rows));
+        // xᵀ[i, r] = x[r, i]: row stride 1, column stride k.
+        let dw =
+            product([d.k, d.n, d.rows], (x.as_ptr(), [1, d.k]), (dy.as_ptr(), [d.n, 1]), parallelism(d.k, d.n, d.rows));
+        return (dw, backward_bias(dy, d.n));
     }
+    let transposed = d.k > d.n;
     let rows = d.rows.div_ceil(WEIGHT_GRAD_BLOCKS);
-    let mut partials: Vec<Vec<f32>> = x
+    let mut partials: Vec<(Vec<f32>, Vec<f32>)> = x
         .par_chunks(rows * d.k)
         .zip(dy.par_chunks(rows * d.n))
-        .map(|(x, dy)| block(x, dy, gemm::Parallelism::None))
+        .map(|(x, dy)| {
+            let rows = dy.len() / d.n;
+            let (xt, dyt) = ((x.as_ptr(), [1, d.k]), (dy.as_ptr(), [1, d.n]));
+            let none = gemm::Parallelism::None;
+            let dw = if transposed {
+                product([d.n, d.k, rows], dyt, (x.as_ptr(), [d.k, 1]), none)
+            } else {
+                product([d.k, d.n, rows], xt, (dy.as_ptr(), [d.n, 1]), none)
+            };
+            (dw, column_sums(dy, d.n))
+        })
         .collect();
-    let mut dw = partials.remove(0);
-    dw.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
-        for p in &partials {
+    let (mut sum, mut db) = partials.remove(0);
+    sum.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
+        for (p, _) in &partials {
             out.iter_mut().zip(&p[i * CHUNK..]).for_each(|(a, v)| *a += v);
         }
     });
-    dw
+    for (_, p) in &partials {
+        db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    if !transposed {
+        return (sum, db);
+    }
+    // sum is dWᵀ `[n, k]`.
+    // SAFETY: each chunk of whole rows of dW is written in full from the transposed sum.
+    let dw = unsafe {
+        let rows_per_chunk = (CHUNK / d.n).max(1);
+        par_filled(d.k * d.n, rows_per_chunk * d.n, |c, out| {
+            let first = c * rows_per_chunk;
+            for (r, row) in out.chunks_exact_mut(d.n).enumerate() {
+                row.iter_mut().enumerate().for_each(|(j, o)| {
+                    o.write(sum[j * d.k + first + r]);
+                });
+            }
+        })
+    };
+    (dw, db)
 }
 
 /// dL/db = column sums of dy: `[n]`, summed per task then in task order (thread-count independent).
 pub fn backward_bias(dy: &[f32], n: usize) -> Vec<f32> {
     let rows_per_task = (CHUNK / n.max(1)).max(1);
-    let partials: Vec<Vec<f32>> = dy
-        .par_chunks(rows_per_task * n)
-        .map(|chunk| {
-            let mut acc = vec![0.0; n];
-            for row in chunk.chunks_exact(n) {
-                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-            }
-            acc
-        })
-        .collect();
+    let partials: Vec<Vec<f32>> = dy.par_chunks(rows_per_task * n).map(|chunk| column_sums(chunk, n)).collect();
     let mut db = vec![0.0; n];
     for p in &partials {
         db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
@@ -251,31 +281,46 @@ mod tests {
         (0..len).map(|i| (((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 1000.0 - 1.0).collect()
     }
 
+    /// The layer's output and gradients from f64 loops: (y, dx, dW, db).
+    fn reference(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], d: Dims) -> [Vec<f64>; 4] {
+        let at = |v: &[f32], i: usize| v[i] as f64;
+        let y = (0..d.rows * d.n)
+            .map(|i| {
+                at(b, i % d.n) + (0..d.k).map(|c| at(x, i / d.n * d.k + c) * at(w, c * d.n + i % d.n)).sum::<f64>()
+            })
+            .collect();
+        let dx = (0..d.rows * d.k)
+            .map(|i| (0..d.n).map(|o| at(dy, i / d.k * d.n + o) * at(w, i % d.k * d.n + o)).sum())
+            .collect();
+        let dw = (0..d.k * d.n)
+            .map(|i| (0..d.rows).map(|r| at(x, r * d.k + i / d.n) * at(dy, r * d.n + i % d.n)).sum())
+            .collect();
+        let db = (0..d.n).map(|o| (0..d.rows).map(|r| at(dy, r * d.n + o)).sum()).collect();
+        [y, dx, dw, db]
+    }
+
+    fn assert_close(name: &str, got: &[f32], expected: &[f64], tol: f64) {
+        assert_eq!(got.len(), expected.len(), "{name}: length");
+        for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+            assert!((*g as f64 - e).abs() < tol * (1.0 + e.abs()), "{name}[{i}] = {g}, expected {e}");
+        }
+    }
+
+    /// Few rows (one product each), and enough rows for the row tiles and the blocked weight
+    /// gradient in both orientations (k < n and k > n).
     #[test]
     fn forward_and_gradients_match_loops() {
-        let d = Dims { rows: 7, k: 5, n: 3 };
-        let (x, w, b, dy) = (data(35, 1), data(15, 2), data(3, 3), data(21, 4));
-        let y = forward(&x, &w, &b, d);
-        let (dx, dw, db) = (backward_input(&w, &dy, d), backward_weight(&x, &dy, d), backward_bias(&dy, d.n));
-        for r in 0..d.rows {
-            for o in 0..d.n {
-                let e: f32 = b[o] + (0..d.k).map(|i| x[r * d.k + i] * w[i * d.n + o]).sum::<f32>();
-                assert!((y[r * d.n + o] - e).abs() < 1e-5);
-            }
-            for i in 0..d.k {
-                let e: f32 = (0..d.n).map(|o| dy[r * d.n + o] * w[i * d.n + o]).sum();
-                assert!((dx[r * d.k + i] - e).abs() < 1e-5);
-            }
-        }
-        for i in 0..d.k {
-            for o in 0..d.n {
-                let e: f32 = (0..d.rows).map(|r| x[r * d.k + i] * dy[r * d.n + o]).sum();
-                assert!((dw[i * d.n + o] - e).abs() < 1e-5);
-            }
-        }
-        for o in 0..d.n {
-            let e: f32 = (0..d.rows).map(|r| dy[r * d.n + o]).sum();
-            assert!((db[o] - e).abs() < 1e-5);
+        for d in [Dims { rows: 7, k: 5, n: 3 }, Dims { rows: 2100, k: 5, n: 19 }, Dims { rows: 2100, k: 19, n: 5 }] {
+            let (x, w, b) = (data(d.rows * d.k, 1), data(d.k * d.n, 2), data(d.n, 3));
+            let (dy, residual) = (data(d.rows * d.n, 4), data(d.rows * d.n, 5));
+            let [y, dx, dw, db] = reference(&x, &w, &b, &dy, d);
+            assert_close("y", &forward(&x, &w, &b, d), &y, 1e-5);
+            let with_residual: Vec<f64> = y.iter().zip(&residual).map(|(y, r)| y + *r as f64).collect();
+            assert_close("y + residual", &forward_add(&x, &w, &b, &residual, d), &with_residual, 1e-5);
+            assert_close("dx", &backward_input(&w, &dy, d), &dx, 1e-5);
+            let (got_dw, got_db) = backward_params(&x, &dy, d);
+            assert_close("dW", &got_dw, &dw, 1e-4);
+            assert_close("db", &got_db, &db, 1e-4);
         }
     }
 }

@@ -71,8 +71,8 @@ pub fn forward(images: &[f32], weight: &[f32], bias: &[f32], d: Dims) -> (Vec<f3
 
 /// Gradients of the weight `[D, C, p, p]` and the bias `[D]`.
 pub fn backward_params(patches: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
-    let dw = linear::backward_weight(patches, dy, d.linear()); // [K, D]
-    (transpose(&dw, d.patch_len(), d.dim), linear::backward_bias(dy, d.dim))
+    let (dw, db) = linear::backward_params(patches, dy, d.linear()); // [K, D], [D]
+    (transpose(&dw, d.patch_len(), d.dim), db)
 }
 
 /// Gradient of the images `[B, C, H, W]` (zero on pixels past the last whole patch).
