@@ -11,7 +11,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, Flex, backend_extension};
 use burn::tensor::{Shape, TensorData};
 
-use crate::{attention, gelu, layer_norm, linear, optim, patch_embed, weight_norm};
+use crate::{attention, dino_loss, gelu, layer_norm, linear, optim, patch_embed, weight_norm};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -48,6 +48,14 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// Multi-head self-attention: qkv `[B, N, 3D]` -> `[B, N, D]`.
     fn fused_self_attention(qkv: FloatTensor<Self>, heads: usize) -> FloatTensor<Self>;
+    /// The DINO cross-entropy: student outputs `[V·B, K]` (views crop-major), teacher
+    /// probabilities `[2·B, K]` (a constant: no gradient) -> the loss `[1]`.
+    fn fused_dino_loss(
+        student: FloatTensor<Self>,
+        teacher_probs: FloatTensor<Self>,
+        views: usize,
+        student_temp: f64,
+    ) -> FloatTensor<Self>;
     /// Σ x² over all elements, as a one-element f64 tensor. Not tracked by autodiff.
     fn fused_squared_norm(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// The teacher's EMA update, momentum · teacher + (1 − momentum) · student, written into the
@@ -133,6 +141,19 @@ fn linear_add_forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, re
     tensor(linear::forward_add(values(x), values(weight), values(bias), values(residual), d), out_shape)
 }
 
+fn dino_loss_dims(student: &FlexTensor, teacher_probs: &FlexTensor, views: usize) -> dino_loss::Dims {
+    let (s, q) = (shape(student), shape(teacher_probs));
+    assert!(
+        s.num_dims() == 2 && q.num_dims() == 2 && s[1] == q[1] && q[0] % 2 == 0 && s[0] == views * (q[0] / 2),
+        "DINO loss: student {s:?} and teacher {q:?} are not [views·B, K] and [2·B, K] for {views} views"
+    );
+    dino_loss::Dims { views, batch: q[0] / 2, classes: s[1] }
+}
+
+fn scalar(value: f64) -> FlexTensor {
+    tensor(vec![value as f32], Shape::new([1]))
+}
+
 fn weight_norm_forward(v: &FlexTensor, g: &FlexTensor) -> (FlexTensor, FlexTensor) {
     let (w, inv) = weight_norm::forward(values(v), values(g));
     let rows = inv.len();
@@ -187,6 +208,12 @@ impl FusedOps for Flex {
 
     fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
         layer_norm_forward(&dense(x), &dense(gamma), &dense(beta), eps).0
+    }
+
+    fn fused_dino_loss(student: FlexTensor, teacher_probs: FlexTensor, views: usize, student_temp: f64) -> FlexTensor {
+        let (s, q) = (dense(student), dense(teacher_probs));
+        let d = dino_loss_dims(&s, &q, views);
+        scalar(dino_loss::forward(values(&s), values(&q), student_temp as f32, d).0)
     }
 
     fn fused_squared_norm(x: FlexTensor) -> FlexTensor {
@@ -386,6 +413,24 @@ impl Backward<Flex, 1> for AttentionBackward {
     }
 }
 
+#[derive(Debug)]
+struct DinoLossBackward;
+
+impl Backward<Flex, 1> for DinoLossBackward {
+    /// The student outputs, the teacher probabilities, each student row's lse, the sizes and the
+    /// student temperature.
+    type State = (FlexTensor, FlexTensor, Vec<f32>, dino_loss::Dims, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = dense(grads.consume::<Flex>(&ops.node));
+        if let [Some(parent)] = ops.parents {
+            let (s, q, lse, d, temp) = &ops.state;
+            let ds = dino_loss::backward(values(s), values(q), lse, *temp, values(&grad)[0], *d);
+            grads.register::<Flex>(parent.id, tensor(ds, shape(s)));
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
         let (xs, ws, bs) =
@@ -512,5 +557,24 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 
     fn fused_ema(teacher: FloatTensor<Self>, student: FloatTensor<Self>, momentum: f64) -> FloatTensor<Self> {
         Self::from_inner(Flex::fused_ema(Self::inner(teacher), Self::inner(student), momentum))
+    }
+
+    fn fused_dino_loss(
+        student: FloatTensor<Self>,
+        teacher_probs: FloatTensor<Self>,
+        views: usize,
+        student_temp: f64,
+    ) -> FloatTensor<Self> {
+        let s = dense(student.primitive().clone());
+        let q = dense(Self::inner(teacher_probs));
+        let d = dino_loss_dims(&s, &q, views);
+        let temp = student_temp as f32;
+        match DinoLossBackward.prepare::<C>([student.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (loss, lse) = dino_loss::forward(values(&s), values(&q), temp, d);
+                prep.finish((s, q, lse, d, temp), scalar(loss))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(scalar(dino_loss::forward(values(&s), values(&q), temp, d).0)),
+        }
     }
 }

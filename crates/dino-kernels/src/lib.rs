@@ -11,6 +11,7 @@
 
 mod attention;
 mod buffer;
+mod dino_loss;
 mod extension;
 mod gelu;
 mod layer_norm;
@@ -209,6 +210,33 @@ pub fn ema<const D: usize>(teacher: Tensor<D>, student: Tensor<D>, momentum: f64
         return teacher * momentum + student * (1.0 - momentum);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_ema(teacher.into_dispatch(), student.into_dispatch(), momentum))
+}
+
+/// The DINO cross-entropy (`DINOLoss` of `main_dino.py`): raw student outputs `[V·B, K]` (V views,
+/// crop-major), teacher probabilities `[2·B, K]` (its two global views) -> the loss `[1]`,
+/// −⟨q_iq, log_softmax(s_v / student_temp)⟩ averaged over samples and over the 2V − 2
+/// (teacher view iq, student view v ≠ iq) pairs. No gradient flows to the teacher side.
+pub fn dino_cross_entropy(student: Tensor<2>, teacher_probs: Tensor<2>, views: usize, student_temp: f64) -> Tensor<1> {
+    let teacher_probs = teacher_probs.without_autodiff();
+    if !runs_fused(&student) {
+        let [rows, k] = student.dims();
+        let b = rows / views;
+        let log_p = activation::log_softmax(student / student_temp, 1).reshape([views, b, k]);
+        let q = teacher_probs.reshape([2, b, k]);
+        // sum over v != iq of <q_iq, log p_v> = <q_iq, sum_v log p_v> - <q_iq, log p_iq>
+        let all_views = log_p.clone().sum_dim(0); // [1, B, K]
+        let same_view = log_p.narrow(0, 0, 2); // [2, B, K]
+        let cross = (q.clone() * all_views).sum() - (q * same_view).sum();
+        return -cross / (b as f64 * (2 * views - 2) as f64);
+    }
+    // The teacher side joins the student's graph as an untracked constant.
+    let teacher_probs = if student.device().is_autodiff() { teacher_probs.autodiff() } else { teacher_probs };
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dino_loss(
+        student.into_dispatch(),
+        teacher_probs.into_dispatch(),
+        views,
+        student_temp,
+    ))
 }
 
 /// Σ x² over every element, accumulated in f64 across parallel chunks on flex.

@@ -212,3 +212,31 @@ fn ema_and_squared_norm_match_burn() {
     let composed = student.square().sum().into_scalar::<f64>();
     assert!((norm - composed).abs() < 1e-5 * composed, "{norm} vs {composed}");
 }
+
+/// The DINO cross-entropy against the official formula in burn ops, value and student gradient.
+#[test]
+fn dino_cross_entropy_matches_burn() {
+    let device = Device::flex().autodiff();
+    let (views, b, k) = (5, 3, 300);
+    let student = random([views * b, k], &device) * 2.0;
+    let q = activation::softmax(random([2 * b, k], &Device::flex()) * 3.0, 1);
+    let w = Tensor::<1>::ones([1], &device) * 1.7;
+    let composed = |s: Vec<Tensor<2>>| {
+        let log_p = activation::log_softmax(s[0].clone() / 0.1, 1);
+        let mut total = Tensor::<1>::zeros([1], &device);
+        for iq in 0..2 {
+            let q = q.clone().narrow(0, iq * b, b).autodiff();
+            for v in (0..views).filter(|&v| v != iq) {
+                total = total + (q.clone() * log_p.clone().narrow(0, v * b, b)).sum().neg() / b as f64;
+            }
+        }
+        total / (2 * views - 2) as f64
+    };
+    let fused = |s: Vec<Tensor<2>>| dino_kernels::dino_cross_entropy(s[0].clone(), q.clone(), views, 0.1);
+    let (a, ga) = run(std::slice::from_ref(&student), &w, fused);
+    let (e, ge) = run(&[student], &w, composed);
+    assert!(max_diff(a, e) < 1e-5);
+    let d = max_diff(ga[0].clone(), ge[0].clone());
+    let scale: f32 = ge[0].clone().abs().max().into_scalar();
+    assert!(d < 1e-5 * scale, "gradients differ by {d} (largest {scale})");
+}

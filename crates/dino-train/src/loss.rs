@@ -1,6 +1,6 @@
 //! The DINO loss and its center (`DINOLoss` in `main_dino.py`).
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
 /// Cross-entropy between the teacher's centered, sharpened softmax on the global crops and the
@@ -28,18 +28,10 @@ impl DinoLoss {
     /// crop, -> the scalar loss `[1]`, averaged over the `2 * ncrops - 2` (teacher view, other
     /// student view) pairs. The teacher side is a constant: no gradient flows to it.
     pub fn forward(&self, student_out: Tensor<2>, teacher_out: Tensor<2>, teacher_temp: f64) -> Tensor<1> {
-        let [rows, k] = student_out.dims();
-        let b = rows / self.ncrops;
-        let log_p = log_softmax(student_out / self.student_temp, 1).reshape([self.ncrops, b, k]);
         // Without autodiff, the teacher side enters the student's graph as a constant.
         let teacher_out = teacher_out.without_autodiff();
-        let q = softmax((teacher_out - self.center.clone()) / teacher_temp, 1).reshape([2, b, k]);
-        // sum over v != iq of <q_iq, log p_v> = <q_iq, sum_v log p_v> - <q_iq, log p_iq>
-        let all_views = log_p.clone().sum_dim(0); // [1, B, K]
-        let same_view = log_p.narrow(0, 0, 2); // [2, B, K]
-        let cross = (q.clone() * all_views).sum() - (q * same_view).sum();
-        let terms = (2 * self.ncrops - 2) as f64;
-        -cross / (b as f64 * terms)
+        let q = softmax((teacher_out - self.center.clone()) / teacher_temp, 1);
+        dino_kernels::dino_cross_entropy(student_out, q, self.ncrops, self.student_temp)
     }
 
     /// The EMA update of the center with this batch's raw teacher outputs `[2 * B, K]`
