@@ -247,19 +247,24 @@ pub fn backward_params(x: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
         return (sum, db);
     }
     // sum is dWᵀ `[n, k]`.
-    // SAFETY: each chunk of whole rows of dW is written in full from the transposed sum.
-    let dw = unsafe {
-        let rows_per_chunk = (CHUNK / d.n).max(1);
-        par_filled(d.k * d.n, rows_per_chunk * d.n, |c, out| {
-            let first = c * rows_per_chunk;
-            for (r, row) in out.chunks_exact_mut(d.n).enumerate() {
+    (transpose(&sum, d.n, d.k), db)
+}
+
+/// `x` `[rows, cols]` -> xᵀ `[cols, rows]`, in parallel chunks of output rows.
+pub(crate) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * cols, "transpose: not [{rows}, {cols}]");
+    let out_rows_per_chunk = (CHUNK / rows.max(1)).max(1);
+    // SAFETY: each chunk of whole output rows is written in full.
+    unsafe {
+        par_filled(rows * cols, out_rows_per_chunk * rows, |c, out| {
+            let first = c * out_rows_per_chunk;
+            for (i, row) in out.chunks_exact_mut(rows).enumerate() {
                 row.iter_mut().enumerate().for_each(|(j, o)| {
-                    o.write(sum[j * d.k + first + r]);
+                    o.write(x[j * cols + first + i]);
                 });
             }
         })
-    };
-    (dw, db)
+    }
 }
 
 /// dL/db = column sums of dy: `[n]`, summed per task then in task order (thread-count independent).
@@ -321,6 +326,20 @@ mod tests {
             let (got_dw, got_db) = backward_params(&x, &dy, d);
             assert_close("dW", &got_dw, &dw, 1e-4);
             assert_close("db", &got_db, &db, 1e-4);
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_element() {
+        // 3 x 5, and 7 x 9000 (several chunks of output rows).
+        for (rows, cols) in [(3, 5), (7, 9000)] {
+            let x = data(rows * cols, 6);
+            let t = transpose(&x, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], x[r * cols + c], "({r}, {c}) of {rows} x {cols}");
+                }
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::simd::multiversion;
+use crate::simd::{dot, multiversion};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -60,15 +60,7 @@ multiversion! {
 
 multiversion! {
     fn squares_chunk(x: &[f32]) -> f64 {
-        let mut lanes = [0.0f32; 16];
-        let chunks = x.chunks_exact(16);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for c in chunks {
-            for (l, v) in lanes.iter_mut().zip(c) {
-                *l += v * v;
-            }
-        }
-        lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
+        dot(x, x) as f64
     }
 }
 

@@ -52,11 +52,6 @@ fn for_each_pixel(d: Dims, row: usize, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// `[D, K]` -> `[K, D]`.
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..cols).flat_map(|c| (0..rows).map(move |r| w[r * cols + c])).collect()
-}
-
 /// images `[B, C, H, W]`, weight `[D, C, p, p]`, bias `[D]` -> (`[B, h·w, D]`, the patches
 /// `[B·h·w, C·p·p]` for the backward).
 pub fn forward(images: &[f32], weight: &[f32], bias: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
@@ -65,20 +60,20 @@ pub fn forward(images: &[f32], weight: &[f32], bias: &[f32], d: Dims) -> (Vec<f3
     let k = d.patch_len();
     let mut patches = vec![0.0; d.rows() * k];
     patches.par_chunks_mut(k).enumerate().for_each(|(row, out)| for_each_pixel(d, row, |i, at| out[i] = images[at]));
-    let out = linear::forward(&patches, &transpose(weight, d.dim, k), bias, d.linear());
+    let out = linear::forward(&patches, &linear::transpose(weight, d.dim, k), bias, d.linear());
     (out, patches)
 }
 
 /// Gradients of the weight `[D, C, p, p]` and the bias `[D]`.
 pub fn backward_params(patches: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
     let (dw, db) = linear::backward_params(patches, dy, d.linear()); // [K, D], [D]
-    (transpose(&dw, d.patch_len(), d.dim), db)
+    (linear::transpose(&dw, d.patch_len(), d.dim), db)
 }
 
 /// Gradient of the images `[B, C, H, W]` (zero on pixels past the last whole patch).
 pub fn backward_images(weight: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     let k = d.patch_len();
-    let dpatches = linear::backward_input(&transpose(weight, d.dim, k), dy, d.linear());
+    let dpatches = linear::backward_input(&linear::transpose(weight, d.dim, k), dy, d.linear());
     let mut dx = vec![0.0; d.batch * d.channels * d.height * d.width];
     for (row, p) in dpatches.chunks_exact(k).enumerate() {
         for_each_pixel(d, row, |i, at| dx[at] = p[i]);
