@@ -2,11 +2,12 @@
 //! happy paths, and bad input that must end in a one-line error and a non-zero exit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::{IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
 use dino_fixtures::fixture_dir;
+use dino_fixtures::sandbox::confined;
 use dino_model::weights::{CheckpointKey, Weights, save_backbone};
 use dino_model::{VisionTransformer, VitConfig};
 use image::{Rgb, RgbImage};
@@ -16,7 +17,7 @@ fn heads_from_manifest() -> usize {
 }
 
 fn dino(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dino")).args(args).output().expect("the dino binary runs")
+    confined(Path::new(env!("CARGO_BIN_EXE_dino"))).args(args).output().expect("the dino binary runs")
 }
 
 fn ok(args: &[&str]) -> String {

@@ -1,30 +1,28 @@
-//! `dino train` end to end on real Fashion-MNIST images (a subset, a tiny model), then the
-//! exported teacher used by `dino extract`, `dino eval knn` and `dino eval linear`; and the
-//! configuration errors a user can make.
+//! `dino train` end to end on real Fashion-MNIST images (the subset in `fixtures/`, a tiny
+//! model), then the exported teacher used by `dino extract`, `dino eval knn` and `dino eval
+//! linear`; and the configuration errors a user can make.
 
 use std::path::Path;
-use std::process::Command;
 
-const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+use dino_fixtures::fashion_mnist_subset;
+use dino_fixtures::sandbox::confined;
 
 fn dino(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dino")).args(args).output().expect("the dino binary runs")
+    confined(Path::new(env!("CARGO_BIN_EXE_dino"))).args(args).output().expect("the dino binary runs")
 }
 
 #[test]
 fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
-    assert!(
-        Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz").is_file(),
-        "Fashion-MNIST is missing: `apt-get install -y dataset-fashion-mnist` (.ci/run does it)"
-    );
+    let fashion = fashion_mnist_subset();
+    let fashion = fashion.to_str().expect("a UTF-8 checkout path");
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let out = dino(&[
         "train",
         "--data",
-        FASHION_MNIST,
+        fashion,
         "--val",
-        &format!("{FASHION_MNIST}#test"),
+        &format!("{fashion}#test"),
         "--preset",
         "small28",
         "--epochs",
@@ -82,13 +80,13 @@ fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let teacher = run.join("teacher_backbone.safetensors");
-    let test = format!("{FASHION_MNIST}#test");
+    let test = format!("{fashion}#test");
     let json = dir.path().join("knn.json");
     let out = dino(&[
         "eval",
         "knn",
         "--train",
-        FASHION_MNIST,
+        fashion,
         "--test",
         &test,
         "--weights",
@@ -114,7 +112,7 @@ fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
         "eval",
         "linear",
         "--train",
-        FASHION_MNIST,
+        fashion,
         "--test",
         &test,
         "--weights",

@@ -1,18 +1,29 @@
-//! Test support: access to the reference fixtures produced by the official implementation.
+//! Test support: the reference fixtures produced by the official implementation, the small
+//! real dataset the repository ships, and a sandbox that keeps binaries under test inside the
+//! repository ([`sandbox`]).
 //!
-//! The directory is `$DINO_REFERENCE_DIR` when set, else the copy in this repository. Every
-//! setting a test needs is read from its `manifest.json`, so the tests run unchanged on any other
-//! fixture set of the same layout.
+//! The fixture directory is `$DINO_REFERENCE_DIR` when set, else the copy in this repository.
+//! Every setting a test needs is read from its `manifest.json`, so the tests run unchanged on any
+//! other fixture set of the same layout.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+pub mod sandbox;
+
+/// The first 512 training and 256 test images of Fashion-MNIST, in IDX files
+/// (`fixtures/fashion-mnist-subset/`, see its README): a dataset SPEC for `Dataset::open` and
+/// `--data`, with `#test` for the test split.
+pub fn fashion_mnist_subset() -> PathBuf {
+    sandbox::repo_root().join("fixtures/fashion-mnist-subset")
+}
+
 pub fn fixture_dir() -> PathBuf {
     let dir = match std::env::var_os("DINO_REFERENCE_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/dino-reference"),
+        None => sandbox::repo_root().join("fixtures/dino-reference"),
     };
     assert!(
         dir.join("manifest.json").is_file(),
