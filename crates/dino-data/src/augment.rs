@@ -30,6 +30,21 @@ pub struct MultiCropConfig {
     pub local_crops: usize,
     /// Range of the Gaussian blur radius (official 0.1 to 2.0 px at 224 px).
     pub blur_radius: (f64, f64),
+    /// Probability of the blur on global crop 1, global crop 2 and each local crop (official
+    /// 1.0, 0.1, 0.5).
+    pub blur_prob: (f64, f64, f64),
+    /// Probability of solarization on global crop 2 (official 0.2; never on the others).
+    pub solarize_prob: f64,
+    /// Probability of the horizontal flip (official 0.5).
+    pub flip_prob: f64,
+    /// Probability of the colour jitter (official 0.8).
+    pub jitter_prob: f64,
+    /// Colour jitter strengths: brightness, contrast, saturation (factors drawn from
+    /// [1 - s, 1 + s]) and hue (shift drawn from [-s, s] of a turn, at most 0.5); official
+    /// `ColorJitter(0.4, 0.4, 0.2, 0.1)`.
+    pub jitter: (f64, f64, f64, f64),
+    /// Probability of the grayscale conversion (official 0.2).
+    pub grayscale_prob: f64,
     /// Normalisation mean per channel (ImageNet).
     pub mean: [f32; 3],
     /// Normalisation standard deviation per channel (ImageNet).
@@ -45,6 +60,12 @@ impl Default for MultiCropConfig {
             local_scale: (0.05, 0.4),
             local_crops: 8,
             blur_radius: (0.1, 2.0),
+            blur_prob: (1.0, 0.1, 0.5),
+            solarize_prob: 0.2,
+            flip_prob: 0.5,
+            jitter_prob: 0.8,
+            jitter: (0.4, 0.4, 0.2, 0.1),
+            grayscale_prob: 0.2,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
         }
@@ -63,6 +84,25 @@ impl MultiCropConfig {
         }
         if !(self.blur_radius.0 > 0.0 && self.blur_radius.0 <= self.blur_radius.1) {
             return Err("blur_radius must satisfy 0 < min <= max".into());
+        }
+        let (b1, b2, b3) = self.blur_prob;
+        let probabilities = [
+            ("blur_prob", b1),
+            ("blur_prob", b2),
+            ("blur_prob", b3),
+            ("solarize_prob", self.solarize_prob),
+            ("flip_prob", self.flip_prob),
+            ("jitter_prob", self.jitter_prob),
+            ("grayscale_prob", self.grayscale_prob),
+        ];
+        if let Some((name, p)) = probabilities.iter().find(|(_, p)| !(0.0..=1.0).contains(p)) {
+            return Err(format!("{name} = {p} is not a probability in [0, 1]"));
+        }
+        let (b, c, sat, hue) = self.jitter;
+        if [b, c, sat].iter().any(|s| !(0.0..=1.0).contains(s)) || !(0.0..=0.5).contains(&hue) {
+            return Err(
+                "jitter strengths must be in [0, 1] (brightness, contrast, saturation) and [0, 0.5] (hue)".into()
+            );
         }
         if self.std.iter().any(|&s| s <= 0.0) {
             return Err("normalisation std must be positive".into());
@@ -85,18 +125,22 @@ impl MultiCropConfig {
     pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<Vec<f32>> {
         let mut crops = Vec::with_capacity(self.num_crops());
         // (size, scale, blur p, solarize p) per crop.
-        let plans = [(self.global_size, self.global_scale, 1.0, 0.0), (self.global_size, self.global_scale, 0.1, 0.2)]
-            .into_iter()
-            .chain((0..self.local_crops).map(|_| (self.local_size, self.local_scale, 0.5, 0.0)));
+        let (blur_1, blur_2, blur_local) = self.blur_prob;
+        let plans = [
+            (self.global_size, self.global_scale, blur_1, 0.0),
+            (self.global_size, self.global_scale, blur_2, self.solarize_prob),
+        ]
+        .into_iter()
+        .chain((0..self.local_crops).map(|_| (self.local_size, self.local_scale, blur_local, 0.0)));
         for (size, scale, blur_p, solarize_p) in plans {
             let mut px = random_resized_crop(img, size, scale, FilterType::CatmullRom, rng);
-            if rng.random::<f64>() < 0.5 {
+            if rng.random::<f64>() < self.flip_prob {
                 flip_horizontal(&mut px, size as usize);
             }
-            if rng.random::<f64>() < 0.8 {
-                color_jitter(&mut px, rng);
+            if rng.random::<f64>() < self.jitter_prob {
+                color_jitter(&mut px, self.jitter, rng);
             }
-            if rng.random::<f64>() < 0.2 {
+            if rng.random::<f64>() < self.grayscale_prob {
                 grayscale(&mut px);
             }
             // utils.GaussianBlur applies when random() <= p; Solarization when random() < p.
@@ -193,13 +237,14 @@ fn luma(p: &[f32]) -> f32 {
     0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2]
 }
 
-/// `ColorJitter(0.4, 0.4, 0.2, 0.1)`: brightness, contrast, saturation and hue factors, applied in
-/// a random order.
-fn color_jitter(px: &mut [f32], rng: &mut impl Rng) {
-    let brightness = rng.random_range(0.6..=1.4);
-    let contrast = rng.random_range(0.6..=1.4);
-    let saturation = rng.random_range(0.8..=1.2);
-    let hue = rng.random_range(-0.1..=0.1);
+/// `ColorJitter(brightness, contrast, saturation, hue)`: the four factors, applied in a random
+/// order.
+fn color_jitter(px: &mut [f32], (b, c, s, h): (f64, f64, f64, f64), rng: &mut impl Rng) {
+    let factor = |rng: &mut dyn rand::RngCore, s: f64| rng.random_range((1.0 - s) as f32..=(1.0 + s) as f32);
+    let brightness = factor(rng, b);
+    let contrast = factor(rng, c);
+    let saturation = factor(rng, s);
+    let hue = rng.random_range(-h as f32..=h as f32);
     let mut order = [0, 1, 2, 3];
     for i in (1..4).rev() {
         order.swap(i, rng.random_range(0..=i));

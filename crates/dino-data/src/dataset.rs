@@ -7,7 +7,10 @@
 //! - an image folder: class subfolders give labels (as torchvision's `ImageFolder`), a flat folder
 //!   is unlabeled; with `train/` and `val/` (or `test/`) subfolders those are the splits.
 //!
-//! `#train` or `#test` after the SPEC picks a split (default `train`).
+//! `#train` or `#test` after the SPEC picks a split (default `train`), and a range of image
+//! indices in brackets after that keeps part of it: `fashion-mnist#train[..50000]` (the first
+//! 50 000), `fashion-mnist#train[50000..]` (the rest), `synthetic[100..200]`. Carving a
+//! validation split out of the training set this way keeps the test split for the end.
 
 use std::fs;
 use std::io::Read;
@@ -34,8 +37,9 @@ enum Source {
     /// Decoded 8-bit images of one size, `channels` = 1 (gray) or 3 (RGB, planar as CIFAR stores
     /// it when `planar`), back to back.
     Memory { width: u32, height: u32, channels: usize, planar: bool, pixels: Vec<u8> },
-    /// The built-in generated dataset: image `i` is drawn from `seed` and `i`.
-    Synthetic { len: usize, seed: u64 },
+    /// The built-in generated dataset: item `i` is image `start + i`, drawn from `seed` and
+    /// that index.
+    Synthetic { start: usize, len: usize, seed: u64 },
 }
 
 /// A dataset: images, and labels when it has them.
@@ -61,7 +65,24 @@ const SYNTHETIC_CLASSES: [&str; 8] =
 impl Dataset {
     /// Opens the dataset named by `spec` (see the module documentation).
     pub fn open(spec: &str) -> Result<Self, DataError> {
-        let (path, split) = match spec.rsplit_once('#') {
+        let (spec_split, range) = split_range(spec)?;
+        let mut dataset = Self::open_split(spec_split, spec)?;
+        if let Some((start, end)) = range {
+            let end = end.unwrap_or(dataset.len());
+            if start >= end || end > dataset.len() {
+                return Err(DataError::Spec {
+                    spec: spec.into(),
+                    problem: format!("range [{start}..{end}] is not within its {} images", dataset.len()),
+                });
+            }
+            dataset.select(start, end);
+        }
+        dataset.name = spec.to_string();
+        Ok(dataset)
+    }
+
+    fn open_split(spec_split: &str, spec: &str) -> Result<Self, DataError> {
+        let (path, split) = match spec_split.rsplit_once('#') {
             Some((p, "train")) => (p, Split::Train),
             Some((p, "test")) => (p, Split::Test),
             Some((_, other)) => {
@@ -70,7 +91,7 @@ impl Dataset {
                     problem: format!("unknown split '#{other}' (use #train or #test)"),
                 });
             }
-            None => (spec, Split::Train),
+            None => (spec_split, Split::Train),
         };
         if path == "synthetic" {
             return Ok(Self::synthetic(split));
@@ -85,15 +106,13 @@ impl Dataset {
                 problem: "a dataset is a directory (image folder, IDX or CIFAR files) or `synthetic`".into(),
             });
         }
-        let mut dataset = if let Some(idx) = find_idx(dir, split) {
-            read_idx(&idx.0, &idx.1)?
+        if let Some(idx) = find_idx(dir, split) {
+            read_idx(&idx.0, &idx.1)
         } else if let Some(files) = find_cifar(dir, split) {
-            read_cifar(&files)?
+            read_cifar(&files)
         } else {
-            image_folder(dir, split)?
-        };
-        dataset.name = spec.to_string();
-        Ok(dataset)
+            image_folder(dir, split)
+        }
     }
 
     /// The built-in synthetic dataset: 32 px images of eight shape classes with random colours,
@@ -106,7 +125,7 @@ impl Dataset {
         let labels = (0..len).map(|i| (i % SYNTHETIC_CLASSES.len()) as u32).collect();
         Self {
             name: format!("synthetic#{}", if split == Split::Train { "train" } else { "test" }),
-            source: Source::Synthetic { len, seed },
+            source: Source::Synthetic { start: 0, len, seed },
             labels: Some(labels),
             classes: SYNTHETIC_CLASSES.iter().map(|c| c.to_string()).collect(),
         }
@@ -140,18 +159,30 @@ impl Dataset {
 
     /// Keeps the first `n` images (for quick runs and tests).
     pub fn truncate(&mut self, n: usize) {
-        if n >= self.len() {
-            return;
-        }
+        self.select(0, n.min(self.len()));
+    }
+
+    /// Keeps images `start..end` (indices then count from `start`).
+    fn select(&mut self, start: usize, end: usize) {
+        assert!(start <= end && end <= self.len(), "range within the dataset");
         match &mut self.source {
-            Source::Files(paths) => paths.truncate(n),
-            Source::Memory { width, height, channels, pixels, .. } => {
-                pixels.truncate(n * *width as usize * *height as usize * *channels)
+            Source::Files(paths) => {
+                paths.truncate(end);
+                paths.drain(..start);
             }
-            Source::Synthetic { len, .. } => *len = n,
+            Source::Memory { width, height, channels, pixels, .. } => {
+                let image = *width as usize * *height as usize * *channels;
+                pixels.truncate(end * image);
+                pixels.drain(..start * image);
+            }
+            Source::Synthetic { start: first, len, .. } => {
+                *first += start;
+                *len = end - start;
+            }
         }
         if let Some(labels) = &mut self.labels {
-            labels.truncate(n);
+            labels.truncate(end);
+            labels.drain(..start);
         }
     }
 
@@ -171,12 +202,31 @@ impl Dataset {
                     }
                 }))
             }
-            Source::Synthetic { seed, .. } => {
+            Source::Synthetic { start, seed, .. } => {
                 let class = self.label(i).expect("synthetic images are labeled") as usize;
-                Ok(synthetic_image(
-                    class,
-                    &mut StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-                ))
+                let index = (start + i) as u64;
+                Ok(synthetic_image(class, &mut StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+            }
+        }
+    }
+
+    /// The typical shorter side of the images: the median over up to 32 evenly spaced images
+    /// (all of one size for IDX, CIFAR and synthetic data). For choosing crop sizes.
+    pub fn typical_side(&self) -> Result<u32, DataError> {
+        match &self.source {
+            Source::Memory { width, height, .. } => Ok(*width.min(height)),
+            Source::Synthetic { .. } => Ok(SYNTHETIC_SIZE),
+            Source::Files(paths) => {
+                if paths.is_empty() {
+                    return Err(DataError::Spec { spec: self.name.clone(), problem: "no images".into() });
+                }
+                let step = paths.len().div_ceil(32);
+                let mut sides: Vec<u32> = (0..paths.len())
+                    .step_by(step)
+                    .map(|i| self.image(i).map(|img| img.width().min(img.height())))
+                    .collect::<Result<_, _>>()?;
+                sides.sort_unstable();
+                Ok(sides[sides.len() / 2])
             }
         }
     }
@@ -188,6 +238,21 @@ impl Dataset {
             _ => None,
         }
     }
+}
+
+/// `SPEC[a..b]` -> (`SPEC`, Some((a, b))), with `a` 0 and `b` None (the end) when left out.
+#[allow(clippy::type_complexity)]
+fn split_range(spec: &str) -> Result<(&str, Option<(usize, Option<usize>)>), DataError> {
+    let Some(inner) = spec.strip_suffix(']') else { return Ok((spec, None)) };
+    let Some((head, range)) = inner.rsplit_once('[') else { return Ok((spec, None)) };
+    let bad = || DataError::Spec {
+        spec: spec.into(),
+        problem: format!("'[{range}]' is not a range of image indices such as [..50000] or [50000..]"),
+    };
+    let (a, b) = range.split_once("..").ok_or_else(bad)?;
+    let start = if a.is_empty() { 0 } else { a.trim().parse().map_err(|_| bad())? };
+    let end = if b.is_empty() { None } else { Some(b.trim().parse().map_err(|_| bad())?) };
+    Ok((head, Some((start, end))))
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
@@ -334,36 +399,55 @@ fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
     Ok(Dataset { name: String::new(), source: Source::Files(paths), labels: Some(labels), classes })
 }
 
-/// One synthetic image of `class`: a shape filling most of the image, in a random colour, size and
-/// place, on a noisy background of another colour (large shapes keep the class visible in most crops).
+/// One synthetic image of `class`, made so that raw pixels are a poor metric and the class
+/// needs the invariances DINO's augmentations teach:
+/// - **position and scale**: the shape's center is anywhere it fits, its size varies 2x;
+/// - **colour**: foreground and background colours are drawn independently (either may be the
+///   brighter one), with enough luma contrast to keep the shape visible;
+/// - **clutter**: the background is a random gradient with pixel noise, and two small blobs of
+///   the foreground colour sit elsewhere, so colour alone does not find the shape.
+/// Texture classes (stripes, checkerboard) have a random period and phase.
 fn synthetic_image(class: usize, rng: &mut StdRng) -> RgbImage {
     let s = SYNTHETIC_SIZE as f32;
-    let colour = |rng: &mut StdRng| {
-        [rng.random_range(40..256) as f32, rng.random_range(40..256) as f32, rng.random_range(40..256) as f32]
-    };
+    let colour = |rng: &mut StdRng| -> [f32; 3] { std::array::from_fn(|_| rng.random_range(0.0..255.0)) };
+    let luma = |c: [f32; 3]| 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
     let fg = colour(rng);
-    let bg: [f32; 3] = std::array::from_fn(|c| (255.0 - fg[c]) * rng.random_range(0.2..0.6));
-    let (cx, cy) = (rng.random_range(0.4 * s..0.6 * s), rng.random_range(0.4 * s..0.6 * s));
-    let r = rng.random_range(0.3 * s..0.42 * s);
-    let period = rng.random_range(3.0..6.0f32);
+    let bg = loop {
+        let bg = colour(rng);
+        if (luma(bg) - luma(fg)).abs() > 70.0 {
+            break bg;
+        }
+    };
+    let r = rng.random_range(0.2 * s..0.4 * s);
+    let (cx, cy) = (rng.random_range(r..s - r), rng.random_range(r..s - r));
+    let period = rng.random_range(2.5..5.0f32);
+    let phase = rng.random_range(0.0..period);
+    let gradient = (rng.random_range(-1.0..1.0f32), rng.random_range(-1.0..1.0f32));
+    // Distractors: small blobs of the shape's colour away from its center.
+    let blobs: Vec<(f32, f32, f32)> =
+        (0..2).map(|_| (rng.random_range(0.0..s), rng.random_range(0.0..s), rng.random_range(1.0..2.0))).collect();
     let noise = rng.random::<u64>();
+    let band = |v: f32| ((v + phase) / period).floor() as i32;
     RgbImage::from_fn(SYNTHETIC_SIZE, SYNTHETIC_SIZE, |x, y| {
-        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
+        let (dx, dy) = (px - cx, py - cy);
         let inside_box = dx.abs() < r && dy.abs() < r;
         let on = match class {
             0 => dx * dx + dy * dy < r * r,
             1 => inside_box,
-            2 => (0.6 * r..r).contains(&(dx * dx + dy * dy).sqrt()),
+            2 => (0.55 * r..r).contains(&(dx * dx + dy * dy).sqrt()),
             3 => (dx.abs() < 0.3 * r && dy.abs() < r) || (dy.abs() < 0.3 * r && dx.abs() < r),
-            4 => inside_box && (y as f32 / period).floor() as i32 % 2 == 0,
-            5 => inside_box && (x as f32 / period).floor() as i32 % 2 == 0,
-            6 => inside_box && ((x as f32 / period).floor() as i32 + (y as f32 / period).floor() as i32) % 2 == 0,
+            4 => inside_box && band(py) % 2 == 0,
+            5 => inside_box && band(px) % 2 == 0,
+            6 => inside_box && (band(px) + band(py)) % 2 == 0,
             _ => dy < r && dy > -r && dx.abs() < (dy + r) / 2.0,
         };
+        let blob = blobs.iter().any(|&(bx, by, br)| (px - bx).powi(2) + (py - by).powi(2) < br * br);
         let hash = (noise ^ ((x as u64) << 32 | y as u64)).wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let jitter = ((hash >> 56) as f32 / 255.0 - 0.5) * 40.0;
-        let base = if on { fg } else { bg };
-        Rgb(std::array::from_fn(|c| (base[c] + jitter).clamp(0.0, 255.0) as u8))
+        let jitter = ((hash >> 56) as f32 / 255.0 - 0.5) * 50.0;
+        let shade = 30.0 * (gradient.0 * (px / s - 0.5) + gradient.1 * (py / s - 0.5));
+        let base = if on || blob { fg } else { bg };
+        Rgb(std::array::from_fn(|c| (base[c] + jitter + shade).clamp(0.0, 255.0) as u8))
     })
 }
 
@@ -382,6 +466,21 @@ mod tests {
     }
 
     #[test]
+    fn ranges_carve_splits() {
+        let all = Dataset::open("synthetic").unwrap();
+        let head = Dataset::open("synthetic#train[..1500]").unwrap();
+        let tail = Dataset::open("synthetic[1500..]").unwrap();
+        assert_eq!((head.len(), tail.len()), (1500, SYNTHETIC_TRAIN - 1500));
+        assert_eq!(tail.image(3).unwrap(), all.image(1503).unwrap());
+        assert_eq!(tail.label(3), all.label(1503));
+        assert_eq!(head.image(7).unwrap(), all.image(7).unwrap());
+        for bad in ["synthetic[5..3]", "synthetic[..99999]", "synthetic[a..]", "synthetic[12]"] {
+            let e = Dataset::open(bad).unwrap_err().to_string();
+            assert!(e.contains("range") || e.contains("not a range"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn idx_and_cifar_files_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let mut img = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3];
@@ -391,6 +490,9 @@ mod tests {
         let d = Dataset::open(&format!("{}#test", dir.path().display())).unwrap();
         assert_eq!((d.len(), d.label(1)), (2, Some(3)));
         assert_eq!(d.image(1).unwrap().get_pixel(2, 1).0, [12, 12, 12]);
+        let second = Dataset::open(&format!("{}#test[1..]", dir.path().display())).unwrap();
+        assert_eq!((second.len(), second.label(0)), (1, Some(3)));
+        assert_eq!(second.image(0).unwrap(), d.image(1).unwrap());
         assert!(Dataset::open(&dir.path().display().to_string()).is_err(), "no train split, no images");
 
         let cifar = tempfile::tempdir().unwrap();

@@ -46,18 +46,25 @@ fn series(log: &str, key: &str, initial: Option<&str>) -> Vec<(f64, f64)> {
     start.into_iter().chain(lines.iter().filter_map(|v| Some((v["epoch"].as_f64()? + 1.0, v[key].as_f64()?)))).collect()
 }
 
+/// One curve of a panel: points, colour, and a legend label (drawn when there is a font).
+struct Curve<'a> {
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: &'a str,
+}
+
 fn panel(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    points: &[(f64, f64)],
-    colour: RGBColor,
+    curves: &[Curve<'_>],
     title: &str,
     text: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    if points.is_empty() {
+    let all: Vec<(f64, f64)> = curves.iter().flat_map(|c| c.points.iter().copied()).collect();
+    if all.is_empty() {
         return Ok(());
     }
     let (x_max, y) =
-        points.iter().fold((1.0f64, (f64::MAX, f64::MIN)), |(x, (lo, hi)), p| (x.max(p.0), (lo.min(p.1), hi.max(p.1))));
+        all.iter().fold((1.0f64, (f64::MAX, f64::MIN)), |(x, (lo, hi)), p| (x.max(p.0), (lo.min(p.1), hi.max(p.1))));
     let pad = ((y.1 - y.0) * 0.1).max(1e-3);
     let mut builder = ChartBuilder::on(area);
     builder.margin(20);
@@ -72,10 +79,27 @@ fn panel(
     } else {
         mesh.disable_axes();
     }
-    mesh.x_labels(x_max as usize + 1).y_labels(6);
+    mesh.x_labels((x_max as usize + 1).min(12)).y_labels(6);
     mesh.draw()?;
-    chart.draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(3)))?;
-    chart.draw_series(points.iter().map(|&p| Circle::new(p, 5, colour.filled())))?;
+    for curve in curves.iter().filter(|c| !c.points.is_empty()) {
+        let colour = curve.colour;
+        let series = chart.draw_series(LineSeries::new(curve.points.iter().copied(), colour.stroke_width(3)))?;
+        if text && curves.len() > 1 {
+            series
+                .label(curve.label)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(3)));
+        }
+        chart.draw_series(curve.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+    }
+    if text && curves.len() > 1 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .label_font((FONT, 14))
+            .draw()?;
+    }
     Ok(())
 }
 
@@ -84,16 +108,51 @@ pub fn plot_history(log: &Path, out: &Path) -> Result<(), Box<dyn std::error::Er
     draw(&std::fs::read_to_string(log)?, out, font_available())
 }
 
+const BLUE: RGBColor = RGBColor(31, 119, 180);
+const RED: RGBColor = RGBColor(214, 39, 40);
+const GREEN: RGBColor = RGBColor(44, 160, 44);
+const ORANGE: RGBColor = RGBColor(255, 127, 14);
+const GREY: RGBColor = RGBColor(127, 127, 127);
+const PURPLE: RGBColor = RGBColor(148, 103, 189);
+
+/// Six panels: the loss and the teacher's k-NN; then the health numbers of the collapse study
+/// (teacher entropies against their ceiling ln K, the KL part of the loss, the center's norm,
+/// the teacher's drift per epoch).
 fn draw(log: &str, out: &Path, text: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let root = BitMapBackend::new(out, (1000, 400)).into_drawing_area();
+    let root = BitMapBackend::new(out, (1500, 800)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(500);
-    panel(&left, &series(log, "train_loss", None), RGBColor(31, 119, 180), "DINO loss", text)?;
+    let areas = root.split_evenly((2, 3));
+    let curve =
+        |key: &str, initial: Option<&str>, colour, label| Curve { points: series(log, key, initial), colour, label };
+    panel(&areas[0], &[curve("train_loss", None, BLUE, "loss")], "DINO loss", text)?;
+    let knn = curve("knn_top1", Some("knn_top1_initial"), RED, "teacher");
+    let pixels = curve("knn_top1_pixels", None, GREY, "raw pixels");
+    let knn_title = "teacher k-NN top-1 (%)";
+    if pixels.points.is_empty() {
+        panel(&areas[1], &[knn], knn_title, text)?;
+    } else {
+        // The baseline is one number: draw it as a flat line across the run.
+        let x_end = knn.points.last().map_or(1.0, |p| p.0);
+        let level = pixels.points[0].1;
+        let flat = Curve { points: vec![(0.0, level), (x_end, level)], ..pixels };
+        panel(&areas[1], &[knn, flat], knn_title, text)?;
+    }
     panel(
-        &right,
-        &series(log, "knn_top1", Some("knn_top1_initial")),
-        RGBColor(214, 39, 40),
-        "teacher k-NN top-1 (%)",
+        &areas[2],
+        &[
+            curve("teacher_entropy", None, GREEN, "per image"),
+            curve("teacher_batch_entropy", None, ORANGE, "batch mean"),
+            curve("entropy_ceiling", None, GREY, "ln K"),
+        ],
+        "teacher entropy (nats)",
+        text,
+    )?;
+    panel(&areas[3], &[curve("kl_divergence", None, PURPLE, "KL")], "KL(teacher || student)", text)?;
+    panel(&areas[4], &[curve("center_norm", None, BLUE, "center")], "center norm", text)?;
+    panel(
+        &areas[5],
+        &[curve("teacher_drift", None, RED, "teacher"), curve("student_drift", None, BLUE, "student")],
+        "parameter change per epoch",
         text,
     )?;
     root.present()?;
@@ -194,16 +253,39 @@ mod tests {
     #[test]
     fn draws_both_panels() {
         let dir = tempfile::tempdir().unwrap();
-        let log = "{\"epoch\":0,\"train_loss\":7.1,\"knn_top1\":60.5,\"knn_top1_initial\":50}\n{\"epoch\":1,\"train_loss\":6.5,\"knn_top1\":70.25}\n";
+        let health = |h: f64| {
+            format!(
+                "\"teacher_entropy\":{h},\"teacher_batch_entropy\":{},\"kl_divergence\":{},\"entropy_ceiling\":7.62,\"center_norm\":1.5,\"teacher_drift\":{},\"student_drift\":0.05",
+                h + 1.0,
+                h / 10.0,
+                h / 100.0
+            )
+        };
+        let log = format!(
+            "{{\"epoch\":0,\"train_loss\":7.1,\"knn_top1\":60.5,\"knn_top1_initial\":50,\"knn_top1_pixels\":65,{}}}\n{{\"epoch\":1,\"train_loss\":6.5,\"knn_top1\":70.25,{}}}\n",
+            health(6.0),
+            health(5.0)
+        );
+        let log = log.as_str();
         let png = dir.path().join("training.png");
         let mut dark_pixels = Vec::new();
         for text in [false, font_available()] {
             draw(log, &png, text).unwrap();
             let img = image::open(&png).unwrap().to_rgb8();
-            assert_eq!(img.dimensions(), (1000, 400));
-            let coloured = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
-            assert!(coloured([31, 119, 180]) > 100, "the loss curve is drawn");
-            assert!(coloured([214, 39, 40]) > 100, "the k-NN curve is drawn");
+            assert_eq!(img.dimensions(), (1500, 800));
+            let coloured = |c: [u8; 3], panel: (u32, u32)| {
+                let (x0, y0) = (panel.0 * 500, panel.1 * 400);
+                (x0..x0 + 500)
+                    .flat_map(|x| (y0..y0 + 400).map(move |y| (x, y)))
+                    .filter(|&(x, y)| img.get_pixel(x, y).0 == c)
+                    .count()
+            };
+            assert!(coloured([31, 119, 180], (0, 0)) > 100, "the loss curve is drawn");
+            assert!(coloured([214, 39, 40], (1, 0)) > 100, "the k-NN curve is drawn");
+            assert!(coloured([127, 127, 127], (1, 0)) > 100, "the pixel baseline is drawn");
+            assert!(coloured([44, 160, 44], (2, 0)) > 100, "the teacher entropy is drawn");
+            assert!(coloured([148, 103, 189], (0, 1)) > 100, "the KL is drawn");
+            assert!(coloured([214, 39, 40], (2, 1)) > 100, "the drift is drawn");
             dark_pixels.push(img.pixels().filter(|p| p.0.iter().all(|&v| v < 100)).count());
         }
         if font_available() {

@@ -17,7 +17,6 @@ use dino_model::weights::{
 };
 
 use crate::TrainConfig;
-use crate::loss::DinoLoss;
 use crate::optim::{Optimizer, SavedState, official_state_order};
 use crate::step::TrainState;
 
@@ -87,7 +86,7 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     let teacher = read_network(path, CheckpointKey::Teacher, &config, device)?;
 
     let center = raw.get("dino_loss.center").ok_or_else(|| invalid("no dino_loss.center".into()))?;
-    let mut loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
+    let mut loss = config.dino_loss(device);
     loss.center = Tensor::from_data(center.clone(), device);
 
     let steps = metadata
@@ -140,7 +139,7 @@ pub fn load_official_checkpoint(
     let epochs_done = read_pytorch_int(path, "epoch")? as usize;
 
     let center = raw.get("dino_loss.center").ok_or_else(|| invalid("no dino_loss.center".into()))?;
-    let mut loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
+    let mut loss = config.dino_loss(device);
     loss.center = Tensor::from_data(center.clone(), device);
 
     let mut saved = Vec::new();

@@ -15,7 +15,7 @@ pub struct TrainConfig {
     // ---- model ----
     /// `--arch`: vit_tiny, vit_small or vit_base.
     pub arch: String,
-    /// `--patch_size` (official 16).
+    /// `--patch_size` (official 16); 0 derives it from the images (`fit_to_images`).
     pub patch_size: usize,
     /// Blocks; the official presets have 12 (ours: a smaller depth for small data and CPUs).
     pub depth: usize,
@@ -24,7 +24,7 @@ pub struct TrainConfig {
     /// Attention heads; 0 takes the arch's (3 / 6 / 12). For custom networks.
     pub num_heads: usize,
     /// Resolution the position embedding is trained for (official model default 224); set it to
-    /// the global crop size so training needs no interpolation.
+    /// the global crop size so training needs no interpolation (0: the global crop size).
     pub img_size: usize,
     /// `--out_dim`, K (official 65536).
     pub out_dim: usize,
@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub teacher_temp: f64,
     /// `--warmup_teacher_temp_epochs` (official 0).
     pub warmup_teacher_temp_epochs: usize,
+    /// Momentum of the center's EMA (official `DINOLoss(center_momentum=0.9)`); 1 keeps the
+    /// center at zero, i.e. no centering.
+    pub center_momentum: f64,
 
     // ---- optimisation ----
     /// `--optimizer` (official adamw).
@@ -118,6 +121,7 @@ impl Default for TrainConfig {
             warmup_teacher_temp: 0.04,
             teacher_temp: 0.04,
             warmup_teacher_temp_epochs: 0,
+            center_momentum: 0.9,
             optimizer: OptimizerKind::Adamw,
             lr: 0.0005,
             min_lr: 1e-6,
@@ -142,8 +146,12 @@ impl Default for TrainConfig {
     }
 }
 
+/// The largest global crop `fit_to_images` picks: larger images are cropped and resized to it
+/// (preset `small` is for 28-96 px images; bigger ones need preset `official`'s 224 px).
+pub const MAX_AUTO_GLOBAL: u32 = 96;
+
 /// Names of the built-in presets.
-pub const PRESETS: [&str; 4] = ["official", "small28", "fashion", "quick"];
+pub const PRESETS: [&str; 5] = ["official", "small", "small28", "fashion", "quick"];
 
 impl TrainConfig {
     /// A named preset: `official` (main_dino.py's ViT-S/16 defaults), `small28` (28-32 px images
@@ -155,6 +163,36 @@ impl TrainConfig {
         let official = Self::default();
         match name {
             "official" => Some(official),
+            // Small images (28-96 px), chosen by the sweep on a Fashion-MNIST validation split
+            // (BENCHMARKS.md, section 1): sizes from the data, a teacher that follows the student
+            // within a few hundred iterations, no frozen last layer, K = 512.
+            "small" => Some(Self {
+                arch: "vit_tiny".into(),
+                patch_size: 0,
+                depth: 4,
+                img_size: 0,
+                out_dim: 512,
+                head_hidden_dim: 1024,
+                head_bottleneck_dim: 256,
+                drop_path_rate: 0.0,
+                momentum_teacher: 0.99,
+                freeze_last_layer: 0,
+                batch_size: 64,
+                lr: 0.002,
+                epochs: 10,
+                warmup_epochs: 1,
+                crops: MultiCropConfig {
+                    global_size: 0,
+                    local_size: 0,
+                    global_scale: (0.4, 1.0),
+                    local_scale: (0.1, 0.4),
+                    local_crops: 6,
+                    blur_radius: (0.1, 0.5),
+                    ..MultiCropConfig::default()
+                },
+                saveckp_freq: 5,
+                ..official
+            }),
             "small28" => Some(Self {
                 arch: "vit_tiny".into(),
                 patch_size: 4,
@@ -242,6 +280,39 @@ impl TrainConfig {
         }
     }
 
+    /// Whether some size is left to the data (0): `patch_size`, `img_size` or a crop size.
+    pub fn sizes_from_images(&self) -> bool {
+        self.patch_size == 0 || self.img_size == 0 || self.crops.global_size == 0 || self.crops.local_size == 0
+    }
+
+    /// The config with every size left at 0 derived from the images' typical shorter side
+    /// (`Dataset::typical_side`), for presets that work on any small image:
+    /// - global crops: the images' side, at most [`MAX_AUTO_GLOBAL`] px;
+    /// - patch: a quarter of the global crop (4 x 4 tokens, the grid that trained best on
+    ///   28 px Fashion-MNIST per unit of time; BENCHMARKS.md), at least 4 px; the global crop is
+    ///   then rounded down to whole patches;
+    /// - local crops: half the global side in whole patches (at least one patch);
+    /// - `img_size`: the global crop, so training needs no position-embedding interpolation.
+    ///
+    /// Sizes that are set are kept. The result is what `config.toml` records.
+    pub fn fit_to_images(mut self, side: u32) -> Self {
+        let global = if self.crops.global_size == 0 { side.min(MAX_AUTO_GLOBAL) } else { self.crops.global_size };
+        if self.patch_size == 0 {
+            self.patch_size = (global as usize / 4).max(4);
+        }
+        let patch = self.patch_size as u32;
+        if self.crops.global_size == 0 {
+            self.crops.global_size = (global / patch).max(1) * patch;
+        }
+        if self.crops.local_size == 0 {
+            self.crops.local_size = (self.crops.global_size / 2 / patch).max(1) * patch;
+        }
+        if self.img_size == 0 {
+            self.img_size = self.crops.global_size as usize;
+        }
+        self
+    }
+
     /// The network this config trains (student and teacher share it; only the student uses drop
     /// path).
     pub fn model_config(&self) -> Result<ModelConfig, String> {
@@ -265,7 +336,11 @@ impl TrainConfig {
     }
 
     /// Checks everything that would otherwise fail later, with a message naming the setting.
+    /// Sizes left to the data are checked as they would be for 64 px images.
     pub fn validate(&self) -> Result<(), String> {
+        if self.sizes_from_images() {
+            return self.clone().fit_to_images(64).validate();
+        }
         let model = self.model_config()?;
         model.vit.validate()?;
         if let Some(head) = &model.head {
@@ -278,19 +353,28 @@ impl TrainConfig {
                 return Err(format!("{name} = {size} is smaller than one patch (patch_size = {})", self.patch_size));
             }
         }
-        let checks: [(bool, &str); 8] = [
+        let checks: [(bool, &str); 9] = [
             (self.epochs > 0, "epochs must be at least 1"),
             (self.batch_size > 0, "batch_size must be at least 1"),
             (self.lr > 0.0 && self.lr.is_finite(), "lr must be positive"),
             (self.min_lr >= 0.0, "min_lr must be >= 0"),
             (self.clip_grad >= 0.0, "clip_grad must be >= 0 (0 disables clipping)"),
             ((0.0..=1.0).contains(&self.momentum_teacher), "momentum_teacher must be in [0, 1]"),
+            ((0.0..=1.0).contains(&self.center_momentum), "center_momentum must be in [0, 1]"),
             (self.teacher_temp > 0.0 && self.warmup_teacher_temp > 0.0, "teacher temperatures must be positive"),
             (self.knn_temperature > 0.0, "knn_temperature must be positive"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err(message.to_string()),
             None => Ok(()),
+        }
+    }
+
+    /// The DINO loss of this config, with a zero center.
+    pub fn dino_loss(&self, device: &burn::tensor::Device) -> crate::DinoLoss {
+        crate::DinoLoss {
+            center_momentum: self.center_momentum,
+            ..crate::DinoLoss::new(self.out_dim, self.crops.num_crops(), device)
         }
     }
 

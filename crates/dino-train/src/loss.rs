@@ -28,10 +28,21 @@ impl DinoLoss {
     /// crop, -> the scalar loss `[1]`, averaged over the `2 * ncrops - 2` (teacher view, other
     /// student view) pairs. The teacher side is a constant: no gradient flows to it.
     pub fn forward(&self, student_out: Tensor<2>, teacher_out: Tensor<2>, teacher_temp: f64) -> Tensor<1> {
+        self.cross_entropy(student_out, self.teacher_probs(teacher_out, teacher_temp))
+    }
+
+    /// The teacher's targets: softmax((teacher_out - center) / teacher_temp), `[2 * B, K]` ->
+    /// `[2 * B, K]`, on the plain device.
+    pub fn teacher_probs(&self, teacher_out: Tensor<2>, teacher_temp: f64) -> Tensor<2> {
         // Without autodiff, the teacher side enters the student's graph as a constant.
         let teacher_out = teacher_out.without_autodiff();
-        let q = softmax((teacher_out - self.center.clone()) / teacher_temp, 1);
-        dino_kernels::dino_cross_entropy(student_out, q, self.ncrops, self.student_temp)
+        softmax((teacher_out - self.center.clone()) / teacher_temp, 1)
+    }
+
+    /// The loss of [`forward`](Self::forward) from targets already made by
+    /// [`teacher_probs`](Self::teacher_probs): student `[ncrops * B, K]`, targets `[2 * B, K]`.
+    pub fn cross_entropy(&self, student_out: Tensor<2>, teacher_probs: Tensor<2>) -> Tensor<1> {
+        dino_kernels::dino_cross_entropy(student_out, teacher_probs, self.ncrops, self.student_temp)
     }
 
     /// The EMA update of the center with this batch's raw teacher outputs `[2 * B, K]`

@@ -4,6 +4,7 @@ use burn::tensor::Tensor;
 use dino_model::DinoModel;
 
 use crate::ema::ema_update;
+use crate::health::{TargetEntropy, target_entropy};
 use crate::loss::DinoLoss;
 use crate::optim::{Optimizer, StepParams};
 
@@ -34,6 +35,8 @@ pub struct StepReport {
     pub loss: f64,
     /// Norm of each parameter's gradient before clipping, in parameter order.
     pub grad_norms: Vec<f64>,
+    /// Entropies of the teacher's targets (the loss minus the per-image one is the KL part).
+    pub teacher_entropy: TargetEntropy,
 }
 
 /// Raised when the loss is NaN or infinite (the official loop exits there too).
@@ -55,7 +58,9 @@ pub fn train_step(
     let teacher_out = teacher.forward_crops(&crops[..2]);
     let student_crops: Vec<Tensor<4>> = crops.iter().map(|c| c.clone().autodiff()).collect();
     let student_out = student.forward_crops(&student_crops);
-    let value = loss.forward(student_out, teacher_out.clone(), params.teacher_temp);
+    let targets = loss.teacher_probs(teacher_out.clone(), params.teacher_temp);
+    let teacher_entropy = target_entropy(&targets);
+    let value = loss.cross_entropy(student_out, targets);
     let scalar = value.clone().into_scalar::<f64>();
     if !scalar.is_finite() {
         return Err(NonFiniteLoss { loss: scalar });
@@ -64,5 +69,5 @@ pub fn train_step(
     let (student, grad_norms) = optimizer.step(student, grads, &params.step);
     let teacher = ema_update(teacher, &student, params.momentum);
     loss.update_center(teacher_out);
-    Ok((TrainState { student, teacher, loss, optimizer }, StepReport { loss: scalar, grad_norms }))
+    Ok((TrainState { student, teacher, loss, optimizer }, StepReport { loss: scalar, grad_norms, teacher_entropy }))
 }

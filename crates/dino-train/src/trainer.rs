@@ -11,17 +11,17 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::loader::{epoch_batches, iterations_per_epoch};
 use dino_data::{DataError, Dataset, EvalTransform};
-use dino_eval::{ExtractOptions, FeatureSpec, dataset_features, knn_classify};
+use dino_eval::{ExtractOptions, FeatureSpec, Features, dataset_features, knn_classify, pixel_features};
 use dino_model::DinoModel;
 use dino_model::weights::save_backbone;
 use serde::Serialize;
 
 use crate::TrainConfig;
 use crate::checkpoint::{CheckpointError, load_checkpoint, load_official_checkpoint, save_checkpoint};
-use crate::loss::DinoLoss;
+use crate::health::{Health, Warning, parameter_vector, relative_change};
 use crate::optim::{Optimizer, StepParams};
 use crate::schedule::{cosine_schedule, teacher_temp_schedule};
-use crate::step::{IterationParams, NonFiniteLoss, TrainState, train_step};
+use crate::step::{IterationParams, NonFiniteLoss, StepReport, TrainState, train_step};
 use dino_eval::figures::plot_history;
 
 /// Why a run stopped early.
@@ -69,8 +69,17 @@ pub struct EpochLog {
     /// Teacher k-NN top-1 (%) before training, on the first epoch's line of a fresh run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1_initial: Option<f64>,
+    /// k-NN top-1 (%) of the raw pixels (the baseline), on the first epoch's line of a fresh run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_top1_pixels: Option<f64>,
     pub minutes: f64,
     pub images_per_sec: f64,
+    /// Teacher entropy, KL, center norm and teacher drift (`health`).
+    #[serde(flatten)]
+    pub health: Health,
+    /// What the health numbers warn of, with what to change (empty when healthy).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Receives progress; the CLI draws it.
@@ -79,6 +88,8 @@ pub trait Observer {
     fn iteration(&mut self, _log: &IterationLog) {}
     fn epoch_end(&mut self, _log: &EpochLog) {}
     fn note(&mut self, _message: &str) {}
+    /// A problem the run can continue with, but the user should act on.
+    fn warning(&mut self, _message: &str) {}
     /// Asked after each epoch's checkpoint is written; `false` ends the run there (it can be
     /// resumed later).
     fn keep_going(&mut self) -> bool {
@@ -99,6 +110,8 @@ pub struct Summary {
     pub last_epoch: Option<EpochLog>,
     /// Teacher k-NN top-1 before training (the randomly initialised network).
     pub knn_before: Option<f64>,
+    /// The same k-NN on raw pixels: the baseline the features must beat.
+    pub knn_pixels: Option<f64>,
     pub minutes: f64,
 }
 
@@ -130,20 +143,26 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.into(), source }
 }
 
-/// The features k-NN compares: the teacher backbone's final-normed CLS on whole images, resized
-/// to the global crop size, L2-normalised.
-fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &Device) -> Result<f64, TrainError> {
+/// The transform of the monitoring k-NN: whole images resized to the global crop size.
+fn knn_transform(config: &TrainConfig) -> EvalTransform {
     let size = config.crops.global_size;
-    let options = ExtractOptions {
-        transform: EvalTransform { resize: Some(size), crop: Some(size) },
-        features: FeatureSpec::default(),
-        l2_norm: true,
-        batch_size: 256,
-    };
-    let limit = |n: usize| if n == 0 { usize::MAX } else { n };
-    let bank = dataset_features(&model.backbone, &data.bank, limit(config.knn_train_images), &options, device, |_| ())?;
-    let queries =
-        dataset_features(&model.backbone, &data.queries, limit(config.knn_test_images), &options, device, |_| ())?;
+    EvalTransform { resize: Some(size), crop: Some(size) }
+}
+
+/// The images of `data` the monitoring k-NN uses: (bank count, query count).
+fn knn_counts(config: &TrainConfig, data: &KnnData) -> (usize, usize) {
+    let limit = |n: usize, len: usize| if n == 0 { len } else { n.min(len) };
+    (limit(config.knn_train_images, data.bank.len()), limit(config.knn_test_images, data.queries.len()))
+}
+
+/// Weighted k-NN top-1 (%) of L2-normalised query features against bank features.
+fn knn_accuracy(
+    config: &TrainConfig,
+    data: &KnnData,
+    bank: Features,
+    queries: Features,
+    device: &Device,
+) -> Result<f64, TrainError> {
     let labels = |d: &Dataset, n: usize| d.labels().map(|l| l[..n].to_vec());
     let (Some(bank_labels), Some(query_labels)) = (labels(&data.bank, bank.rows), labels(&data.queries, queries.rows))
     else {
@@ -164,10 +183,32 @@ fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &De
     Ok(result[0].top1)
 }
 
+/// The teacher's k-NN top-1: its backbone's final-normed CLS on whole images.
+fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &Device) -> Result<f64, TrainError> {
+    let options = ExtractOptions {
+        transform: knn_transform(config),
+        features: FeatureSpec::default(),
+        l2_norm: true,
+        batch_size: 256,
+    };
+    let (n_bank, n_queries) = knn_counts(config, data);
+    let bank = dataset_features(&model.backbone, &data.bank, n_bank, &options, device, |_| ())?;
+    let queries = dataset_features(&model.backbone, &data.queries, n_queries, &options, device, |_| ())?;
+    knn_accuracy(config, data, bank, queries, device)
+}
+
+/// The baseline the features must beat: the same k-NN on the raw pixels of the same images.
+fn pixel_knn_top1(config: &TrainConfig, data: &KnnData, device: &Device) -> Result<f64, TrainError> {
+    let (n_bank, n_queries) = knn_counts(config, data);
+    let bank = pixel_features(&data.bank, n_bank, &knn_transform(config))?;
+    let queries = pixel_features(&data.queries, n_queries, &knn_transform(config))?;
+    knn_accuracy(config, data, bank, queries, device)
+}
+
 /// Trains on `data` as `config` says, writing the run to `dir`. With `resume`, continues from
 /// `dir`'s checkpoint (with the config saved there). `device` is the plain device; the student
-/// trains on its autodiff twin.
-#[allow(clippy::needless_range_loop)] // the epoch indexes several schedules and the data order
+/// trains on its autodiff twin. Reads like the official `train_dino`: networks, data and
+/// schedules, then per epoch `train_one_epoch` and the end-of-epoch bookkeeping.
 pub fn train(
     config: &TrainConfig,
     data: Arc<Dataset>,
@@ -179,44 +220,11 @@ pub fn train(
 ) -> Result<Summary, TrainError> {
     let run = RunDir(dir.to_path_buf());
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let train_device = device.clone().autodiff();
     let started = Instant::now();
-
-    // ---- the networks, fresh or restored ----
-    let official = dir.join("checkpoint.pth");
-    let (mut state, start_epoch, config) = if resume && run.checkpoint().is_file() {
-        let restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
-        observer.note(&format!("resuming from {} after epoch {}", run.checkpoint().display(), restored.epochs_done));
-        (restored.state, restored.epochs_done, restored.config)
-    } else if resume && official.is_file() {
-        // An official main_dino.py checkpoint: continue it with the given config.
-        config.validate().map_err(TrainError::Config)?;
-        let restored = load_official_checkpoint(&official, config, device, &train_device)?;
-        observer.note(&format!("resuming the official {} after epoch {}", official.display(), restored.epochs_done));
-        (restored.state, restored.epochs_done, restored.config)
-    } else {
-        if resume {
-            observer.note(&format!("no checkpoint in {}: starting a new run", dir.display()));
-        }
-        config.validate().map_err(TrainError::Config)?;
-        let model_config = config.model_config().map_err(TrainError::Config)?;
-        train_device.seed(config.seed);
-        let student = DinoModel::new(&model_config, &train_device);
-        // Same initial weights; no autodiff, hence no drop path.
-        let teacher = student.valid();
-        let loss = DinoLoss::new(config.out_dim, config.crops.num_crops(), device);
-        let state = TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) };
-        (state, 0, config.clone())
-    };
+    let (mut state, start_epoch, config) = networks(config, &data, &run, device, resume, observer)?;
     fs::write(run.config(), config.to_toml()).map_err(io_err(&run.config()))?;
 
-    // ---- data and schedules ----
-    let mut data = data;
-    if config.max_images > 0 && config.max_images < data.len() {
-        let mut truncated = (*data).clone();
-        truncated.truncate(config.max_images);
-        data = Arc::new(truncated);
-    }
+    let data = first_images(data, config.max_images);
     let iterations = iterations_per_epoch(data.len(), config.batch_size);
     if iterations == 0 {
         return Err(TrainError::Config(format!(
@@ -225,23 +233,20 @@ pub fn train(
             config.batch_size
         )));
     }
-    let lr = cosine_schedule(config.peak_lr(), config.min_lr, config.epochs, iterations, config.warmup_epochs, 0.0);
-    let wd = cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, iterations, 0, 0.0);
-    let momentum = cosine_schedule(config.momentum_teacher, 1.0, config.epochs, iterations, 0, 0.0);
-    let teacher_temp = teacher_temp_schedule(
-        config.warmup_teacher_temp,
-        config.teacher_temp,
-        config.warmup_teacher_temp_epochs,
-        config.epochs,
-    );
+    let schedules = Schedules::new(&config, iterations);
 
-    // ---- k-NN of the untrained teacher ----
-    let mut summary = Summary { first_loss: None, last_epoch: None, knn_before: None, minutes: 0.0 };
+    let mut summary = Summary { first_loss: None, last_epoch: None, knn_before: None, knn_pixels: None, minutes: 0.0 };
     let monitor = knn.as_ref().filter(|_| config.knn_every > 0);
     if let Some(knn) = monitor.filter(|_| start_epoch == 0) {
+        let pixels = pixel_knn_top1(&config, knn, device)?;
         let top1 = knn_top1(&state.teacher, &config, knn, device)?;
-        observer.note(&format!("k-NN top-1 of the initial teacher: {top1:.2} %"));
+        let (bank, queries) = knn_counts(&config, knn);
+        observer.note(&format!(
+            "k-NN top-1 ({}-NN, {bank} bank / {queries} query images): raw pixels {pixels:.2} %, initial teacher {top1:.2} %",
+            config.knn_k
+        ));
         summary.knn_before = Some(top1);
+        summary.knn_pixels = Some(pixels);
     }
     if start_epoch == 0 {
         // A fresh run starts a fresh log.
@@ -251,90 +256,38 @@ pub fn train(
     for epoch in start_epoch..config.epochs {
         observer.epoch_start(epoch, iterations);
         let epoch_started = Instant::now();
-        let batches = epoch_batches(
-            data.clone(),
-            config.crops.clone(),
-            config.batch_size,
-            config.seed,
-            epoch,
-            0,
-            config.num_workers,
-        );
-        let (mut loss_sum, mut lr_sum, mut wd_sum) = (0.0, 0.0, 0.0);
-        for (i, batch) in batches.into_iter().enumerate() {
-            let batch = batch?;
-            let it = epoch * iterations + i;
-            let crops: Vec<Tensor<4>> = batch
-                .crops
-                .into_iter()
-                .map(|c| {
-                    let s = c.size as usize;
-                    Tensor::from_data(TensorData::new(c.data, [batch.batch_size, 3, s, s]), device)
-                })
-                .collect();
-            let params = IterationParams {
-                step: StepParams {
-                    lr: lr[it],
-                    weight_decay: wd[it],
-                    clip_grad: config.clip_grad,
-                    freeze_last_layer: epoch < config.freeze_last_layer,
-                },
-                momentum: momentum[it],
-                teacher_temp: teacher_temp[epoch],
-            };
-            // Drop path draws from the backend RNG: seed it per iteration so a resumed run
-            // repeats the uninterrupted one.
-            train_device.seed(config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ it as u64);
-            let (next, report) = train_step(state, &crops, &params).map_err(|source| TrainError::NonFinite {
-                epoch,
-                iteration: i,
-                source,
-            })?;
-            state = next;
-            summary.first_loss.get_or_insert(report.loss);
-            loss_sum += report.loss;
-            lr_sum += lr[it];
-            wd_sum += wd[it];
-            let seconds = epoch_started.elapsed().as_secs_f64();
-            observer.iteration(&IterationLog {
-                epoch,
-                iteration: i,
-                iterations,
-                loss: report.loss,
-                lr: lr[it],
-                wd: wd[it],
-                images_per_sec: ((i + 1) * config.batch_size) as f64 / seconds.max(1e-9),
-            });
-        }
+        let (teacher_before, student_before) = (parameter_vector(&state.teacher), parameter_vector(&state.student));
+        let totals;
+        (state, totals) = train_one_epoch(state, &data, &config, &schedules, epoch, iterations, device, observer)?;
+        summary.first_loss = summary.first_loss.or(totals.first_loss);
 
-        // ---- end of epoch: k-NN, log, checkpoints, exports ----
+        // ---- end of epoch: k-NN, health, log, checkpoints, exports ----
         let epoch_seconds = epoch_started.elapsed().as_secs_f64();
         let due = monitor.filter(|_| (epoch + 1) % config.knn_every == 0 || epoch + 1 == config.epochs);
         let knn_top1 = due.map(|knn| knn_top1(&state.teacher, &config, knn, device)).transpose()?;
-        let n = iterations as f64;
+        let health = totals.health(
+            &config,
+            state.loss.center.clone().square().sum().sqrt().into_scalar::<f64>(),
+            relative_change(&teacher_before, &parameter_vector(&state.teacher)),
+            relative_change(&student_before, &parameter_vector(&state.student)),
+        );
+        let n = totals.iterations as f64;
         let log = EpochLog {
-            train_loss: loss_sum / n,
-            train_lr: lr_sum / n,
-            train_wd: wd_sum / n,
+            train_loss: totals.loss / n,
+            train_lr: totals.lr / n,
+            train_wd: totals.wd / n,
             epoch,
             knn_top1,
             knn_top1_initial: if epoch == 0 { summary.knn_before } else { None },
+            knn_top1_pixels: if epoch == 0 { summary.knn_pixels } else { None },
             minutes: started.elapsed().as_secs_f64() / 60.0,
             images_per_sec: (iterations * config.batch_size) as f64 / epoch_seconds,
+            warnings: Warning::diagnose(&health).iter().map(|w| w.message(&health)).collect(),
+            health,
         };
-        let mut file = fs::OpenOptions::new().create(true).append(true).open(run.log()).map_err(io_err(&run.log()))?;
-        writeln!(file, "{}", serde_json::to_string(&log).expect("logs serialise")).map_err(io_err(&run.log()))?;
-
-        save_checkpoint(&run.checkpoint(), &state, epoch + 1, &config)?;
-        if config.saveckp_freq > 0 && epoch % config.saveckp_freq == 0 {
-            fs::copy(run.checkpoint(), run.kept_checkpoint(epoch)).map_err(io_err(&run.kept_checkpoint(epoch)))?;
-        }
-        let model_config = config.model_config().map_err(TrainError::Config)?;
-        save_backbone(&state.teacher.backbone, &model_config.vit, &run.teacher_backbone())?;
-        if let Err(e) = plot_history(&run.log(), &run.plot()) {
-            observer.note(&format!("could not draw {}: {e}", run.plot().display()));
-        }
+        write_epoch(&run, &state, &config, &log, observer)?;
         observer.epoch_end(&log);
+        log.warnings.iter().for_each(|w| observer.warning(w));
         summary.last_epoch = Some(log);
         if !observer.keep_going() {
             break;
@@ -342,4 +295,206 @@ pub fn train(
     }
     summary.minutes = started.elapsed().as_secs_f64() / 60.0;
     Ok(summary)
+}
+
+/// The networks, center and optimizer: restored from the run directory's checkpoint (ours, or
+/// an official `checkpoint.pth`) with `resume`, else fresh. Returns them with the epochs already
+/// done and the config that runs (a resumed run keeps its saved one).
+fn networks(
+    config: &TrainConfig,
+    data: &Dataset,
+    run: &RunDir,
+    device: &Device,
+    resume: bool,
+    observer: &mut dyn Observer,
+) -> Result<(TrainState, usize, TrainConfig), TrainError> {
+    let train_device = device.clone().autodiff();
+    let config =
+        if config.sizes_from_images() { config.clone().fit_to_images(data.typical_side()?) } else { config.clone() };
+    let official = run.0.join("checkpoint.pth");
+    if resume && run.checkpoint().is_file() {
+        let restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
+        observer.note(&format!("resuming from {} after epoch {}", run.checkpoint().display(), restored.epochs_done));
+        return Ok((restored.state, restored.epochs_done, restored.config));
+    }
+    config.validate().map_err(TrainError::Config)?;
+    if resume && official.is_file() {
+        // An official main_dino.py checkpoint: continue it with the given config.
+        let restored = load_official_checkpoint(&official, &config, device, &train_device)?;
+        observer.note(&format!("resuming the official {} after epoch {}", official.display(), restored.epochs_done));
+        return Ok((restored.state, restored.epochs_done, restored.config));
+    }
+    if resume {
+        observer.note(&format!("no checkpoint in {}: starting a new run", run.0.display()));
+    }
+    let model_config = config.model_config().map_err(TrainError::Config)?;
+    train_device.seed(config.seed);
+    let student = DinoModel::new(&model_config, &train_device);
+    // Same initial weights; no autodiff, hence no drop path.
+    let teacher = student.valid();
+    let loss = config.dino_loss(device);
+    Ok((TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) }, 0, config))
+}
+
+/// The first `max_images` images (0: all).
+fn first_images(data: Arc<Dataset>, max_images: usize) -> Arc<Dataset> {
+    if max_images == 0 || max_images >= data.len() {
+        return data;
+    }
+    let mut truncated = (*data).clone();
+    truncated.truncate(max_images);
+    Arc::new(truncated)
+}
+
+/// The official schedules, precomputed: lr, weight decay and teacher momentum per iteration,
+/// teacher temperature per epoch.
+struct Schedules {
+    lr: Vec<f64>,
+    wd: Vec<f64>,
+    momentum: Vec<f64>,
+    teacher_temp: Vec<f64>,
+}
+
+impl Schedules {
+    fn new(config: &TrainConfig, iterations: usize) -> Self {
+        let epochs = config.epochs;
+        Self {
+            lr: cosine_schedule(config.peak_lr(), config.min_lr, epochs, iterations, config.warmup_epochs, 0.0),
+            wd: cosine_schedule(config.weight_decay, config.weight_decay_end, epochs, iterations, 0, 0.0),
+            momentum: cosine_schedule(config.momentum_teacher, 1.0, epochs, iterations, 0, 0.0),
+            teacher_temp: teacher_temp_schedule(
+                config.warmup_teacher_temp,
+                config.teacher_temp,
+                config.warmup_teacher_temp_epochs,
+                epochs,
+            ),
+        }
+    }
+
+    /// The values of global iteration `it` in `epoch`.
+    fn at(&self, config: &TrainConfig, epoch: usize, it: usize) -> IterationParams {
+        IterationParams {
+            step: StepParams {
+                lr: self.lr[it],
+                weight_decay: self.wd[it],
+                clip_grad: config.clip_grad,
+                freeze_last_layer: epoch < config.freeze_last_layer,
+            },
+            momentum: self.momentum[it],
+            teacher_temp: self.teacher_temp[epoch],
+        }
+    }
+}
+
+/// Sums over an epoch's iterations.
+#[derive(Default)]
+struct EpochTotals {
+    iterations: usize,
+    first_loss: Option<f64>,
+    loss: f64,
+    lr: f64,
+    wd: f64,
+    entropy: f64,
+    batch_entropy: f64,
+}
+
+impl EpochTotals {
+    fn add(&mut self, report: &StepReport, params: &IterationParams) {
+        self.iterations += 1;
+        self.first_loss.get_or_insert(report.loss);
+        self.loss += report.loss;
+        self.lr += params.step.lr;
+        self.wd += params.step.weight_decay;
+        self.entropy += report.teacher_entropy.per_image;
+        self.batch_entropy += report.teacher_entropy.of_batch_mean;
+    }
+
+    fn health(&self, config: &TrainConfig, center_norm: f64, teacher_drift: f64, student_drift: f64) -> Health {
+        let n = self.iterations as f64;
+        Health {
+            teacher_entropy: self.entropy / n,
+            teacher_batch_entropy: self.batch_entropy / n,
+            kl_divergence: (self.loss - self.entropy) / n,
+            entropy_ceiling: (config.out_dim as f64).ln(),
+            center_norm,
+            teacher_drift,
+            student_drift,
+        }
+    }
+}
+
+/// One epoch of training steps (`train_one_epoch` of `main_dino.py`).
+#[allow(clippy::too_many_arguments)]
+fn train_one_epoch(
+    mut state: TrainState,
+    data: &Arc<Dataset>,
+    config: &TrainConfig,
+    schedules: &Schedules,
+    epoch: usize,
+    iterations: usize,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<(TrainState, EpochTotals), TrainError> {
+    let train_device = device.clone().autodiff();
+    let started = Instant::now();
+    let batches =
+        epoch_batches(data.clone(), config.crops.clone(), config.batch_size, config.seed, epoch, 0, config.num_workers);
+    let mut totals = EpochTotals::default();
+    for (i, batch) in batches.into_iter().enumerate() {
+        let batch = batch?;
+        let it = epoch * iterations + i;
+        let crops: Vec<Tensor<4>> = batch
+            .crops
+            .into_iter()
+            .map(|c| {
+                let s = c.size as usize;
+                Tensor::from_data(TensorData::new(c.data, [batch.batch_size, 3, s, s]), device)
+            })
+            .collect();
+        let params = schedules.at(config, epoch, it);
+        // Drop path draws from the backend RNG: seed it per iteration so a resumed run repeats
+        // the uninterrupted one.
+        train_device.seed(config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ it as u64);
+        let (next, report) = train_step(state, &crops, &params).map_err(|source| TrainError::NonFinite {
+            epoch,
+            iteration: i,
+            source,
+        })?;
+        state = next;
+        totals.add(&report, &params);
+        observer.iteration(&IterationLog {
+            epoch,
+            iteration: i,
+            iterations,
+            loss: report.loss,
+            lr: params.step.lr,
+            wd: params.step.weight_decay,
+            images_per_sec: ((i + 1) * config.batch_size) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        });
+    }
+    Ok((state, totals))
+}
+
+/// The end-of-epoch files: a line of `log.txt`, the checkpoint (and a kept copy every
+/// `saveckp_freq` epochs), the teacher backbone and `training.png`.
+fn write_epoch(
+    run: &RunDir,
+    state: &TrainState,
+    config: &TrainConfig,
+    log: &EpochLog,
+    observer: &mut dyn Observer,
+) -> Result<(), TrainError> {
+    let mut file = fs::OpenOptions::new().create(true).append(true).open(run.log()).map_err(io_err(&run.log()))?;
+    writeln!(file, "{}", serde_json::to_string(log).expect("logs serialise")).map_err(io_err(&run.log()))?;
+    let epoch = log.epoch;
+    save_checkpoint(&run.checkpoint(), state, epoch + 1, config)?;
+    if config.saveckp_freq > 0 && epoch % config.saveckp_freq == 0 {
+        fs::copy(run.checkpoint(), run.kept_checkpoint(epoch)).map_err(io_err(&run.kept_checkpoint(epoch)))?;
+    }
+    let model_config = config.model_config().map_err(TrainError::Config)?;
+    save_backbone(&state.teacher.backbone, &model_config.vit, &run.teacher_backbone())?;
+    if let Err(e) = plot_history(&run.log(), &run.plot()) {
+        observer.note(&format!("could not draw {}: {e}", run.plot().display()));
+    }
+    Ok(())
 }

@@ -168,11 +168,20 @@ impl Observer for Progress {
     fn epoch_end(&mut self, log: &EpochLog) {
         self.bar.finish_and_clear();
         let knn = log.knn_top1.map(|k| format!(", teacher k-NN top-1 {k:.2} %")).unwrap_or_default();
+        let h = &log.health;
         println!(
-            "epoch {}/{}: loss {:.4}{knn}, {:.0} img/s, {:.1} min",
+            "epoch {}/{}: loss {:.4} = teacher entropy {:.3} (ln K {:.2}) + KL {:.3}{knn}, batch entropy {:.2}, \
+             center norm {:.3}, drift teacher {:.1e} / student {:.1e}, {:.0} img/s, {:.1} min",
             log.epoch + 1,
             self.epochs,
             log.train_loss,
+            h.teacher_entropy,
+            h.entropy_ceiling,
+            h.kl_divergence,
+            h.teacher_batch_entropy,
+            h.center_norm,
+            h.teacher_drift,
+            h.student_drift,
             log.images_per_sec,
             log.minutes
         );
@@ -181,11 +190,26 @@ impl Observer for Progress {
     fn note(&mut self, message: &str) {
         println!("{message}");
     }
+
+    fn warning(&mut self, message: &str) {
+        self.bar.suspend(|| eprintln!("warning: {message}"));
+    }
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = args.resolve_config()?;
     let data = Arc::new(Dataset::open(&args.data)?);
+    let config = if config.sizes_from_images() {
+        let side = data.typical_side()?;
+        let fitted = config.fit_to_images(side);
+        println!(
+            "sizes for {side} px images: global crops {} px, local crops {} px, patch {} (recorded in config.toml)",
+            fitted.crops.global_size, fitted.crops.local_size, fitted.patch_size
+        );
+        fitted
+    } else {
+        config
+    };
     let val_spec = args.val.clone().or_else(|| (args.data == "synthetic").then(|| "synthetic#test".to_string()));
     let knn = match &val_spec {
         Some(spec) => {
@@ -224,6 +248,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             _ => String::new(),
         };
         println!("done in {:.1} min: {loss}{knn}", summary.minutes);
+        if let (Some(pixels), Some(after)) = (summary.knn_pixels, last.knn_top1) {
+            let verdict = if after > pixels { "beat" } else { "did NOT beat" };
+            println!(
+                "the teacher's features {verdict} the raw pixels: k-NN top-1 {after:.2} % vs {pixels:.2} % on the same images"
+            );
+        }
     }
     println!(
         "run directory {}: log.txt, training.png, {}, {}",
