@@ -181,3 +181,52 @@ fn configuration_errors_are_one_line() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// Preset `small` on a folder of a user's own 40 px images: the crop, patch and
+/// position-embedding sizes come from the images, are printed, and `config.toml` records them,
+/// so the run is reproducible from its config alone.
+#[test]
+fn preset_small_derives_sizes_from_the_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for i in 0..16u32 {
+        let picture = image::RgbImage::from_fn(40, 40, |x, y| {
+            let inside = (x + 3 * i) % 40 < 20 && (y + 5 * i) % 40 < 16;
+            if inside { image::Rgb([200, 60 + 8 * i as u8, 40]) } else { image::Rgb([30, 30, 90]) }
+        });
+        picture.save(images.join(format!("{i:02}.png"))).unwrap();
+    }
+    let run = dir.path().join("run");
+    let out = dino(&[
+        "train",
+        "--data",
+        images.to_str().unwrap(),
+        "--preset",
+        "small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out-dim",
+        "64",
+        "--set",
+        "depth=1",
+        "--set",
+        "head_hidden_dim=64",
+        "--set",
+        "crops.local_crops=2",
+        "--output",
+        run.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // A quarter of the side per patch (a 4 x 4 grid), local crops half the global side.
+    assert!(stdout.contains("sizes for 40 px images: global crops 40 px, local crops 20 px, patch 10"), "{stdout}");
+    let config: toml::Table = std::fs::read_to_string(run.join("config.toml")).unwrap().parse().unwrap();
+    assert_eq!(config["patch_size"].as_integer(), Some(10), "{config:?}");
+    assert_eq!(config["img_size"].as_integer(), Some(40), "{config:?}");
+    assert_eq!(config["crops"]["global_size"].as_integer(), Some(40), "{config:?}");
+    assert_eq!(config["crops"]["local_size"].as_integer(), Some(20), "{config:?}");
+    assert_eq!(std::fs::read_to_string(run.join("log.txt")).unwrap().lines().count(), 1);
+}

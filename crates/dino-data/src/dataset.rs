@@ -115,8 +115,9 @@ impl Dataset {
         }
     }
 
-    /// The built-in synthetic dataset: 32 px images of eight shape classes with random colours,
-    /// sizes, positions and noise. Nothing to download; the test split uses other seeds.
+    /// The built-in synthetic dataset: 32 px images of eight shape classes, each image three
+    /// copies of its class's shape at random positions and sizes, in random tints, with noise.
+    /// Nothing to download; the test split uses other seeds.
     pub fn synthetic(split: Split) -> Self {
         let (len, seed) = match split {
             Split::Train => (SYNTHETIC_TRAIN, 0x5eed),
@@ -401,53 +402,53 @@ fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
 
 /// One synthetic image of `class`, made so that raw pixels are a poor metric and the class
 /// needs the invariances DINO's augmentations teach:
-/// - **position and scale**: the shape's center is anywhere it fits, its size varies 2x;
-/// - **colour**: foreground and background colours are drawn independently (either may be the
-///   brighter one), with enough luma contrast to keep the shape visible;
-/// - **clutter**: the background is a random gradient with pixel noise, and two small blobs of
-///   the foreground colour sit elsewhere, so colour alone does not find the shape.
+/// - **position and scale**: three copies of the class's shape, each anywhere it fits at its own
+///   size (radius 12-22 % of the side); no layout is shared by two images of a class, while
+///   every crop of an image still shows its class (which is what DINO matches across crops);
+/// - **colour**: a dark background and a bright foreground, each of a random brightness and
+///   tint, within what colour jitter and grayscale cover (a colour beyond them would be a
+///   shortcut two crops of one image share, which DINO learns instead of the shape;
+///   BENCHMARKS.md, section 3);
+/// - **noise**: pixel noise, so no two images of a class match pixel for pixel.
 /// Texture classes (stripes, checkerboard) have a random period and phase.
 fn synthetic_image(class: usize, rng: &mut StdRng) -> RgbImage {
     let s = SYNTHETIC_SIZE as f32;
-    let colour = |rng: &mut StdRng| -> [f32; 3] { std::array::from_fn(|_| rng.random_range(0.0..255.0)) };
-    let luma = |c: [f32; 3]| 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
-    let fg = colour(rng);
-    let bg = loop {
-        let bg = colour(rng);
-        if (luma(bg) - luma(fg)).abs() > 70.0 {
-            break bg;
-        }
+    let tinted = |rng: &mut StdRng, luma: std::ops::Range<f32>| -> [f32; 3] {
+        let luma = rng.random_range(luma);
+        std::array::from_fn(|_| luma + rng.random_range(-12.0..12.0))
     };
-    let r = rng.random_range(0.2 * s..0.4 * s);
-    let (cx, cy) = (rng.random_range(r..s - r), rng.random_range(r..s - r));
+    let bg = tinted(rng, 40.0..70.0);
+    let fg = tinted(rng, 170.0..210.0);
+    let shapes: Vec<(f32, f32, f32)> = (0..3)
+        .map(|_| {
+            let r = rng.random_range(0.12 * s..0.22 * s);
+            (rng.random_range(r..s - r), rng.random_range(r..s - r), r)
+        })
+        .collect();
     let period = rng.random_range(2.5..5.0f32);
     let phase = rng.random_range(0.0..period);
-    let gradient = (rng.random_range(-1.0..1.0f32), rng.random_range(-1.0..1.0f32));
-    // Distractors: small blobs of the shape's colour away from its center.
-    let blobs: Vec<(f32, f32, f32)> =
-        (0..2).map(|_| (rng.random_range(0.0..s), rng.random_range(0.0..s), rng.random_range(1.0..2.0))).collect();
     let noise = rng.random::<u64>();
     let band = |v: f32| ((v + phase) / period).floor() as i32;
     RgbImage::from_fn(SYNTHETIC_SIZE, SYNTHETIC_SIZE, |x, y| {
         let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
-        let (dx, dy) = (px - cx, py - cy);
-        let inside_box = dx.abs() < r && dy.abs() < r;
-        let on = match class {
-            0 => dx * dx + dy * dy < r * r,
-            1 => inside_box,
-            2 => (0.55 * r..r).contains(&(dx * dx + dy * dy).sqrt()),
-            3 => (dx.abs() < 0.3 * r && dy.abs() < r) || (dy.abs() < 0.3 * r && dx.abs() < r),
-            4 => inside_box && band(py) % 2 == 0,
-            5 => inside_box && band(px) % 2 == 0,
-            6 => inside_box && (band(px) + band(py)) % 2 == 0,
-            _ => dy < r && dy > -r && dx.abs() < (dy + r) / 2.0,
-        };
-        let blob = blobs.iter().any(|&(bx, by, br)| (px - bx).powi(2) + (py - by).powi(2) < br * br);
+        let on = shapes.iter().any(|&(cx, cy, r)| {
+            let (dx, dy) = (px - cx, py - cy);
+            let inside_box = dx.abs() < r && dy.abs() < r;
+            match class {
+                0 => dx * dx + dy * dy < r * r,
+                1 => inside_box,
+                2 => (0.55 * r..r).contains(&(dx * dx + dy * dy).sqrt()),
+                3 => (dx.abs() < 0.3 * r && dy.abs() < r) || (dy.abs() < 0.3 * r && dx.abs() < r),
+                4 => inside_box && band(py) % 2 == 0,
+                5 => inside_box && band(px) % 2 == 0,
+                6 => inside_box && (band(px) + band(py)) % 2 == 0,
+                _ => dy < r && dy > -r && dx.abs() < (dy + r) / 2.0,
+            }
+        });
         let hash = (noise ^ ((x as u64) << 32 | y as u64)).wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let jitter = ((hash >> 56) as f32 / 255.0 - 0.5) * 50.0;
-        let shade = 30.0 * (gradient.0 * (px / s - 0.5) + gradient.1 * (py / s - 0.5));
-        let base = if on || blob { fg } else { bg };
-        Rgb(std::array::from_fn(|c| (base[c] + jitter + shade).clamp(0.0, 255.0) as u8))
+        let jitter = ((hash >> 56) as f32 / 255.0 - 0.5) * 40.0;
+        let base = if on { fg } else { bg };
+        Rgb(std::array::from_fn(|c| (base[c] + jitter).clamp(0.0, 255.0) as u8))
     })
 }
 

@@ -24,9 +24,10 @@ pub struct TrainArgs {
     /// Run directory: config, log.txt, checkpoints, teacher backbone, plot.
     #[arg(long, short, default_value = "runs/dino", value_name = "DIR")]
     output: PathBuf,
-    /// Starting settings: official (main_dino.py's ViT-S/16), small28 (28-32 px images),
-    /// fashion (Fashion-MNIST on 2 CPU cores, BENCHMARKS.md), quick (minutes on a CPU with the
-    /// synthetic data).
+    /// Starting settings: official (main_dino.py's ViT-S/16), small (28-96 px images of your
+    /// own, crop and patch sizes from the data; BENCHMARKS.md), small28 (the naive scaled-down
+    /// recipe of the anchors), fashion (an earlier Fashion-MNIST recipe), quick (minutes on a
+    /// CPU with the synthetic data).
     #[arg(long, default_value = "quick", value_name = "NAME")]
     preset: String,
     /// A TOML file of settings, applied over the preset.
@@ -223,7 +224,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let device = args.device.device()?;
     println!(
-        "training {} (patch {}, depth {}, K = {}) on {} ({} images), {} epochs, batch {}, into {}",
+        "training {} (patch {}, depth {}, K = {}) on {} ({} images), {} epoch{}, batch {}, into {}",
         config.arch,
         config.patch_size,
         config.depth,
@@ -231,6 +232,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         data.name,
         data.len(),
         config.epochs,
+        if config.epochs == 1 { "" } else { "s" },
         config.batch_size,
         args.output.display()
     );
