@@ -77,7 +77,7 @@ pub struct Health {
 
 /// Targets closer than this to uniform (nats: ln K − H(q) is their mean KL from the uniform
 /// distribution) carry next to nothing: a teacher hotter than its logits' range sits within
-/// 1e-4 (`tests/health.rs`). The default `dino train` stays 0.08-0.4 nats away from uniform
+/// 1e-4 (`tests/health.rs`). The default `dino train` stays 0.1-0.4 nats away from uniform
 /// while its k-NN rises from 52 to 70 % (BENCHMARKS.md, section 3), so nearness alone is judged
 /// in nats, not as a fraction of ln K.
 pub const UNIFORM_NATS: f64 = 0.05;
@@ -86,8 +86,10 @@ pub const UNIFORM_NATS: f64 = 0.05;
 /// collapse. A random network's targets sit at 0.99 ln K or more; preset `small` on
 /// Fashion-MNIST leaves 0.9 within the first epoch (0.85 ln K; BENCHMARKS.md, section 1).
 pub const UNIFORM_FRACTION: f64 = 0.9;
-/// See [`UNIFORM_FRACTION`].
-pub const UNIFORM_KL_NATS: f64 = 0.02;
+/// See [`UNIFORM_FRACTION`]. Between the runs of BENCHMARKS.md: teacher temperature 0.07 on
+/// Fashion-MNIST stalls at 0.98 ln K with a KL of 0.031 (warned); the default `dino train`,
+/// which learns, never goes under 0.069.
+pub const UNIFORM_KL_NATS: f64 = 0.04;
 /// A batch-mean target below this entropy (nats) puts the whole batch on one or two prototypes.
 pub const ONE_HOT_NATS: f64 = 0.5;
 /// A teacher that moves less than this fraction of the student's movement over an epoch is not
