@@ -24,6 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Pretrain a ViT with DINO on unlabeled images.
+    // `--lr -1` is a value (refused by the range check, naming it), not an unknown flag.
+    #[command(allow_negative_numbers = true)]
     Train(Box<commands::train::TrainArgs>),
     /// Extract one feature vector per image with a trained backbone.
     Extract(commands::extract::ExtractArgs),

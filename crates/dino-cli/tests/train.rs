@@ -166,7 +166,10 @@ fn configuration_errors_are_one_line() {
     for (args, expected) in [
         (vec!["train", "--set", "epoch=3"], "unknown setting 'epoch'"),
         (vec!["train", "--preset", "huge"], "unknown --preset"),
-        (vec!["train", "--epochs", "0"], "epochs must be at least 1"),
+        (vec!["train", "--epochs", "0"], "epochs = 0 is out of range: it must be at least 1"),
+        (vec!["train", "--lr", "-1"], "lr = -1 is out of range: it must be positive"),
+        (vec!["train", "--set", "crops.local_crops=-1"], "crops.local_crops = -1"),
+        (vec!["train", "--set", "crops.flip_prob=2"], "crops.flip_prob = 2 is not a probability"),
         (vec!["train", "--data", "/nonexistent/images"], "no such file"),
         (vec!["train", "--arch", "vit_giant"], "unknown arch"),
         (

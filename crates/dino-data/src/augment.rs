@@ -76,14 +76,19 @@ impl MultiCropConfig {
     /// Checks the settings, with a message that names the bad one.
     pub fn validate(&self) -> Result<(), String> {
         let scale_ok = |(a, b): (f64, f64)| 0.0 < a && a <= b && b <= 1.0;
-        if self.global_size == 0 || self.local_size == 0 {
-            return Err("crop sizes must be positive".into());
+        for (name, size) in [("global_size", self.global_size), ("local_size", self.local_size)] {
+            if size == 0 {
+                return Err(format!("{name} = 0 is out of range: it must be at least 1"));
+            }
         }
-        if !scale_ok(self.global_scale) || !scale_ok(self.local_scale) {
-            return Err("crop scales must satisfy 0 < min <= max <= 1".into());
+        for (name, (min, max)) in [("global_scale", self.global_scale), ("local_scale", self.local_scale)] {
+            if !scale_ok((min, max)) {
+                return Err(format!("{name} = [{min}, {max}] is out of range: it must satisfy 0 < min <= max <= 1"));
+            }
         }
-        if !(self.blur_radius.0 > 0.0 && self.blur_radius.0 <= self.blur_radius.1) {
-            return Err("blur_radius must satisfy 0 < min <= max".into());
+        let (min, max) = self.blur_radius;
+        if !(min > 0.0 && min <= max && max.is_finite()) {
+            return Err(format!("blur_radius = [{min}, {max}] is out of range: it must satisfy 0 < min <= max"));
         }
         let (b1, b2, b3) = self.blur_prob;
         let probabilities = [
@@ -100,12 +105,16 @@ impl MultiCropConfig {
         }
         let (b, c, sat, hue) = self.jitter;
         if [b, c, sat].iter().any(|s| !(0.0..=1.0).contains(s)) || !(0.0..=0.5).contains(&hue) {
-            return Err(
-                "jitter strengths must be in [0, 1] (brightness, contrast, saturation) and [0, 0.5] (hue)".into()
-            );
+            return Err(format!(
+                "jitter = [{b}, {c}, {sat}, {hue}] is out of range: brightness, contrast and saturation must be \
+                 in [0, 1], hue in [0, 0.5]"
+            ));
         }
-        if self.std.iter().any(|&s| s <= 0.0) {
-            return Err("normalisation std must be positive".into());
+        if let Some(m) = self.mean.iter().find(|m| !m.is_finite()) {
+            return Err(format!("mean = {m} is out of range: it must be finite"));
+        }
+        if let Some(s) = self.std.iter().find(|&&s| !(s > 0.0 && s.is_finite())) {
+            return Err(format!("std = {s} is out of range: it must be positive"));
         }
         Ok(())
     }

@@ -150,6 +150,41 @@ impl Default for TrainConfig {
 /// (preset `small` is for 28-96 px images; bigger ones need preset `official`'s 224 px).
 pub const MAX_AUTO_GLOBAL: u32 = 96;
 
+/// The values a numeric setting accepts, for `validate` and its messages.
+#[derive(Debug, Clone, Copy)]
+enum Accepts {
+    /// `value >= min`, finite.
+    AtLeast(f64),
+    /// `value > 0`, finite.
+    Positive,
+    /// `[min, max]`.
+    Closed(f64, f64),
+    /// `[min, max)`.
+    HalfOpen(f64, f64),
+}
+
+impl Accepts {
+    fn admits(self, value: f64) -> bool {
+        match self {
+            Accepts::AtLeast(min) => value >= min && value.is_finite(),
+            Accepts::Positive => value > 0.0 && value.is_finite(),
+            Accepts::Closed(min, max) => (min..=max).contains(&value),
+            Accepts::HalfOpen(min, max) => (min..max).contains(&value),
+        }
+    }
+}
+
+impl std::fmt::Display for Accepts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Accepts::AtLeast(min) => write!(f, "at least {min}"),
+            Accepts::Positive => write!(f, "positive"),
+            Accepts::Closed(min, max) => write!(f, "in [{min}, {max}]"),
+            Accepts::HalfOpen(min, max) => write!(f, "in [{min}, {max})"),
+        }
+    }
+}
+
 /// Names of the built-in presets.
 pub const PRESETS: [&str; 5] = ["official", "small", "small28", "fashion", "quick"];
 
@@ -334,33 +369,45 @@ impl TrainConfig {
         if self.sizes_from_images() {
             return self.clone().fit_to_images(64).validate();
         }
+        use Accepts::{AtLeast, Closed, HalfOpen, Positive};
+        let settings = [
+            ("depth", self.depth as f64, AtLeast(1.0)),
+            ("out_dim", self.out_dim as f64, AtLeast(1.0)),
+            ("head_hidden_dim", self.head_hidden_dim as f64, AtLeast(1.0)),
+            ("head_bottleneck_dim", self.head_bottleneck_dim as f64, AtLeast(1.0)),
+            ("epochs", self.epochs as f64, AtLeast(1.0)),
+            ("batch_size", self.batch_size as f64, AtLeast(1.0)),
+            ("lr", self.lr, Positive),
+            ("min_lr", self.min_lr, AtLeast(0.0)),
+            ("weight_decay", self.weight_decay, AtLeast(0.0)),
+            ("weight_decay_end", self.weight_decay_end, AtLeast(0.0)),
+            ("clip_grad", self.clip_grad, AtLeast(0.0)),
+            ("drop_path_rate", self.drop_path_rate, HalfOpen(0.0, 1.0)),
+            ("momentum_teacher", self.momentum_teacher, Closed(0.0, 1.0)),
+            ("center_momentum", self.center_momentum, Closed(0.0, 1.0)),
+            ("teacher_temp", self.teacher_temp, Positive),
+            ("warmup_teacher_temp", self.warmup_teacher_temp, Positive),
+            ("knn_k", self.knn_k as f64, AtLeast(1.0)),
+            ("knn_temperature", self.knn_temperature, Positive),
+        ];
+        for (key, value, accepts) in settings {
+            if !accepts.admits(value) {
+                return Err(format!("{key} = {value} is out of range: it must be {accepts}"));
+            }
+        }
         let model = self.model_config()?;
         model.vit.validate()?;
         if let Some(head) = &model.head {
             head.validate()?;
         }
-        self.crops.validate().map_err(|e| format!("crops: {e}"))?;
+        self.crops.validate().map_err(|e| format!("crops.{e}"))?;
         for (name, size) in [("crops.global_size", self.crops.global_size), ("crops.local_size", self.crops.local_size)]
         {
             if (size as usize) < self.patch_size {
                 return Err(format!("{name} = {size} is smaller than one patch (patch_size = {})", self.patch_size));
             }
         }
-        let checks: [(bool, &str); 9] = [
-            (self.epochs > 0, "epochs must be at least 1"),
-            (self.batch_size > 0, "batch_size must be at least 1"),
-            (self.lr > 0.0 && self.lr.is_finite(), "lr must be positive"),
-            (self.min_lr >= 0.0, "min_lr must be >= 0"),
-            (self.clip_grad >= 0.0, "clip_grad must be >= 0 (0 disables clipping)"),
-            ((0.0..=1.0).contains(&self.momentum_teacher), "momentum_teacher must be in [0, 1]"),
-            ((0.0..=1.0).contains(&self.center_momentum), "center_momentum must be in [0, 1]"),
-            (self.teacher_temp > 0.0 && self.warmup_teacher_temp > 0.0, "teacher temperatures must be positive"),
-            (self.knn_temperature > 0.0, "knn_temperature must be positive"),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, message)) => Err(message.to_string()),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// The DINO loss of this config, with a zero center.
@@ -399,6 +446,11 @@ impl TrainConfig {
                 return Err(format!("unknown setting '{key}'"));
             }
             target.insert(last.to_string(), value);
+            // A value of the wrong type (-1 for a count, a word for a number) is named here,
+            // where the key is known.
+            if let Err(e) = toml::Value::Table(table.clone()).try_into::<Self>() {
+                return Err(format!("{key} = {raw}: {}", e.message()));
+            }
         }
         Self::from_table(table)
     }
@@ -460,6 +512,52 @@ mod tests {
         assert!(TrainConfig::default().with_overrides(["epochs=many"]).is_err());
         let round = TrainConfig::default().with_toml(&TrainConfig::preset("quick").unwrap().to_toml()).unwrap();
         assert_eq!(round, TrainConfig::preset("quick").unwrap());
+    }
+
+    /// Every numeric setting, nested ones included, refuses -1 (except a normalisation mean,
+    /// which may be negative) and NaN, with a message naming the key and the value.
+    #[test]
+    fn every_numeric_setting_is_range_checked() {
+        fn numeric_keys(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
+            for (key, value) in table {
+                let key = format!("{prefix}{key}");
+                match value {
+                    toml::Value::Table(inner) => numeric_keys(inner, &format!("{key}."), out),
+                    toml::Value::Integer(_) | toml::Value::Float(_) => out.push((key, value.clone())),
+                    toml::Value::Array(items) if items.iter().all(|v| v.is_integer() || v.is_float()) => {
+                        out.push((key, value.clone()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        numeric_keys(&toml::Table::try_from(TrainConfig::default()).unwrap(), "", &mut keys);
+        assert!(keys.len() > 40, "{keys:?}");
+        for (key, value) in keys {
+            let (minus_one, nan) = match &value {
+                toml::Value::Array(items) => (
+                    format!("[{}]", vec!["-1"; items.len()].join(", ")),
+                    format!("[{}]", vec!["nan"; items.len()].join(", ")),
+                ),
+                _ => ("-1".to_string(), "nan".to_string()),
+            };
+            let is_float = value.is_float() || value.as_array().is_some_and(|a| a[0].is_float());
+            let mut bad = vec![minus_one.clone()];
+            if is_float {
+                bad.push(nan);
+            }
+            for raw in bad {
+                let result = TrainConfig::default().with_overrides([format!("{key}={raw}").as_str()]);
+                if key == "crops.mean" && raw == minus_one {
+                    assert!(result.is_ok(), "{key}={raw}: {result:?}");
+                    continue;
+                }
+                let message = result.expect_err(&format!("{key}={raw} was accepted"));
+                assert!(message.contains(&key), "{key}={raw}: {message}");
+                assert!(message.contains("-1") || message.to_lowercase().contains("nan"), "{key}={raw}: {message}");
+            }
+        }
     }
 
     #[test]
