@@ -39,11 +39,14 @@ pub struct StepReport {
     pub teacher_entropy: TargetEntropy,
 }
 
-/// Raised when the loss is NaN or infinite (the official loop exits there too).
+/// Raised when the loss or a gradient is NaN or infinite (the official loop exits on the loss
+/// too). The state it came from is dropped, so nothing non-finite reaches a checkpoint.
 #[derive(Debug, thiserror::Error)]
-#[error("loss is {loss}, stopping training (lower the learning rate, raise --clip-grad, or check the data)")]
-pub struct NonFiniteLoss {
-    pub loss: f64,
+pub enum NonFinite {
+    #[error("loss is {0}, stopping training")]
+    Loss(f64),
+    #[error("the gradient of parameter {index} has norm {norm}, stopping training")]
+    Gradient { index: usize, norm: f64 },
 }
 
 /// One iteration on a batch of crops, each `[B, 3, H_i, W_i]` on the plain device, ordered
@@ -53,7 +56,7 @@ pub fn train_step(
     state: TrainState,
     crops: &[Tensor<4>],
     params: &IterationParams,
-) -> Result<(TrainState, StepReport), NonFiniteLoss> {
+) -> Result<(TrainState, StepReport), NonFinite> {
     let TrainState { student, teacher, mut loss, mut optimizer } = state;
     let teacher_out = teacher.forward_crops(&crops[..2]);
     let student_crops: Vec<Tensor<4>> = crops.iter().map(|c| c.clone().autodiff()).collect();
@@ -63,10 +66,13 @@ pub fn train_step(
     let value = loss.cross_entropy(student_out, targets);
     let scalar = value.clone().into_scalar::<f64>();
     if !scalar.is_finite() {
-        return Err(NonFiniteLoss { loss: scalar });
+        return Err(NonFinite::Loss(scalar));
     }
     let grads = value.backward();
     let (student, grad_norms) = optimizer.step(student, grads, &params.step);
+    if let Some((index, &norm)) = grad_norms.iter().enumerate().find(|(_, n)| !n.is_finite()) {
+        return Err(NonFinite::Gradient { index, norm });
+    }
     let teacher = ema_update(teacher, &student, params.momentum);
     loss.update_center(teacher_out);
     Ok((TrainState { student, teacher, loss, optimizer }, StepReport { loss: scalar, grad_norms, teacher_entropy }))

@@ -21,7 +21,7 @@ use crate::checkpoint::{CheckpointError, load_checkpoint, load_official_checkpoi
 use crate::health::{Health, Warning, parameter_vector, relative_change};
 use crate::optim::{Optimizer, StepParams};
 use crate::schedule::{cosine_schedule, teacher_temp_schedule};
-use crate::step::{IterationParams, NonFiniteLoss, StepReport, TrainState, train_step};
+use crate::step::{IterationParams, NonFinite, StepReport, TrainState, train_step};
 use dino_eval::figures::plot_history;
 
 /// Why a run stopped early.
@@ -37,8 +37,14 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Weights(#[from] dino_model::weights::WeightsError),
-    #[error("epoch {epoch}, iteration {iteration}: {source}")]
-    NonFinite { epoch: usize, iteration: usize, source: NonFiniteLoss },
+    #[error(
+        "epoch {}, iteration {} (lr {lr:.3e}, teacher_temp {teacher_temp}): {source}; likely causes: an lr too \
+         high for the batch (lower lr, or clip_grad), a teacher_temp too low, or broken input; the last epoch's \
+         checkpoint, if any, is untouched and --resume continues from it",
+        .epoch + 1,
+        .iteration + 1
+    )]
+    NonFinite { epoch: usize, iteration: usize, lr: f64, teacher_temp: f64, source: NonFinite },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -458,6 +464,8 @@ fn train_one_epoch(
         let (next, report) = train_step(state, &crops, &params).map_err(|source| TrainError::NonFinite {
             epoch,
             iteration: i,
+            lr: params.step.lr,
+            teacher_temp: params.teacher_temp,
             source,
         })?;
         state = next;

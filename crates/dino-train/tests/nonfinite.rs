@@ -1,9 +1,16 @@
-//! A NaN or infinite loss stops the training step with the official message.
+//! A NaN or infinite loss stops the training step with the official message, and a run that
+//! diverges stops with the iteration, the lr and the teacher temperature, and saves nothing
+//! non-finite.
+
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use dino_model::DinoModel;
-use dino_train::{DinoLoss, IterationParams, Optimizer, OptimizerKind, StepParams, TrainState, train_step};
+use dino_train::{
+    DinoLoss, IterationParams, NonFinite, Observer, Optimizer, OptimizerKind, StepParams, TrainConfig, TrainError,
+    TrainState, train, train_step,
+};
 
 mod common;
 use common::tiny_config;
@@ -28,6 +35,24 @@ fn a_non_finite_loss_stops_the_step_with_a_clear_error() {
         teacher_temp: 0.04,
     };
     let err = train_step(state, &crops, &params).unwrap_err();
-    assert!(err.loss.is_nan());
+    assert!(matches!(err, NonFinite::Loss(loss) if loss.is_nan()), "{err}");
     assert!(err.to_string().contains("stopping training"), "{err}");
+}
+
+struct Quiet;
+impl Observer for Quiet {}
+
+#[test]
+fn a_diverging_run_names_the_iteration_and_its_schedule_and_saves_nothing() {
+    // An lr of 1e30 sends the weights to ~1e28 after one step; attention then overflows.
+    let config = TrainConfig { lr: 1e30, knn_every: 0, ..tiny_config(1) };
+    let data = Arc::new(dino_data::Dataset::synthetic(dino_data::Split::Train));
+    let dir = tempfile::tempdir().unwrap();
+    let err = train(&config, data, None, dir.path(), &Device::flex(), false, &mut Quiet).unwrap_err();
+    assert!(matches!(err, TrainError::NonFinite { epoch: 0, .. }), "{err}");
+    let message = err.to_string();
+    for expected in ["epoch 1, iteration", "lr ", "teacher_temp 0.04", "stopping training", "--resume"] {
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
+    assert!(!dir.path().join("checkpoint.safetensors").exists(), "nothing non-finite is saved");
 }
