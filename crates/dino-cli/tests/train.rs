@@ -233,3 +233,45 @@ fn preset_small_derives_sizes_from_the_images() {
     assert_eq!(config["crops"]["local_size"].as_integer(), Some(20), "{config:?}");
     assert_eq!(std::fs::read_to_string(run.join("log.txt")).unwrap().lines().count(), 1);
 }
+
+/// A checkpoint write that fails (here a file-size limit, as a full disk would) stops the run
+/// with a clear message and leaves the previous checkpoint as it was.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_dir = run.to_str().unwrap();
+    let args = |epochs| {
+        let tiny = ["--max-images", "32", "--out-dim", "64", "--set", "depth=1", "--set", "head_hidden_dim=64"];
+        [&["train", "--epochs", epochs, "--output", run_dir][..], &tiny[..]].concat()
+    };
+    let out = dino(&args("1"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checkpoint = run.join("checkpoint.safetensors");
+    let before = std::fs::read(&checkpoint).unwrap();
+    assert!(before.len() > 2 << 20, "the limit below must fall under the checkpoint's {} bytes", before.len());
+
+    let mut command = confined(Path::new(env!("CARGO_BIN_EXE_dino")));
+    command.args(args("2"));
+    // SAFETY: runs in the forked child before exec; two async-signal-safe system calls. With
+    // SIGXFSZ ignored, a write past the limit fails with EFBIG instead of killing the process.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 1 << 20, rlim_max: 1 << 20 };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write") && stderr.contains("is intact"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(std::fs::read(&checkpoint).unwrap(), before, "the previous checkpoint is unchanged");
+    assert!(!run.join("checkpoint.safetensors.tmp").exists(), "no temporary file is left behind");
+}

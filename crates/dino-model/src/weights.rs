@@ -54,6 +54,9 @@ pub enum WeightsError {
     /// The file could not be opened, read or written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// Writing failed (a full disk, a file-size limit); what was under `path` before is intact.
+    #[error("cannot write {path} ({source}); the file there before, if any, is intact")]
+    Write { path: PathBuf, source: std::io::Error },
     /// The bytes are not a readable safetensors or PyTorch file (or are truncated).
     #[error(
         "{path}: not a readable weights file ({reason}); expected a .pth/.pt state_dict or checkpoint, or .safetensors"
@@ -366,14 +369,15 @@ pub fn config_metadata(config: &ModelConfig) -> HashMap<String, String> {
     ])
 }
 
-/// Writes `tensors` as safetensors with `metadata` in the header; atomically (a temporary file in
-/// the same directory, then a rename), so a crash never leaves half a file under `path`.
+/// Writes `tensors` as safetensors with `metadata` in the header; atomically and durably (a
+/// temporary file in the same directory, synced, renamed over `path`, then the directory synced),
+/// so neither a crash nor a failed write (a full disk, a file-size limit) leaves anything but the
+/// previous complete file under `path`.
 pub fn write_safetensors(
     path: &Path,
     tensors: Vec<(String, TensorData)>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let io = |source| WeightsError::Io { path: path.into(), source };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, data)| {
@@ -389,8 +393,26 @@ pub fn write_safetensors(
         .collect();
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| format_error(path, e))?;
     let tmp = path.with_extension("safetensors.tmp");
-    fs::write(&tmp, bytes).map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    write_durably(&tmp, &bytes, path).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        WeightsError::Write { path: path.into(), source }
+    })
+}
+
+fn write_durably(tmp: &Path, bytes: &[u8], path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = fs::File::create(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(tmp, path)?;
+    // The rename itself is durable once the directory entry is on disk (POSIX; a no-op need
+    // elsewhere).
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Renames a one-layer head's `mlp.0.*` to the official `mlp.*` (a bare `nn.Linear`).
