@@ -185,6 +185,9 @@ fn configuration_errors_are_one_line() {
     }
 }
 
+/// A network small enough for a test run in seconds.
+const TINY_NETWORK: [&str; 6] = ["--out-dim", "64", "--set", "depth=1", "--set", "head_hidden_dim=64"];
+
 /// Preset `small` on a folder of a user's own 40 px images: the crop, patch and
 /// position-embedding sizes come from the images, are printed, and `config.toml` records them,
 /// so the run is reproducible from its config alone.
@@ -201,27 +204,10 @@ fn preset_small_derives_sizes_from_the_images() {
         picture.save(images.join(format!("{i:02}.png"))).unwrap();
     }
     let run = dir.path().join("run");
-    let out = dino(&[
-        "train",
-        "--data",
-        images.to_str().unwrap(),
-        "--preset",
-        "small",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--out-dim",
-        "64",
-        "--set",
-        "depth=1",
-        "--set",
-        "head_hidden_dim=64",
-        "--set",
-        "crops.local_crops=2",
-        "--output",
-        run.to_str().unwrap(),
-    ]);
+    let (images, run_dir) = (images.to_str().unwrap(), run.to_str().unwrap());
+    let args =
+        ["train", "--data", images, "--preset", "small", "--epochs", "1", "--batch-size", "8", "--output", run_dir];
+    let out = dino(&[&args[..], &TINY_NETWORK, &["--set", "crops.local_crops=2"]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     // A quarter of the side per patch (a 4 x 4 grid), local crops half the global side.
@@ -243,8 +229,7 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     let run = dir.path().join("run");
     let run_dir = run.to_str().unwrap();
     let args = |epochs| {
-        let tiny = ["--max-images", "32", "--out-dim", "64", "--set", "depth=1", "--set", "head_hidden_dim=64"];
-        [&["train", "--epochs", epochs, "--output", run_dir][..], &tiny[..]].concat()
+        [&["train", "--epochs", epochs, "--max-images", "32", "--output", run_dir][..], &TINY_NETWORK].concat()
     };
     let out = dino(&args("1"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

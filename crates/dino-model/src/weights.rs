@@ -51,7 +51,7 @@ impl CheckpointKey {
 /// Why weights could not be read, written or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    /// The file could not be opened, read or written.
+    /// The file could not be opened or read.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     /// Writing failed (a full disk, a file-size limit); what was under `path` before is intact.
@@ -406,8 +406,7 @@ fn write_durably(tmp: &Path, bytes: &[u8], path: &Path) -> std::io::Result<()> {
     file.sync_all()?;
     drop(file);
     fs::rename(tmp, path)?;
-    // The rename itself is durable once the directory entry is on disk (POSIX; a no-op need
-    // elsewhere).
+    // On POSIX the rename survives a crash only once the directory is synced too.
     #[cfg(unix)]
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::File::open(dir)?.sync_all()?;
