@@ -4,6 +4,7 @@
 
 mod commands;
 mod device;
+mod images;
 mod load;
 
 use std::process::ExitCode;

@@ -112,7 +112,7 @@ fn extract_writes_features_equal_to_the_model_forward() {
     assert!(listed[0].ends_with("cats/0.png") && listed[3].ends_with("dogs/1.jpg"), "{listed:?}");
     // Row i is the final-normed CLS of image i, computed here directly.
     for (row, path) in listed.iter().enumerate() {
-        let img = load_rgb(Path::new(path)).unwrap();
+        let img = load_rgb(Path::new(path), &Default::default()).unwrap();
         let (w, h) = img.dimensions();
         let x = Tensor::<4>::from_data(
             TensorData::new(to_chw(&img, IMAGENET_MEAN, IMAGENET_STD), [1, 3, h as usize, w as usize]),
@@ -219,7 +219,7 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
 
     std::fs::write(ws.path("fake.png"), "this is text").unwrap();
     let e = extract(&["--image", &ws.s("fake.png")]);
-    assert!(e.contains("fake.png") && e.contains("decode"), "{e}");
+    assert!(e.contains("fake.png") && e.contains("not an image"), "{e}");
 
     RgbImage::new(2, 3).save(ws.path("tiny.png")).unwrap();
     let e = extract(&["--image", &ws.s("tiny.png"), "--resize", "0", "--crop", "0"]);

@@ -20,7 +20,9 @@ use image::{Rgb, RgbImage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{DataError, is_image_file, list_images, load_rgb};
+use rayon::prelude::*;
+
+use crate::{BadImage, DataError, ImagePolicy, describe_skips, is_image_file, list_images, load_rgb, probe};
 
 /// A split of a dataset that has them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,21 @@ pub struct Dataset {
     labels: Option<Vec<u32>>,
     /// Class names, in label order (empty when unlabeled).
     pub classes: Vec<String>,
+    /// How image files are decoded and what happens to those that cannot be.
+    policy: ImagePolicy,
+    /// Image files left out when the dataset was opened, and why.
+    skipped: Vec<BadImage>,
+}
+
+/// An image the loader can use in place of image `i`: `i` itself, or when it cannot be
+/// decoded, the next one that can.
+#[derive(Debug)]
+pub struct Substitute {
+    /// The index of the image returned.
+    pub index: usize,
+    pub image: RgbImage,
+    /// The images tried before it that could not be decoded.
+    pub skipped: Vec<BadImage>,
 }
 
 /// The number of images of the built-in synthetic dataset per split.
@@ -63,10 +80,12 @@ const SYNTHETIC_CLASSES: [&str; 8] =
     ["disc", "square", "ring", "cross", "horizontal stripes", "vertical stripes", "checkerboard", "triangle"];
 
 impl Dataset {
-    /// Opens the dataset named by `spec` (see the module documentation).
-    pub fn open(spec: &str) -> Result<Self, DataError> {
+    /// Opens the dataset named by `spec` (see the module documentation). Image files are
+    /// probed (header only) as `policy` says: those that cannot be used are left out and listed
+    /// in [`Dataset::skipped`], or with `policy.strict` are an error.
+    pub fn open(spec: &str, policy: &ImagePolicy) -> Result<Self, DataError> {
         let (spec_split, range) = split_range(spec)?;
-        let mut dataset = Self::open_split(spec_split, spec)?;
+        let mut dataset = Self::open_split(spec_split, spec, policy)?;
         if let Some((start, end)) = range {
             let end = end.unwrap_or(dataset.len());
             if start >= end || end > dataset.len() {
@@ -81,7 +100,56 @@ impl Dataset {
         Ok(dataset)
     }
 
-    fn open_split(spec_split: &str, spec: &str) -> Result<Self, DataError> {
+    /// An unlabeled dataset of the given image files, probed as [`Dataset::open`] probes them.
+    pub fn from_files(name: &str, paths: Vec<PathBuf>, policy: &ImagePolicy) -> Result<Self, DataError> {
+        Self::usable_files(name, paths, None, Vec::new(), Vec::new(), policy)
+    }
+
+    /// The files of `paths` (with their `labels`) that pass the probe; `skipped` holds what
+    /// listing them skipped already.
+    fn usable_files(
+        name: &str,
+        paths: Vec<PathBuf>,
+        labels: Option<Vec<u32>>,
+        classes: Vec<String>,
+        mut skipped: Vec<BadImage>,
+        policy: &ImagePolicy,
+    ) -> Result<Self, DataError> {
+        let probes: Vec<Result<(), BadImage>> = paths.par_iter().map(|p| probe(p, policy)).collect();
+        let count = paths.len() + skipped.len();
+        let (mut kept, mut kept_labels) = (Vec::new(), labels.as_ref().map(|_| Vec::new()));
+        for (i, (path, probe)) in paths.into_iter().zip(probes).enumerate() {
+            match probe {
+                Ok(()) => {
+                    kept.push(path);
+                    if let (Some(kept), Some(labels)) = (&mut kept_labels, &labels) {
+                        kept.push(labels[i]);
+                    }
+                }
+                Err(bad) => skipped.push(bad),
+            }
+        }
+        skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        if let Some(first) = skipped.first() {
+            let (summary, first) = (describe_skips(&skipped), Box::new(first.clone()));
+            if kept.is_empty() {
+                return Err(DataError::NoUsableImages { name: name.into(), count, summary, first });
+            }
+            if policy.strict {
+                return Err(DataError::Strict { count: skipped.len(), summary, first });
+            }
+        }
+        Ok(Dataset {
+            name: name.into(),
+            source: Source::Files(kept),
+            labels: kept_labels,
+            classes,
+            policy: *policy,
+            skipped,
+        })
+    }
+
+    fn open_split(spec_split: &str, spec: &str, policy: &ImagePolicy) -> Result<Self, DataError> {
         let (path, split) = match spec_split.rsplit_once('#') {
             Some((p, "train")) => (p, Split::Train),
             Some((p, "test")) => (p, Split::Test),
@@ -111,7 +179,7 @@ impl Dataset {
         } else if let Some(files) = find_cifar(dir, split) {
             read_cifar(&files)
         } else {
-            image_folder(dir, split)
+            image_folder(dir, split, policy)
         }
     }
 
@@ -129,6 +197,8 @@ impl Dataset {
             source: Source::Synthetic { start: 0, len, seed },
             labels: Some(labels),
             classes: SYNTHETIC_CLASSES.iter().map(|c| c.to_string()).collect(),
+            policy: ImagePolicy::default(),
+            skipped: Vec::new(),
         }
     }
 
@@ -190,7 +260,7 @@ impl Dataset {
     /// Image `i` as 8-bit RGB.
     pub fn image(&self, i: usize) -> Result<RgbImage, DataError> {
         match &self.source {
-            Source::Files(paths) => load_rgb(&paths[i]),
+            Source::Files(paths) => Ok(load_rgb(&paths[i], &self.policy)?),
             Source::Memory { width, height, channels, planar, pixels } => {
                 let n = (*width * *height) as usize;
                 let px = &pixels[i * n * channels..(i + 1) * n * channels];
@@ -211,6 +281,38 @@ impl Dataset {
         }
     }
 
+    /// Image `i`, or when it cannot be decoded (a file that passed the probe but is truncated
+    /// or corrupt), the next one after it that can, wrapping around: the loaders use this so
+    /// that a bad file costs one sample, not the run. With a strict policy the bad file is an
+    /// error instead.
+    pub fn image_or_next(&self, i: usize) -> Result<Substitute, DataError> {
+        let mut skipped = Vec::new();
+        for index in (i..self.len()).chain(0..i) {
+            match self.image(index) {
+                Ok(image) => return Ok(Substitute { index, image, skipped }),
+                Err(DataError::BadImage(bad)) if !self.policy.strict => skipped.push(bad),
+                Err(e) => return Err(e),
+            }
+        }
+        let first = Box::new(skipped[0].clone());
+        Err(DataError::NoUsableImages {
+            name: self.name.clone(),
+            count: skipped.len(),
+            summary: describe_skips(&skipped),
+            first,
+        })
+    }
+
+    /// The image files left out when the dataset was opened (they cannot be used), and why.
+    pub fn skipped(&self) -> &[BadImage] {
+        &self.skipped
+    }
+
+    /// How the dataset's image files are decoded.
+    pub fn policy(&self) -> &ImagePolicy {
+        &self.policy
+    }
+
     /// The typical shorter side of the images: the median over up to 32 evenly spaced images
     /// (all of one size for IDX, CIFAR and synthetic data). For choosing crop sizes.
     pub fn typical_side(&self) -> Result<u32, DataError> {
@@ -224,7 +326,7 @@ impl Dataset {
                 let step = paths.len().div_ceil(32);
                 let mut sides: Vec<u32> = (0..paths.len())
                     .step_by(step)
-                    .map(|i| self.image(i).map(|img| img.width().min(img.height())))
+                    .map(|i| self.image_or_next(i).map(|s| s.image.width().min(s.image.height())))
                     .collect::<Result<_, _>>()?;
                 sides.sort_unstable();
                 Ok(sides[sides.len() / 2])
@@ -310,6 +412,8 @@ fn read_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
         },
         labels: Some(labels),
         classes,
+        policy: ImagePolicy::default(),
+        skipped: Vec::new(),
     })
 }
 
@@ -354,11 +458,13 @@ fn read_cifar(files: &[PathBuf]) -> Result<Dataset, DataError> {
         source: Source::Memory { width: 32, height: 32, channels: 3, planar: true, pixels },
         labels: Some(labels),
         classes,
+        policy: ImagePolicy::default(),
+        skipped: Vec::new(),
     })
 }
 
 /// An image folder; class subfolders (sorted by name) give labels.
-fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
+fn image_folder(dir: &Path, split: Split, policy: &ImagePolicy) -> Result<Dataset, DataError> {
     let split_dir = match split {
         Split::Train => Some(dir.join("train")),
         Split::Test => ["val", "test"].iter().map(|d| dir.join(d)).find(|d| d.is_dir()),
@@ -373,6 +479,7 @@ fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
         }
         _ => dir.to_path_buf(),
     };
+    let name = dir.display().to_string();
     let mut classes: Vec<String> = fs::read_dir(&dir)
         .map_err(|source| DataError::Io { path: dir.clone(), source })?
         .filter_map(Result::ok)
@@ -385,19 +492,20 @@ fn image_folder(dir: &Path, split: Split) -> Result<Dataset, DataError> {
         .filter_map(Result::ok)
         .any(|e| e.path().is_file() && is_image_file(&e.path()));
     if classes.is_empty() || loose_images {
-        let paths = list_images(&dir)?;
-        return Ok(Dataset { name: String::new(), source: Source::Files(paths), labels: None, classes: Vec::new() });
+        let listing = list_images(&dir)?;
+        return Dataset::usable_files(&name, listing.paths, None, Vec::new(), listing.skipped, policy);
     }
-    let (mut paths, mut labels) = (Vec::new(), Vec::new());
+    let (mut paths, mut labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     for (label, class) in classes.iter().enumerate() {
-        let found = list_images(&dir.join(class)).unwrap_or_default();
-        labels.extend(std::iter::repeat_n(label as u32, found.len()));
-        paths.extend(found);
+        let listing = list_images(&dir.join(class)).unwrap_or_default();
+        labels.extend(std::iter::repeat_n(label as u32, listing.paths.len()));
+        paths.extend(listing.paths);
+        skipped.extend(listing.skipped);
     }
     if paths.is_empty() {
         return Err(DataError::NoImages { path: dir });
     }
-    Ok(Dataset { name: String::new(), source: Source::Files(paths), labels: Some(labels), classes })
+    Dataset::usable_files(&name, paths, Some(labels), classes, skipped, policy)
 }
 
 /// One synthetic image of `class`, made so that raw pixels are a poor metric and the class
@@ -456,27 +564,31 @@ fn synthetic_image(class: usize, rng: &mut StdRng) -> RgbImage {
 mod tests {
     use super::*;
 
+    fn open(spec: &str) -> Result<Dataset, DataError> {
+        Dataset::open(spec, &ImagePolicy::default())
+    }
+
     #[test]
     fn synthetic_is_labeled_deterministic_and_split() {
-        let train = Dataset::open("synthetic").unwrap();
+        let train = open("synthetic").unwrap();
         assert_eq!(train.len(), SYNTHETIC_TRAIN);
         assert_eq!(train.classes.len(), 8);
         assert_eq!(train.image(3).unwrap(), train.image(3).unwrap());
-        assert_ne!(train.image(3).unwrap(), Dataset::open("synthetic#test").unwrap().image(3).unwrap());
+        assert_ne!(train.image(3).unwrap(), open("synthetic#test").unwrap().image(3).unwrap());
         assert_eq!(train.label(9), Some(1));
     }
 
     #[test]
     fn ranges_carve_splits() {
-        let all = Dataset::open("synthetic").unwrap();
-        let head = Dataset::open("synthetic#train[..1500]").unwrap();
-        let tail = Dataset::open("synthetic[1500..]").unwrap();
+        let all = open("synthetic").unwrap();
+        let head = open("synthetic#train[..1500]").unwrap();
+        let tail = open("synthetic[1500..]").unwrap();
         assert_eq!((head.len(), tail.len()), (1500, SYNTHETIC_TRAIN - 1500));
         assert_eq!(tail.image(3).unwrap(), all.image(1503).unwrap());
         assert_eq!(tail.label(3), all.label(1503));
         assert_eq!(head.image(7).unwrap(), all.image(7).unwrap());
         for bad in ["synthetic[5..3]", "synthetic[..99999]", "synthetic[a..]", "synthetic[12]"] {
-            let e = Dataset::open(bad).unwrap_err().to_string();
+            let e = open(bad).unwrap_err().to_string();
             assert!(e.contains("range") || e.contains("not a range"), "{bad}: {e}");
         }
     }
@@ -488,19 +600,19 @@ mod tests {
         img.extend([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
         fs::write(dir.path().join("t10k-images-idx3-ubyte"), &img).unwrap();
         fs::write(dir.path().join("t10k-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 2, 7, 3]).unwrap();
-        let d = Dataset::open(&format!("{}#test", dir.path().display())).unwrap();
+        let d = open(&format!("{}#test", dir.path().display())).unwrap();
         assert_eq!((d.len(), d.label(1)), (2, Some(3)));
         assert_eq!(d.image(1).unwrap().get_pixel(2, 1).0, [12, 12, 12]);
-        let second = Dataset::open(&format!("{}#test[1..]", dir.path().display())).unwrap();
+        let second = open(&format!("{}#test[1..]", dir.path().display())).unwrap();
         assert_eq!((second.len(), second.label(0)), (1, Some(3)));
         assert_eq!(second.image(0).unwrap(), d.image(1).unwrap());
-        assert!(Dataset::open(&dir.path().display().to_string()).is_err(), "no train split, no images");
+        assert!(open(&dir.path().display().to_string()).is_err(), "no train split, no images");
 
         let cifar = tempfile::tempdir().unwrap();
         let mut record = vec![4u8];
         record.extend((0..3072).map(|i| (i / 1024) as u8 * 100));
         fs::write(cifar.path().join("test_batch.bin"), &record).unwrap();
-        let c = Dataset::open(&format!("{}#test", cifar.path().display())).unwrap();
+        let c = open(&format!("{}#test", cifar.path().display())).unwrap();
         assert_eq!((c.len(), c.label(0)), (1, Some(4)));
         assert_eq!(c.image(0).unwrap().get_pixel(5, 5).0, [0, 100, 200]);
     }
@@ -512,10 +624,70 @@ mod tests {
             fs::create_dir_all(dir.path().join(class)).unwrap();
             RgbImage::new(4, 4).save(dir.path().join(class).join("x.png")).unwrap();
         }
-        let d = Dataset::open(&dir.path().display().to_string()).unwrap();
+        let d = open(&dir.path().display().to_string()).unwrap();
         assert_eq!(d.classes, vec!["a", "b"]);
         assert_eq!((d.len(), d.label(1)), (2, Some(1)));
-        let e = Dataset::open(&format!("{}#val", dir.path().display())).unwrap_err();
+        let e = open(&format!("{}#val", dir.path().display())).unwrap_err();
         assert!(e.to_string().contains("#val"), "{e}");
+    }
+
+    /// Every file of the bad-image corpus is used, or skipped for its reason: when the dataset
+    /// is opened (what the header shows) or when it is decoded (truncated and corrupt data),
+    /// where the next usable image takes its place.
+    #[test]
+    fn a_folder_of_bad_files_keeps_the_usable_ones() {
+        use dino_fixtures::bad_images::{Expect, write_corpus};
+        let dir = tempfile::tempdir().unwrap();
+        let cases = write_corpus(dir.path());
+        let data = open(&dir.path().display().to_string()).unwrap();
+        let kept: Vec<&Path> = (0..data.len()).map(|i| data.path(i).unwrap()).collect();
+        for case in &cases {
+            let at_open = data.skipped().iter().find(|b| b.path == case.path);
+            let index = kept.iter().position(|p| *p == case.path);
+            match (&case.expect, at_open, index) {
+                (Expect::Used { width, height, .. }, None, Some(i)) => {
+                    let s = data.image_or_next(i).unwrap();
+                    assert_eq!(
+                        (s.index, s.image.dimensions(), s.skipped.len()),
+                        (i, (*width, *height), 0),
+                        "{}",
+                        case.kind
+                    );
+                }
+                (Expect::Skipped(reason), Some(bad), None) => {
+                    assert_eq!(bad.reason.to_string(), *reason, "{}", case.kind)
+                }
+                (Expect::Skipped(reason), None, Some(i)) => {
+                    let s = data.image_or_next(i).unwrap();
+                    assert_ne!(s.index, i, "{}", case.kind);
+                    assert_eq!(s.skipped[0].reason.to_string(), *reason, "{}", case.kind);
+                    assert_eq!(s.skipped[0].path, case.path);
+                }
+                other => panic!("{}: {:?} but {other:?}", case.kind, case.expect),
+            }
+        }
+        let strict = ImagePolicy { strict: true, ..ImagePolicy::default() };
+        let e = Dataset::open(&dir.path().display().to_string(), &strict).unwrap_err().to_string();
+        assert!(e.contains("cannot be used") && e.contains("--strict"), "{e}");
+        let e = Dataset::from_files("bad", vec![dir.path().join("empty.png"), dir.path().join("notes.jpg")], &strict)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("bad: none of its 2 image files can be used (1 empty, 1 not an image)"), "{e}");
+    }
+
+    /// A file that passes the probe but fails to decode is an error under a strict policy.
+    #[test]
+    fn strict_datasets_stop_at_a_file_that_fails_to_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("a.png");
+        RgbImage::new(9, 9).save(&good).unwrap();
+        let bytes = fs::read(&good).unwrap();
+        fs::write(dir.path().join("b.png"), &bytes[..bytes.len() - 20]).unwrap();
+        let paths = vec![dir.path().join("b.png"), good];
+        let lenient = Dataset::from_files("two", paths.clone(), &ImagePolicy::default()).unwrap();
+        assert_eq!(lenient.image_or_next(0).unwrap().index, 1);
+        let strict =
+            Dataset::from_files("two", paths, &ImagePolicy { strict: true, ..ImagePolicy::default() }).unwrap();
+        assert!(matches!(strict.image_or_next(0), Err(DataError::BadImage(b)) if b.path.ends_with("b.png")));
     }
 }

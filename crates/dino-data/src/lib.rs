@@ -12,7 +12,10 @@ mod transform;
 pub use augment::{LinearTrainTransform, MultiCropConfig};
 pub use dataset::{Dataset, Split};
 
-pub use image_io::{IMAGE_EXTENSIONS, is_image_file, list_images, load_rgb, read_image_list};
+pub use image_io::{
+    BadImage, IMAGE_EXTENSIONS, ImagePolicy, Listing, SkipReason, describe_skips, is_image_file, list_images, load_rgb,
+    probe, read_image_list,
+};
 pub use transform::{
     EvalTransform, Filter, IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_exact, resize_shorter_side, to_chw,
 };
@@ -25,9 +28,24 @@ pub enum DataError {
     /// The file or directory could not be read.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    /// The file is not an image we can decode (or it is truncated or corrupt).
+    /// A dataset file (IDX, CIFAR) that is not what its name says.
     #[error("{path}: cannot decode image ({reason})")]
     Decode { path: PathBuf, reason: String },
+    /// An image file that cannot be used (the commands skip these unless strict).
+    #[error("{0}")]
+    BadImage(#[from] BadImage),
+    /// Every image file of a dataset was skipped.
+    #[error(
+        "{name}: none of its {count} image files can be used ({summary}); the first: {first}; fix or remove them, \
+         or raise images.max_pixels / images.max_file_bytes if they are only large"
+    )]
+    NoUsableImages { name: String, count: usize, summary: String, first: Box<BadImage> },
+    /// Strict mode met image files that cannot be used.
+    #[error(
+        "{count} image files cannot be used ({summary}); the first: {first}; fix or remove them, or leave strict \
+         mode (--strict) off to skip them"
+    )]
+    Strict { count: usize, summary: String, first: Box<BadImage> },
     /// A directory or list holds no image.
     #[error("{path}: no images found (looked for {})", IMAGE_EXTENSIONS.join(", "))]
     NoImages { path: PathBuf },

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 
-use crate::{DataError, Dataset, MultiCropConfig};
+use crate::{BadImage, DataError, Dataset, MultiCropConfig};
 
 /// One crop position of a batch: `batch` normalised images `[batch, 3, size, size]`.
 #[derive(Debug, Clone)]
@@ -26,6 +26,9 @@ pub struct CropBatch {
 pub struct MultiCropBatch {
     pub batch_size: usize,
     pub crops: Vec<CropBatch>,
+    /// Images of the batch that could not be decoded; the next usable image of the dataset
+    /// took each one's place (`Dataset::image_or_next`).
+    pub skipped: Vec<BadImage>,
 }
 
 /// Mixes a seed with the epoch and an index into an RNG seed (splitmix64 steps).
@@ -43,7 +46,9 @@ pub fn iterations_per_epoch(dataset_len: usize, batch_size: usize) -> usize {
 
 /// The epoch's batches, produced by a background thread that decodes and augments each batch
 /// in parallel on `threads` threads (0 = all cores), at most two batches ahead. Iteration
-/// `skip..` only: a run resumed mid-epoch continues where it stopped.
+/// `skip..` only: a run resumed mid-epoch continues where it stopped. An image that cannot be
+/// decoded is replaced by the next usable one (same augmentation draw) and reported in the
+/// batch's `skipped`, unless the dataset's policy is strict.
 pub fn epoch_batches(
     dataset: Arc<Dataset>,
     config: MultiCropConfig,
@@ -65,12 +70,13 @@ pub fn epoch_batches(
         let mut order: Vec<usize> = (0..dataset.len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch as u64, u64::MAX)));
         for indices in order.chunks_exact(batch_size).skip(skip) {
-            let samples: Result<Vec<Vec<Vec<f32>>>, DataError> = pool.install(|| {
+            let samples: Result<Vec<(Vec<Vec<f32>>, Vec<BadImage>)>, DataError> = pool.install(|| {
                 indices
                     .par_iter()
                     .map(|&i| {
-                        let img = dataset.image(i)?;
-                        Ok(config.apply(&img, &mut StdRng::seed_from_u64(mix(seed, epoch as u64, i as u64))))
+                        let found = dataset.image_or_next(i)?;
+                        let mut rng = StdRng::seed_from_u64(mix(seed, epoch as u64, i as u64));
+                        Ok((config.apply(&found.image, &mut rng), found.skipped))
                     })
                     .collect()
             });
@@ -79,9 +85,10 @@ pub fn epoch_batches(
                 crops: (0..config.num_crops())
                     .map(|c| CropBatch {
                         size: config.crop_size(c),
-                        data: samples.iter().flat_map(|s| s[c].iter().copied()).collect(),
+                        data: samples.iter().flat_map(|s| s.0[c].iter().copied()).collect(),
                     })
                     .collect(),
+                skipped: samples.into_iter().flat_map(|s| s.1).collect(),
             });
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
@@ -118,5 +125,24 @@ mod tests {
         assert_eq!(resumed[1].crops[1].data, all[2].crops[1].data, "same batches whatever the threads");
         let other_epoch = epoch_batches(data, config, 6, 3, 2, 0, 1).recv().unwrap().unwrap();
         assert_ne!(other_epoch.crops[0].data, all[0].crops[0].data);
+    }
+
+    #[test]
+    fn an_image_that_fails_to_decode_is_replaced_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for i in 0..4u8 {
+            let path = dir.path().join(format!("{i}.png"));
+            image::RgbImage::from_pixel(12, 12, image::Rgb([i * 60; 3])).save(&path).unwrap();
+            paths.push(path);
+        }
+        let bytes = std::fs::read(&paths[2]).unwrap();
+        std::fs::write(&paths[2], &bytes[..bytes.len() - 20]).unwrap();
+        let data = Arc::new(Dataset::from_files("four", paths, &Default::default()).unwrap());
+        let config = MultiCropConfig { global_size: 8, local_size: 4, local_crops: 0, ..Default::default() };
+        let batch = epoch_batches(data, config, 4, 0, 0, 0, 1).recv().unwrap().unwrap();
+        assert_eq!(batch.crops[0].data.len(), 4 * 3 * 8 * 8, "the batch is full");
+        assert_eq!(batch.skipped.len(), 1);
+        assert!(batch.skipped[0].path.ends_with("2.png"), "{}", batch.skipped[0]);
     }
 }

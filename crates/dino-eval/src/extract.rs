@@ -1,9 +1,9 @@
-//! Feature extraction for a list of image files, and the files it writes.
+//! Feature extraction for the images of a dataset, and the files it writes.
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use dino_data::{Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
+use dino_data::{BadImage, DataError, Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, to_chw};
 use dino_model::VisionTransformer;
 use dino_model::head::l2_normalize;
 use image::RgbImage;
@@ -49,93 +49,93 @@ fn prepare(img: &RgbImage, transform: &EvalTransform, patch: usize) -> Result<Pr
     Ok(Prepared { height: h as usize, width: w as usize, chw: to_chw(&img, IMAGENET_MEAN, IMAGENET_STD) })
 }
 
-/// Features of every image in `paths`, in order. Images are decoded in parallel; a batch holds
-/// consecutive images of one size (all of them, with the default center crop). `progress` is
-/// called with the number of images done after each batch.
-pub fn extract(
-    vit: &VisionTransformer,
-    paths: &[PathBuf],
-    options: &ExtractOptions,
-    device: &Device,
-    progress: impl FnMut(usize),
-) -> Result<Features, EvalError> {
-    let patch = vit.patch_size();
-    let load = |i: usize| {
-        let path = &paths[i];
-        prepare(&load_rgb(path)?, &options.transform, patch)
-            .map_err(|problem| EvalError::Image { path: path.clone(), problem })
-    };
-    extract_with(vit, paths.len(), load, options, device, progress)
+/// Features of a dataset's images: one row per image that could be decoded, in dataset order.
+#[derive(Debug, Clone)]
+pub struct DatasetFeatures {
+    pub features: Features,
+    /// The dataset index of each row.
+    pub index: Vec<usize>,
+    /// Images that passed the probe when the dataset was opened but could not be decoded
+    /// (truncated, corrupt): they have no row.
+    pub skipped: Vec<BadImage>,
 }
 
-/// Features of the first `count` images of a dataset (all with `count` >= its length).
+impl DatasetFeatures {
+    /// The labels of the rows, if the dataset has labels.
+    pub fn labels(&self, dataset: &Dataset) -> Option<Vec<u32>> {
+        dataset.labels().map(|labels| self.index.iter().map(|&i| labels[i]).collect())
+    }
+
+    /// The image files of the rows, for a dataset of files.
+    pub fn paths(&self, dataset: &Dataset) -> Vec<PathBuf> {
+        self.index.iter().filter_map(|&i| dataset.path(i).map(Path::to_path_buf)).collect()
+    }
+}
+
+/// Image `i` of `dataset`, `Ok(Err(bad))` when it cannot be decoded and the dataset's policy
+/// skips such images.
+fn decoded(dataset: &Dataset, i: usize) -> Result<Result<RgbImage, BadImage>, EvalError> {
+    match dataset.image(i) {
+        Ok(img) => Ok(Ok(img)),
+        Err(DataError::BadImage(bad)) if !dataset.policy().strict => Ok(Err(bad)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The rows of `count` images loaded in parallel by `load`, in order, with the skipped ones set
+/// aside.
+fn rows_of<T: Send>(
+    count: usize,
+    load: impl Fn(usize) -> Result<Result<T, BadImage>, EvalError> + Sync,
+) -> Result<(Vec<(usize, T)>, Vec<BadImage>), EvalError> {
+    let loaded = (0..count).into_par_iter().map(|i| load(i).map(|r| (i, r))).collect::<Result<Vec<_>, _>>()?;
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    for (i, row) in loaded {
+        match row {
+            Ok(row) => rows.push((i, row)),
+            Err(bad) => skipped.push(bad),
+        }
+    }
+    Ok((rows, skipped))
+}
+
+/// Backbone features of the first `count` images of a dataset (all with `count` >= its
+/// length). Images are decoded in parallel, a batch at a time; a forward pass holds
+/// consecutive images of one size (all of them, with the default center crop). Images that
+/// cannot be decoded are left out (see [`DatasetFeatures`]) unless the dataset is strict.
+/// `progress` is called with the number of images done after each batch.
 pub fn dataset_features(
     vit: &VisionTransformer,
     dataset: &Dataset,
     count: usize,
     options: &ExtractOptions,
     device: &Device,
-    progress: impl FnMut(usize),
-) -> Result<Features, EvalError> {
-    let patch = vit.patch_size();
-    let load = |i: usize| {
-        prepare(&dataset.image(i)?, &options.transform, patch).map_err(|problem| EvalError::Image {
-            path: dataset.path(i).map_or_else(|| format!("{} image {i}", dataset.name).into(), Into::into),
-            problem,
-        })
-    };
-    extract_with(vit, count.min(dataset.len()), load, options, device, progress)
-}
-
-/// Raw-pixel features of the first `count` images of a dataset (the k-NN baseline): the image
-/// after `transform`, values in [0, 1], channel first, L2-normalised. Every image must have the
-/// same size after the transform.
-pub fn pixel_features(dataset: &Dataset, count: usize, transform: &EvalTransform) -> Result<Features, EvalError> {
-    let count = count.min(dataset.len());
-    let rows = (0..count)
-        .into_par_iter()
-        .map(|i| {
-            let img = transform
-                .apply(&dataset.image(i)?)
-                .map_err(|problem| EvalError::Image { path: format!("{} image {i}", dataset.name).into(), problem })?;
-            let mut v = to_chw(&img, [0.0; 3], [1.0; 3]);
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            v.iter_mut().for_each(|x| *x /= norm);
-            Ok((img.dimensions(), v))
-        })
-        .collect::<Result<Vec<_>, EvalError>>()?;
-    let Some(((w, h), _)) = rows.first() else {
-        return Ok(Features { rows: 0, dim: 0, values: Vec::new() });
-    };
-    if let Some(((w2, h2), _)) = rows.iter().find(|(size, _)| *size != (*w, *h)) {
-        return Err(EvalError::Image {
-            path: dataset.name.clone().into(),
-            problem: format!("images of different sizes ({w}x{h} and {w2}x{h2}); use --resize and --crop"),
-        });
-    }
-    let dim = rows[0].1.len();
-    Ok(Features { rows: count, dim, values: rows.into_iter().flat_map(|(_, v)| v).collect() })
-}
-
-fn extract_with(
-    vit: &VisionTransformer,
-    count: usize,
-    load: impl Fn(usize) -> Result<Prepared, EvalError> + Sync,
-    options: &ExtractOptions,
-    device: &Device,
     mut progress: impl FnMut(usize),
-) -> Result<Features, EvalError> {
+) -> Result<DatasetFeatures, EvalError> {
+    let count = count.min(dataset.len());
+    let patch = vit.patch_size();
     let dim = options.features.dim(vit.embed_dim());
-    let mut values = Vec::with_capacity(count * dim);
+    let (mut values, mut index, mut skipped) = (Vec::with_capacity(count * dim), Vec::new(), Vec::new());
     let batch = options.batch_size.max(1);
     for first in (0..count).step_by(batch) {
         let last = (first + batch).min(count);
-        let prepared = (first..last).into_par_iter().map(&load).collect::<Result<Vec<_>, _>>()?;
+        let (prepared, bad) = rows_of(last - first, |j| {
+            let i = first + j;
+            let img = match decoded(dataset, i)? {
+                Ok(img) => img,
+                Err(bad) => return Ok(Err(bad)),
+            };
+            prepare(&img, &options.transform, patch).map(Ok).map_err(|problem| EvalError::Image {
+                path: dataset.path(i).map_or_else(|| format!("{} image {i}", dataset.name).into(), Into::into),
+                problem,
+            })
+        })?;
+        skipped.extend(bad);
         let mut start = 0;
         while start < prepared.len() {
-            let (h, w) = (prepared[start].height, prepared[start].width);
-            let end = start + prepared[start..].iter().take_while(|p| (p.height, p.width) == (h, w)).count();
-            let pixels: Vec<f32> = prepared[start..end].iter().flat_map(|p| p.chw.iter().copied()).collect();
+            let (h, w) = (prepared[start].1.height, prepared[start].1.width);
+            let end = start + prepared[start..].iter().take_while(|(_, p)| (p.height, p.width) == (h, w)).count();
+            let pixels: Vec<f32> = prepared[start..end].iter().flat_map(|(_, p)| p.chw.iter().copied()).collect();
             let batch = Tensor::<4>::from_data(TensorData::new(pixels, [end - start, 3, h, w]), device);
             let mut feats = options.features.forward(vit, batch);
             if options.l2_norm {
@@ -144,9 +144,48 @@ fn extract_with(
             values.extend(feats.into_data().iter::<f32>());
             start = end;
         }
+        index.extend(prepared.iter().map(|(j, _)| first + j));
         progress(last);
     }
-    Ok(Features { rows: count, dim, values })
+    Ok(DatasetFeatures { features: Features { rows: index.len(), dim, values }, index, skipped })
+}
+
+/// Raw-pixel features of the first `count` images of a dataset (the k-NN baseline): the image
+/// after `transform`, values in [0, 1], channel first, L2-normalised. Every image must have the
+/// same size after the transform. Images that cannot be decoded are left out as in
+/// [`dataset_features`].
+pub fn pixel_features(
+    dataset: &Dataset,
+    count: usize,
+    transform: &EvalTransform,
+) -> Result<DatasetFeatures, EvalError> {
+    let count = count.min(dataset.len());
+    let (rows, skipped) = rows_of(count, |i| {
+        let img = match decoded(dataset, i)? {
+            Ok(img) => img,
+            Err(bad) => return Ok(Err(bad)),
+        };
+        let img = transform
+            .apply(&img)
+            .map_err(|problem| EvalError::Image { path: format!("{} image {i}", dataset.name).into(), problem })?;
+        let mut v = to_chw(&img, [0.0; 3], [1.0; 3]);
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= norm);
+        Ok(Ok((img.dimensions(), v)))
+    })?;
+    let index: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
+    let Some((_, ((w, h), first))) = rows.first() else {
+        return Ok(DatasetFeatures { features: Features { rows: 0, dim: 0, values: Vec::new() }, index, skipped });
+    };
+    if let Some((_, ((w2, h2), _))) = rows.iter().find(|(_, (size, _))| *size != (*w, *h)) {
+        return Err(EvalError::Image {
+            path: dataset.name.clone().into(),
+            problem: format!("images of different sizes ({w}x{h} and {w2}x{h2}); use --resize and --crop"),
+        });
+    }
+    let dim = first.len();
+    let values = rows.into_iter().flat_map(|(_, (_, v))| v).collect();
+    Ok(DatasetFeatures { features: Features { rows: index.len(), dim, values }, index, skipped })
 }
 
 /// Writes `features` to `path` — `.npy` for NumPy, anything else as safetensors with the tensor

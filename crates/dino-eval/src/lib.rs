@@ -9,7 +9,7 @@ pub mod knn;
 pub mod linear;
 
 pub use extract::{
-    ExtractOptions, Features, dataset_features, extract, pixel_features, read_labeled_features, write_features,
+    DatasetFeatures, ExtractOptions, Features, dataset_features, pixel_features, read_labeled_features, write_features,
     write_labeled_features,
 };
 pub use features::FeatureSpec;

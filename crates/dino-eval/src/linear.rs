@@ -215,18 +215,19 @@ pub fn train_linear(
         order.shuffle(&mut StdRng::seed_from_u64(config.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         let (mut loss_sum, mut seen) = (0.0, 0);
         for batch in order.chunks(config.batch_size.max(1)) {
-            let x = match &train {
+            let (x, used) = match &train {
                 TrainFeatures::Augmented { vit, data, transform, .. } => {
                     augmented_features(vit, data, batch, *transform, config, epoch, device)?
                 }
                 TrainFeatures::Fixed { features, .. } => {
                     let idx: Vec<i64> = batch.iter().map(|&i| i as i64).collect();
-                    (*features)
+                    let x = (*features)
                         .clone()
-                        .select(0, Tensor::<1, Int>::from_data(TensorData::new(idx, [batch.len()]), device))
+                        .select(0, Tensor::<1, Int>::from_data(TensorData::new(idx, [batch.len()]), device));
+                    (x, batch.to_vec())
                 }
             };
-            let y: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
+            let y: Vec<u32> = used.iter().map(|&i| labels[i]).collect();
             loss_sum += classifier.sgd_step(x, &y, lr, config.momentum, &mut buffers) * batch.len() as f64;
             seen += batch.len();
             progress(LinearProgress::Batch { epoch, done: seen, total });
@@ -244,8 +245,10 @@ pub fn train_linear(
     Ok((classifier, history))
 }
 
-/// Backbone features `[batch, dim]` of one augmented view of each image in `batch`; the view
-/// of image `i` in epoch `e` depends only on (seed, e, i).
+/// Backbone features `[batch, dim]` of one augmented view of each image in `batch`, and the
+/// images they are of: an image that cannot be decoded is replaced by the next usable one
+/// (`Dataset::image_or_next`), whose label then goes with the view. The view in slot `i` of
+/// epoch `e` depends only on (seed, e, i).
 fn augmented_features(
     vit: &VisionTransformer,
     data: &Dataset,
@@ -254,17 +257,19 @@ fn augmented_features(
     config: &LinearConfig,
     epoch: usize,
     device: &Device,
-) -> Result<Tensor<2>, EvalError> {
-    let pixels = batch
+) -> Result<(Tensor<2>, Vec<usize>), EvalError> {
+    let views = batch
         .par_iter()
         .map(|&i| {
             let seed = config.seed ^ ((epoch as u64) << 40) ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            Ok(transform.apply(&data.image(i)?, &mut StdRng::seed_from_u64(seed)))
+            let found = data.image_or_next(i)?;
+            Ok((transform.apply(&found.image, &mut StdRng::seed_from_u64(seed)), found.index))
         })
-        .collect::<Result<Vec<Vec<f32>>, EvalError>>()?;
+        .collect::<Result<Vec<(Vec<f32>, usize)>, EvalError>>()?;
     let s = transform.size as usize;
+    let (pixels, used): (Vec<Vec<f32>>, Vec<usize>) = views.into_iter().unzip();
     let images = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [batch.len(), 3, s, s]), device);
-    Ok(config.features.forward(vit, images))
+    Ok((config.features.forward(vit, images), used))
 }
 
 #[cfg(test)]

@@ -193,7 +193,7 @@ pub fn bench_infer(preset: &BenchPreset, steps: usize, device: &Device) -> Infer
 pub fn bench_augment(files: &[PathBuf], seconds: f64) -> Result<AugmentTiming, dino_data::DataError> {
     let config = MultiCropConfig::default();
     let one = |i: usize| -> Result<(), dino_data::DataError> {
-        let img = load_rgb(&files[i % files.len()])?;
+        let img = load_rgb(&files[i % files.len()], &Default::default())?;
         std::hint::black_box(config.apply(&img, &mut StdRng::seed_from_u64(i as u64)));
         Ok(())
     };

@@ -1,7 +1,7 @@
 //! Training configuration: every `main_dino.py` argument under its own name, with its official
 //! default, plus named presets and `key=value` overrides.
 
-use dino_data::MultiCropConfig;
+use dino_data::{ImagePolicy, MultiCropConfig};
 use dino_model::{DinoHeadConfig, ModelConfig, VitConfig};
 use serde::{Deserialize, Serialize};
 
@@ -78,6 +78,9 @@ pub struct TrainConfig {
     /// Crop sizes, scales, number of local crops, blur range and normalisation (official:
     /// 224 / 96 px, scales (0.4, 1) and (0.05, 0.4), 8 local crops, ImageNet statistics).
     pub crops: MultiCropConfig,
+    /// Decoding limits for image files, and whether a file that cannot be used stops the run
+    /// (`strict`) or is skipped (ours; the official ImageFolder stops at the first).
+    pub images: ImagePolicy,
 
     // ---- run ----
     /// `--seed` (official 0): initialisation, data order and augmentation.
@@ -133,6 +136,7 @@ impl Default for TrainConfig {
             batch_size: 64,
             epochs: 100,
             crops: MultiCropConfig::default(),
+            images: ImagePolicy::default(),
             seed: 0,
             saveckp_freq: 20,
             num_workers: 0,
@@ -389,6 +393,8 @@ impl TrainConfig {
             ("warmup_teacher_temp", self.warmup_teacher_temp, Positive),
             ("knn_k", self.knn_k as f64, AtLeast(1.0)),
             ("knn_temperature", self.knn_temperature, Positive),
+            ("images.max_pixels", self.images.max_pixels as f64, AtLeast(1.0)),
+            ("images.max_file_bytes", self.images.max_file_bytes as f64, AtLeast(1.0)),
         ];
         for (key, value, accepts) in settings {
             if !accepts.admits(value) {

@@ -1,6 +1,7 @@
 //! The training loop (`train_dino` + `train_one_epoch` of `main_dino.py`): epochs of iterations,
 //! per-iteration schedules, logs, checkpoints, k-NN monitoring and resume.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,8 +11,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::loader::{epoch_batches, iterations_per_epoch};
-use dino_data::{DataError, Dataset, EvalTransform};
-use dino_eval::{ExtractOptions, FeatureSpec, Features, dataset_features, knn_classify, pixel_features};
+use dino_data::{BadImage, DataError, Dataset, EvalTransform, describe_skips};
+use dino_eval::{DatasetFeatures, ExtractOptions, FeatureSpec, dataset_features, knn_classify, pixel_features};
 use dino_model::DinoModel;
 use dino_model::weights::save_backbone;
 use serde::Serialize;
@@ -86,6 +87,11 @@ pub struct EpochLog {
     /// What the health numbers warn of, with what to change (empty when healthy).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Image files skipped this epoch, by reason: those left out when the dataset was opened
+    /// and those that failed to decode (the next usable image took their place); the files are
+    /// listed in `skipped.txt`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped_images: BTreeMap<String, usize>,
 }
 
 /// Receives progress; the CLI draws it.
@@ -137,6 +143,10 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.0.join("log.txt")
     }
+    /// Every image file the run skipped, one `PATH: reason (detail)` per line.
+    pub fn skipped(&self) -> PathBuf {
+        self.0.join("skipped.txt")
+    }
     pub fn config(&self) -> PathBuf {
         self.0.join("config.toml")
     }
@@ -165,17 +175,16 @@ fn knn_counts(config: &TrainConfig, data: &KnnData) -> (usize, usize) {
 fn knn_accuracy(
     config: &TrainConfig,
     data: &KnnData,
-    bank: Features,
-    queries: Features,
+    bank: DatasetFeatures,
+    queries: DatasetFeatures,
     device: &Device,
 ) -> Result<f64, TrainError> {
-    let labels = |d: &Dataset, n: usize| d.labels().map(|l| l[..n].to_vec());
-    let (Some(bank_labels), Some(query_labels)) = (labels(&data.bank, bank.rows), labels(&data.queries, queries.rows))
-    else {
+    let (Some(bank_labels), Some(query_labels)) = (bank.labels(&data.bank), queries.labels(&data.queries)) else {
         return Err(TrainError::Config(
             "k-NN monitoring needs labeled data (class subfolders, IDX, CIFAR or synthetic)".into(),
         ));
     };
+    let (bank, queries) = (bank.features, queries.features);
     let result = knn_classify(
         &bank.values,
         &bank_labels,
@@ -259,11 +268,13 @@ pub fn train(
         fs::write(run.log(), "").map_err(io_err(&run.log()))?;
     }
 
+    let mut skipped_files: BTreeMap<PathBuf, BadImage> =
+        data.skipped().iter().map(|b| (b.path.clone(), b.clone())).collect();
     for epoch in start_epoch..config.epochs {
         observer.epoch_start(epoch, iterations);
         let epoch_started = Instant::now();
         let (teacher_before, student_before) = (parameter_vector(&state.teacher), parameter_vector(&state.student));
-        let totals;
+        let mut totals;
         (state, totals) = train_one_epoch(state, &data, &config, &schedules, epoch, iterations, device, observer)?;
         summary.first_loss = summary.first_loss.or(totals.first_loss);
 
@@ -290,7 +301,22 @@ pub fn train(
             images_per_sec: (iterations * config.batch_size) as f64 / epoch_seconds,
             warnings: Warning::diagnose(&health).iter().map(|w| w.message(&health)).collect(),
             health,
+            skipped_images: count_by_reason(data.skipped().iter().chain(totals.skipped.values())),
         };
+        if !totals.skipped.is_empty() {
+            observer.warning(&format!(
+                "epoch {}: {} images could not be decoded ({}) and the next usable ones took their place; see {}",
+                epoch + 1,
+                totals.skipped.len(),
+                describe_skips(totals.skipped.values()),
+                run.skipped().display()
+            ));
+        }
+        skipped_files.append(&mut totals.skipped);
+        if !skipped_files.is_empty() {
+            let list: String = skipped_files.values().map(|b| format!("{b}\n")).collect();
+            fs::write(run.skipped(), list).map_err(io_err(&run.skipped()))?;
+        }
         write_epoch(&run, &state, &config, &log, observer)?;
         observer.epoch_end(&log);
         log.warnings.iter().for_each(|w| observer.warning(w));
@@ -340,6 +366,15 @@ fn networks(
     let teacher = student.valid();
     let loss = config.dino_loss(device);
     Ok((TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) }, 0, config))
+}
+
+/// Skipped files counted by reason, for `log.txt`.
+fn count_by_reason<'a>(skipped: impl Iterator<Item = &'a BadImage>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for bad in skipped {
+        *counts.entry(bad.reason.to_string()).or_insert(0) += 1;
+    }
+    counts
 }
 
 /// The first `max_images` images (0: all).
@@ -402,6 +437,8 @@ struct EpochTotals {
     wd: f64,
     entropy: f64,
     batch_entropy: f64,
+    /// Images that failed to decode (replaced by the next usable ones), by path.
+    skipped: BTreeMap<PathBuf, BadImage>,
 }
 
 impl EpochTotals {
@@ -447,7 +484,8 @@ fn train_one_epoch(
         epoch_batches(data.clone(), config.crops.clone(), config.batch_size, config.seed, epoch, 0, config.num_workers);
     let mut totals = EpochTotals::default();
     for (i, batch) in batches.into_iter().enumerate() {
-        let batch = batch?;
+        let mut batch = batch?;
+        totals.skipped.extend(batch.skipped.drain(..).map(|b| (b.path.clone(), b)));
         let it = epoch * iterations + i;
         let crops: Vec<Tensor<4>> = batch
             .crops

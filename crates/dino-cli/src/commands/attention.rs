@@ -45,7 +45,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     if height < p || width < p {
         bail!("--image-size {height} {width} is smaller than one {p} px patch");
     }
-    let img = prepare_image(&load_rgb(&args.image)?, width, height, config.patch_size);
+    let img = prepare_image(&load_rgb(&args.image, &Default::default())?, width, height, config.patch_size);
     let maps = cls_attention(&vit, &img, &device);
     let rendered = render(&img, &maps, config.patch_size, args.threshold, &args.output)?;
     println!(

@@ -6,17 +6,18 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Subcommand, ValueEnum};
-use dino_data::{Dataset, EvalTransform, LinearTrainTransform};
+use dino_data::{Dataset, EvalTransform, ImagePolicy, LinearTrainTransform};
 use dino_eval::embedding::pca_2d;
 use dino_eval::figures::plot_embedding;
 use dino_eval::{
-    ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures, dataset_features, knn_classify,
-    pixel_features, read_labeled_features, train_linear, write_labeled_features,
+    DatasetFeatures, ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures,
+    dataset_features, knn_classify, pixel_features, read_labeled_features, train_linear, write_labeled_features,
 };
 use dino_model::VisionTransformer;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
+use crate::images::{self, ImageArgs, warn_skipped};
 use crate::load::WeightArgs;
 
 #[derive(Debug, Subcommand)]
@@ -91,18 +92,26 @@ struct FeatureArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 128, value_name = "N")]
     batch_size: usize,
+    #[command(flatten)]
+    images: ImageArgs,
 }
 
 impl FeatureArgs {
-    /// L2-normalised features of the first `count` images of each `(dataset, count, name)`,
-    /// and a description of what they are.
-    fn compute(&self, sets: &[(&Dataset, usize, &str)], device: &Device) -> anyhow::Result<(Vec<Features>, String)> {
+    /// L2-normalised features of the first `count` images of each labeled `(dataset, count,
+    /// name)` with their labels (images that fail to decode have no row), and a description of
+    /// what they are.
+    fn compute(&self, sets: &[(&Dataset, usize, &str)], device: &Device) -> anyhow::Result<(Vec<Labeled>, String)> {
+        let labeled = |f: DatasetFeatures, data: &Dataset, name: &str| -> Labeled {
+            warn_skipped(name, &f.skipped, data.len());
+            let labels = f.labels(data).expect("evaluation datasets are labeled");
+            (f.features, labels)
+        };
         match self.features {
             FeatureSource::Pixels => {
                 let transform = self.size.transform(None);
                 let features = sets
                     .iter()
-                    .map(|(data, count, _)| Ok(pixel_features(data, *count, &transform)?))
+                    .map(|(data, count, name)| Ok(labeled(pixel_features(data, *count, &transform)?, data, name)))
                     .collect::<anyhow::Result<_>>()?;
                 Ok((features, "raw pixels".into()))
             }
@@ -125,7 +134,9 @@ impl FeatureArgs {
                 };
                 let features = sets
                     .iter()
-                    .map(|(data, count, name)| backbone_features(&vit, data, *count, &options, device, name))
+                    .map(|(data, count, name)| {
+                        Ok(labeled(backbone_features(&vit, data, *count, &options, device, name)?, data, name))
+                    })
                     .collect::<anyhow::Result<_>>()?;
                 Ok((features, format!("{} features", weights.display())))
             }
@@ -223,6 +234,8 @@ pub struct LinearArgs {
     /// Directory for log.txt (one JSON line per epoch) and the classifier (linear.safetensors).
     #[arg(long, short, default_value = "runs/linear", value_name = "DIR")]
     output: PathBuf,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -308,8 +321,8 @@ fn knn(args: KnnArgs) -> anyhow::Result<()> {
 type Labeled = (Features, Vec<u32>);
 
 /// Opens a dataset that must have labels.
-fn labeled(spec: &str) -> anyhow::Result<(Dataset, Vec<u32>)> {
-    let data = Dataset::open(spec)?;
+fn labeled(spec: &str, policy: &ImagePolicy) -> anyhow::Result<(Dataset, Vec<u32>)> {
+    let data = images::open(spec, policy)?;
     let labels = data
         .labels()
         .with_context(|| format!("{spec} has no labels; evaluation needs class subfolders, IDX or CIFAR data"))?
@@ -325,7 +338,7 @@ fn backbone_features(
     options: &ExtractOptions,
     device: &Device,
     what: &str,
-) -> anyhow::Result<Features> {
+) -> anyhow::Result<DatasetFeatures> {
     let count = count.min(data.len());
     let bar = bar(count, what);
     let features = dataset_features(vit, data, count, options, device, |done| bar.set_position(done as u64))?;
@@ -345,31 +358,30 @@ fn bar(len: usize, prefix: &str) -> ProgressBar {
 
 /// Bank and test features with their labels, from images.
 fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)> {
-    let (train, train_labels) = labeled(args.train.as_deref().unwrap_or_default())?;
-    let (test, test_labels) = labeled(args.test.as_deref().unwrap_or_default())?;
+    let policy = args.source.images.policy()?;
+    let (train, _) = labeled(args.train.as_deref().unwrap_or_default(), &policy)?;
+    let (test, _) = labeled(args.test.as_deref().unwrap_or_default(), &policy)?;
     let device = args.device.device()?;
     let sets = [(&train, limit(args.max_train), "bank"), (&test, limit(args.max_test), "test")];
     let (mut features, what) = args.source.compute(&sets, &device)?;
     let queries = features.pop().expect("two sets");
     let bank = features.pop().expect("two sets");
-    let bank_labels = train_labels[..bank.rows].to_vec();
-    let query_labels = test_labels[..queries.rows].to_vec();
-    Ok(((bank, bank_labels), (queries, query_labels), what))
+    Ok((bank, queries, what))
 }
 
 /// PCA of the L2-normalised features (the space the k-NN searches), coloured by class.
 fn embedding(args: EmbeddingArgs) -> anyhow::Result<()> {
-    let (data, labels) = labeled(&args.data)?;
+    let (data, _) = labeled(&args.data, &args.source.images.policy()?)?;
     let device = args.device.device()?;
     let (features, what) = args.source.compute(&[(&data, limit(args.max_images), "features")], &device)?;
-    let features = &features[0];
+    let (features, labels) = &features[0];
     let points = pca_2d(features);
     let source = match (&args.source.features, &args.source.weights) {
         (FeatureSource::Backbone, Some(w)) => w.file_name().map_or(what.clone(), |f| f.to_string_lossy().into_owned()),
         _ => what,
     };
     let title = format!("PCA of {source}, {} images", features.rows);
-    plot_embedding(&points, &labels[..features.rows], &data.classes, &title, &args.output)
+    plot_embedding(&points, labels, &data.classes, &title, &args.output)
         .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", args.output.display()))?;
     println!("{} images of {} -> {}", features.rows, data.name, args.output.display());
     Ok(())
@@ -387,8 +399,9 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     if args.n_last_blocks == 0 || args.n_last_blocks > model.depth {
         bail!("--n-last-blocks must be between 1 and the backbone's {} blocks", model.depth);
     }
-    let (train, train_labels) = labeled(&args.train)?;
-    let (test, test_labels) = labeled(&args.test)?;
+    let policy = args.images.policy()?;
+    let (train, train_labels) = labeled(&args.train, &policy)?;
+    let (test, _) = labeled(&args.test, &policy)?;
     let features = FeatureSpec { n_last_blocks: args.n_last_blocks, avgpool: args.avgpool };
     let transform = args.size.transform(Some(model.img_size as u32));
     let options = ExtractOptions { transform, features, l2_norm: false, batch_size: args.batch_size };
@@ -405,19 +418,28 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let mut log = std::fs::File::create(&log_path).with_context(|| format!("cannot write {}", log_path.display()))?;
 
     let test_features = backbone_features(&vit, &test, limit(args.max_test), &options, &device, "test features")?;
-    let test_labels = &test_labels[..test_features.rows];
+    warn_skipped("test features", &test_features.skipped, test.len());
+    let test_labels = &test_features.labels(&test).expect("labeled");
     let to_tensor = |f: Features| Tensor::<2>::from_data(TensorData::new(f.values, [f.rows, f.dim]), &device);
-    let test_features = to_tensor(test_features);
+    let test_features = to_tensor(test_features.features);
     let count = limit(args.max_train).min(train.len());
     let fixed = match args.no_augmentation {
-        true => Some(to_tensor(backbone_features(&vit, &train, count, &options, &device, "train features")?)),
+        true => {
+            let f = backbone_features(&vit, &train, count, &options, &device, "train features")?;
+            warn_skipped("train features", &f.skipped, train.len());
+            let labels = f.labels(&train).expect("labeled");
+            Some((to_tensor(f.features), labels))
+        }
         false => None,
     };
-    let source = if let Some(features) = &fixed {
-        TrainFeatures::Fixed { features, labels: &train_labels[..count] }
+    let (source, labels) = if let Some((features, labels)) = &fixed {
+        (TrainFeatures::Fixed { features, labels }, &labels[..])
     } else {
         let size = transform.crop.unwrap_or(model.img_size as u32);
-        TrainFeatures::Augmented { vit: &vit, data: &train, count, transform: LinearTrainTransform { size } }
+        // All labels: an image that fails to decode is replaced by the next usable one, anywhere.
+        let augmented =
+            TrainFeatures::Augmented { vit: &vit, data: &train, count, transform: LinearTrainTransform { size } };
+        (augmented, &train_labels[..])
     };
     println!(
         "linear probe on {} ({} x {} features, {}): {count} training images, {} test images, {} epochs",
@@ -431,7 +453,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let bar = bar(count, "epoch 1");
     let mut log_error = None;
     let (classifier, history) =
-        train_linear(&config, source, &train_labels[..count], (&test_features, test_labels), &device, |p| match p {
+        train_linear(&config, source, labels, (&test_features, test_labels), &device, |p| match p {
             LinearProgress::Batch { epoch, done, .. } => {
                 bar.set_prefix(format!("epoch {}/{}", epoch + 1, args.epochs));
                 bar.set_position(done as u64);

@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use dino_data::{EvalTransform, list_images, read_image_list};
-use dino_eval::{ExtractOptions, FeatureSpec, extract, write_features};
+use dino_data::{Dataset, EvalTransform, list_images, read_image_list};
+use dino_eval::{ExtractOptions, FeatureSpec, dataset_features, write_features};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
+use crate::images::{ImageArgs, warn_skipped};
 use crate::load::WeightArgs;
 
 #[derive(Debug, Args)]
@@ -45,6 +46,8 @@ pub struct ExtractArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32, value_name = "N")]
     batch_size: usize,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -52,8 +55,11 @@ pub struct ExtractArgs {
 
 pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
     let mut paths = args.image.clone();
+    let mut skipped = Vec::new();
     for dir in &args.data {
-        paths.extend(list_images(dir)?);
+        let listing = list_images(dir)?;
+        paths.extend(listing.paths);
+        skipped.extend(listing.skipped);
     }
     for list in &args.list {
         paths.extend(read_image_list(list)?);
@@ -64,8 +70,15 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let policy = args.images.policy()?;
+    if policy.strict && !skipped.is_empty() {
+        bail!("--strict: {}", skipped[0]);
+    }
     let device = args.device.device()?;
     let (config, vit) = args.weights.load(&device)?;
+    let total = paths.len() + skipped.len();
+    let data = Dataset::from_files("the input images", paths, &policy)?;
+    skipped.extend_from_slice(data.skipped());
     if args.n_last_blocks == 0 || args.n_last_blocks > config.depth {
         bail!("--n-last-blocks must be between 1 and the network's depth ({})", config.depth);
     }
@@ -78,17 +91,29 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         l2_norm: args.l2_norm,
         batch_size: args.batch_size,
     };
-    let bar = ProgressBar::new(paths.len() as u64).with_style(
+    let bar = ProgressBar::new(data.len() as u64).with_style(
         ProgressStyle::with_template("{spinner} extracting [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let features = extract(&vit, &paths, &options, &device, |done| bar.set_position(done as u64))?;
+    let extracted = dataset_features(&vit, &data, data.len(), &options, &device, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
+    skipped.extend(extracted.skipped.iter().cloned());
+    warn_skipped("extract", &skipped, total);
+    let (features, paths) = (&extracted.features, extracted.paths(&data));
     if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    let list = write_features(&features, &paths, &args.output)?;
+    let list = write_features(features, &paths, &args.output)?;
+    let skipped_list = args.output.with_extension("skipped.txt");
+    if !skipped.is_empty() {
+        let text: String = skipped.iter().map(|b| format!("{b}\n")).collect();
+        std::fs::write(&skipped_list, text).with_context(|| format!("cannot write {}", skipped_list.display()))?;
+        println!("{} skipped image files (no rows) are listed in {}", skipped.len(), skipped_list.display());
+    } else if skipped_list.is_file() {
+        // From an earlier run into the same FILE: it would describe other rows.
+        std::fs::remove_file(&skipped_list).with_context(|| format!("cannot remove {}", skipped_list.display()))?;
+    }
     println!(
         "wrote features [{}, {}] ({} {}/{}) to {} and the image paths to {}",
         features.rows,

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use dino_data::Dataset;
 use dino_train::{EpochLog, IterationLog, KnnData, Observer, RunDir, TrainConfig, config::PRESETS, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
+use crate::images::{self, ImageArgs};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -39,6 +39,8 @@ pub struct TrainArgs {
     /// Continue from the run directory's checkpoint.
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
@@ -126,6 +128,7 @@ impl TrainArgs {
         add("seed", self.seed.map(|v| v.to_string()));
         add("num_workers", self.num_workers.map(|v| v.to_string()));
         add("max_images", self.max_images.map(|v| v.to_string()));
+        out.extend(self.images.overrides());
         out
     }
 
@@ -169,10 +172,12 @@ impl Observer for Progress {
     fn epoch_end(&mut self, log: &EpochLog) {
         self.bar.finish_and_clear();
         let knn = log.knn_top1.map(|k| format!(", teacher k-NN top-1 {k:.2} %")).unwrap_or_default();
+        let skipped: usize = log.skipped_images.values().sum();
+        let skipped = if skipped > 0 { format!(", {skipped} image files skipped") } else { String::new() };
         let h = &log.health;
         println!(
             "epoch {}/{}: loss {:.4} = teacher entropy {:.3} (ln K {:.2}) + KL {:.3}{knn}, batch entropy {:.2}, \
-             center norm {:.3}, drift teacher {:.1e} / student {:.1e}, {:.0} img/s, {:.1} min",
+             center norm {:.3}, drift teacher {:.1e} / student {:.1e}, {:.0} img/s, {:.1} min{skipped}",
             log.epoch + 1,
             self.epochs,
             log.train_loss,
@@ -199,7 +204,7 @@ impl Observer for Progress {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = args.resolve_config()?;
-    let data = Arc::new(Dataset::open(&args.data)?);
+    let data = Arc::new(images::open(&args.data, &config.images)?);
     let config = if config.sizes_from_images() {
         let side = data.typical_side()?;
         let fitted = config.fit_to_images(side);
@@ -214,7 +219,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let val_spec = args.val.clone().or_else(|| (args.data == "synthetic").then(|| "synthetic#test".to_string()));
     let knn = match &val_spec {
         Some(spec) => {
-            let queries = Dataset::open(spec)?;
+            let queries = images::open(spec, &config.images)?;
             if queries.labels().is_none() || data.labels().is_none() {
                 bail!("k-NN monitoring needs labels in both --data and --val ({spec} or {} has none)", args.data);
             }
