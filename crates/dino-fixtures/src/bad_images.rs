@@ -90,8 +90,8 @@ fn palette_png(path: &Path) {
     writer.write_image_data(&[0, 0, 1, 1, 0, 0, 1, 1]).expect("PNG data");
 }
 
-/// Writes the corpus into `dir` (which must exist) and returns its cases: 24 kinds of file.
-/// On Unix, also a file without read permission (read anyway when the tests run as root: then
+/// Writes the corpus into `dir` (which must exist) and returns its cases: 23 kinds of file, and 5
+/// more on Unix: a file without read permission (read anyway when the tests run as root: then
 /// it is expected to be used), links that dangle or loop, and a file name that is not UTF-8.
 pub fn write_corpus(dir: &Path) -> Vec<Case> {
     let mut cases = Vec::new();
