@@ -3,8 +3,9 @@
 //! One safetensors file: the student and teacher under the official checkpoint keys
 //! (`student.backbone.*`, `teacher.head.*`, ...; readable by `Weights::read` with either
 //! checkpoint key), the DINO loss center (`dino_loss.center`), the optimizer state
-//! (`optimizer.{i}.m` / `.v` by parameter position) and, in the header, the next epoch, the
-//! resolved training config and the model config.
+//! (`optimizer.{i}.m` / `.v` by parameter position) and, in the header, the position reached
+//! (epochs done, and iterations of the next when written mid-epoch, with that epoch's sums so
+//! far), the resolved training config and the model config.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +20,7 @@ use dino_model::weights::{
 use crate::TrainConfig;
 use crate::optim::{Optimizer, SavedState, official_state_order};
 use crate::step::TrainState;
+use crate::trainer::{EpochTotals, Position};
 
 /// Why a checkpoint could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -33,11 +35,12 @@ fn tensor_data(t: Tensor<1>) -> TensorData {
     t.into_data()
 }
 
-/// Writes `state` after `epochs_done` epochs.
-pub fn save_checkpoint(
+/// Writes `state` at `position`, with the sums of the unfinished epoch when mid-epoch.
+pub(crate) fn save_checkpoint(
     path: &Path,
     state: &TrainState,
-    epochs_done: usize,
+    position: Position,
+    epoch_sums: Option<&EpochTotals>,
     config: &TrainConfig,
 ) -> Result<(), CheckpointError> {
     let model_config = config
@@ -55,7 +58,11 @@ pub fn save_checkpoint(
         }
     }
     let mut metadata: HashMap<String, String> = config_metadata(&model_config);
-    metadata.insert("epoch".into(), epochs_done.to_string());
+    metadata.insert("epoch".into(), position.epoch.to_string());
+    metadata.insert("iteration".into(), position.iteration.to_string());
+    if let Some(sums) = epoch_sums {
+        metadata.insert("epoch_sums".into(), serde_json::to_string(sums).expect("numbers serialise"));
+    }
     metadata.insert("train_config".into(), config.to_toml());
     metadata.insert("optimizer_steps".into(), serde_json::to_string(&steps).expect("numbers serialise"));
     Ok(write_safetensors(path, tensors, metadata)?)
@@ -64,8 +71,10 @@ pub fn save_checkpoint(
 /// A run restored from a checkpoint.
 pub struct Restored {
     pub state: TrainState,
-    /// Epochs already done: training continues with this epoch.
-    pub epochs_done: usize,
+    /// Where training continues.
+    pub position: Position,
+    /// The sums of the unfinished epoch, for a checkpoint written mid-epoch.
+    pub(crate) epoch_sums: Option<EpochTotals>,
     /// The config the run was started with.
     pub config: TrainConfig,
 }
@@ -81,6 +90,13 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     let config =
         TrainConfig::default().with_toml(config_text).map_err(|e| invalid(format!("bad train_config: {e}")))?;
     let epochs_done = metadata.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| invalid("no epoch".into()))?;
+    // Checkpoints from before mid-epoch saves have no iteration: they are at an epoch's end.
+    let iteration =
+        metadata.get("iteration").map_or(Ok(0), |i| i.parse()).map_err(|_| invalid("bad iteration".into()))?;
+    let epoch_sums = match metadata.get("epoch_sums") {
+        Some(json) => Some(serde_json::from_str(json).map_err(|e| invalid(format!("bad epoch_sums: {e}")))?),
+        None => None,
+    };
 
     let student = read_network(path, CheckpointKey::Student, &config, train_device)?;
     let teacher = read_network(path, CheckpointKey::Teacher, &config, device)?;
@@ -101,7 +117,8 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
         saved.push(SavedState { index, step, m, v: get("v") });
     }
     let optimizer = Optimizer::import(config.optimizer, &student, saved);
-    Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, epochs_done, config })
+    let position = Position { epoch: epochs_done, iteration };
+    Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, position, epoch_sums, config })
 }
 
 /// The student or teacher of a checkpoint (ours or official), built as `config` says and
@@ -162,5 +179,7 @@ pub fn load_official_checkpoint(
         saved.push(SavedState { index: position, step, m: flat(m), v: get("exp_avg_sq").map(flat) });
     }
     let optimizer = Optimizer::import(config.optimizer, &student, saved);
-    Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, epochs_done, config: config.clone() })
+    let position = Position { epoch: epochs_done, iteration: 0 };
+    let state = TrainState { student, teacher, loss, optimizer };
+    Ok(Restored { state, position, epoch_sums: None, config: config.clone() })
 }

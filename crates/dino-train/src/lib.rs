@@ -17,7 +17,7 @@ pub use loss::DinoLoss;
 pub use optim::{Optimizer, OptimizerKind, StepParams};
 pub use schedule::{cosine_schedule, teacher_temp_schedule};
 pub use step::{IterationParams, NonFinite, StepReport, TrainState, train_step};
-pub use trainer::{EpochLog, IterationLog, KnnData, Observer, RunDir, Summary, TrainError, train};
+pub use trainer::{EpochLog, IterationLog, KnnData, Observer, Position, RunDir, Summary, TrainError, train};
 
 /// Official `--min_lr` default, the end of the learning-rate cosine.
 pub const DEFAULT_MIN_LR: f64 = 1e-6;

@@ -15,10 +15,10 @@ use dino_data::{BadImage, DataError, Dataset, EvalTransform, describe_skips};
 use dino_eval::{DatasetFeatures, ExtractOptions, FeatureSpec, dataset_features, knn_classify, pixel_features};
 use dino_model::DinoModel;
 use dino_model::weights::save_backbone;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::TrainConfig;
-use crate::checkpoint::{CheckpointError, load_checkpoint, load_official_checkpoint, save_checkpoint};
+use crate::checkpoint::{CheckpointError, Restored, load_checkpoint, load_official_checkpoint, save_checkpoint};
 use crate::health::{Health, Warning, parameter_vector, relative_change};
 use crate::optim::{Optimizer, StepParams};
 use crate::schedule::{cosine_schedule, teacher_temp_schedule};
@@ -102,10 +102,26 @@ pub trait Observer {
     fn note(&mut self, _message: &str) {}
     /// A problem the run can continue with, but the user should act on.
     fn warning(&mut self, _message: &str) {}
-    /// Asked after each epoch's checkpoint is written; `false` ends the run there (it can be
-    /// resumed later).
-    fn keep_going(&mut self) -> bool {
-        true
+    /// Asked after every iteration; `true` ends the run there: the checkpoint is written (with
+    /// the position within the epoch) and `train` returns, to be resumed later. For Ctrl-C.
+    fn stop_requested(&mut self) -> bool {
+        false
+    }
+}
+
+/// Where a run stands: `epoch` whole epochs done, then `iteration` iterations of the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: usize,
+    pub iteration: usize,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.iteration {
+            0 => write!(f, "epoch {}", self.epoch),
+            i => write!(f, "epoch {}, iteration {i} of epoch {}", self.epoch, self.epoch + 1),
+        }
     }
 }
 
@@ -125,6 +141,8 @@ pub struct Summary {
     /// The same k-NN on raw pixels: the baseline the features must beat.
     pub knn_pixels: Option<f64>,
     pub minutes: f64,
+    /// Where the run stopped when the observer asked it to (`None`: it ran to the end).
+    pub stopped_at: Option<Position>,
 }
 
 /// Files of a run directory.
@@ -235,8 +253,14 @@ pub fn train(
 ) -> Result<Summary, TrainError> {
     let run = RunDir(dir.to_path_buf());
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    // A process killed while writing leaves its temporary file; the file it was replacing is whole.
+    for file in [run.checkpoint(), run.teacher_backbone()] {
+        let _ = fs::remove_file(file.with_extension("safetensors.tmp"));
+    }
     let started = Instant::now();
-    let (mut state, start_epoch, config) = networks(config, &data, &run, device, resume, observer)?;
+    let Restored { mut state, position: start, epoch_sums: mut resumed_sums, config } =
+        networks(config, &data, &run, device, resume, observer)?;
+    let start_epoch = start.epoch;
     fs::write(run.config(), config.to_toml()).map_err(io_err(&run.config()))?;
 
     let data = first_images(data, config.max_images);
@@ -250,9 +274,16 @@ pub fn train(
     }
     let schedules = Schedules::new(&config, iterations);
 
-    let mut summary = Summary { first_loss: None, last_epoch: None, knn_before: None, knn_pixels: None, minutes: 0.0 };
+    let mut summary = Summary {
+        first_loss: None,
+        last_epoch: None,
+        knn_before: None,
+        knn_pixels: None,
+        minutes: 0.0,
+        stopped_at: None,
+    };
     let monitor = knn.as_ref().filter(|_| config.knn_every > 0);
-    if let Some(knn) = monitor.filter(|_| start_epoch == 0) {
+    if let Some(knn) = monitor.filter(|_| start == Position::default()) {
         let pixels = pixel_knn_top1(&config, knn, device)?;
         let top1 = knn_top1(&state.teacher, &config, knn, device)?;
         let (bank, queries) = knn_counts(&config, knn);
@@ -263,10 +294,7 @@ pub fn train(
         summary.knn_before = Some(top1);
         summary.knn_pixels = Some(pixels);
     }
-    if start_epoch == 0 {
-        // A fresh run starts a fresh log.
-        fs::write(run.log(), "").map_err(io_err(&run.log()))?;
-    }
+    keep_log_before(&run.log(), start_epoch)?;
 
     let mut skipped_files: BTreeMap<PathBuf, BadImage> =
         data.skipped().iter().map(|b| (b.path.clone(), b.clone())).collect();
@@ -274,9 +302,18 @@ pub fn train(
         observer.epoch_start(epoch, iterations);
         let epoch_started = Instant::now();
         let (teacher_before, student_before) = (parameter_vector(&state.teacher), parameter_vector(&state.student));
+        let sums = if epoch == start_epoch { resumed_sums.take().unwrap_or_default() } else { EpochTotals::default() };
         let mut totals;
-        (state, totals) = train_one_epoch(state, &data, &config, &schedules, epoch, iterations, device, observer)?;
+        (state, totals) =
+            train_one_epoch(state, &data, &config, &schedules, epoch, iterations, sums, device, observer)?;
         summary.first_loss = summary.first_loss.or(totals.first_loss);
+        if totals.iterations < iterations {
+            // Stopped on request mid-epoch: save where it stands.
+            let at = Position { epoch, iteration: totals.iterations };
+            save_checkpoint(&run.checkpoint(), &state, at, Some(&totals), &config)?;
+            summary.stopped_at = Some(at);
+            break;
+        }
 
         // ---- end of epoch: k-NN, health, log, checkpoints, exports ----
         let epoch_seconds = epoch_started.elapsed().as_secs_f64();
@@ -321,7 +358,8 @@ pub fn train(
         observer.epoch_end(&log);
         log.warnings.iter().for_each(|w| observer.warning(w));
         summary.last_epoch = Some(log);
-        if !observer.keep_going() {
+        if epoch + 1 < config.epochs && observer.stop_requested() {
+            summary.stopped_at = Some(Position { epoch: epoch + 1, iteration: 0 });
             break;
         }
     }
@@ -330,8 +368,8 @@ pub fn train(
 }
 
 /// The networks, center and optimizer: restored from the run directory's checkpoint (ours, or
-/// an official `checkpoint.pth`) with `resume`, else fresh. Returns them with the epochs already
-/// done and the config that runs (a resumed run keeps its saved one).
+/// an official `checkpoint.pth`) with `resume`, else fresh. Returns them with the position
+/// reached and the config that runs (a resumed run keeps its saved one).
 fn networks(
     config: &TrainConfig,
     data: &Dataset,
@@ -339,22 +377,22 @@ fn networks(
     device: &Device,
     resume: bool,
     observer: &mut dyn Observer,
-) -> Result<(TrainState, usize, TrainConfig), TrainError> {
+) -> Result<Restored, TrainError> {
     let train_device = device.clone().autodiff();
     let config =
         if config.sizes_from_images() { config.clone().fit_to_images(data.typical_side()?) } else { config.clone() };
     let official = run.0.join("checkpoint.pth");
     if resume && run.checkpoint().is_file() {
         let restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
-        observer.note(&format!("resuming from {} after epoch {}", run.checkpoint().display(), restored.epochs_done));
-        return Ok((restored.state, restored.epochs_done, restored.config));
+        observer.note(&format!("resuming from {} after {}", run.checkpoint().display(), restored.position));
+        return Ok(restored);
     }
     config.validate().map_err(TrainError::Config)?;
     if resume && official.is_file() {
         // An official main_dino.py checkpoint: continue it with the given config.
         let restored = load_official_checkpoint(&official, &config, device, &train_device)?;
-        observer.note(&format!("resuming the official {} after epoch {}", official.display(), restored.epochs_done));
-        return Ok((restored.state, restored.epochs_done, restored.config));
+        observer.note(&format!("resuming the official {} after {}", official.display(), restored.position));
+        return Ok(restored);
     }
     if resume {
         observer.note(&format!("no checkpoint in {}: starting a new run", run.0.display()));
@@ -365,7 +403,27 @@ fn networks(
     // Same initial weights; no autodiff, hence no drop path.
     let teacher = student.valid();
     let loss = config.dino_loss(device);
-    Ok((TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) }, 0, config))
+    let state = TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) };
+    Ok(Restored { state, position: Position::default(), epoch_sums: None, config })
+}
+
+/// Keeps the lines of `log.txt` of the epochs before `epoch`: a fresh run starts an empty log,
+/// and a run resumed after a kill drops the line of an epoch its checkpoint does not hold
+/// (the line is written before the checkpoint), so every epoch has exactly one line.
+fn keep_log_before(log: &Path, epoch: usize) -> Result<(), TrainError> {
+    let text = if epoch == 0 { String::new() } else { fs::read_to_string(log).unwrap_or_default() };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            let logged = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["epoch"].as_u64());
+            logged.is_some_and(|e| (e as usize) < epoch)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    if epoch == 0 || kept != text {
+        fs::write(log, kept).map_err(io_err(log))?;
+    }
+    Ok(())
 }
 
 /// Skipped files counted by reason, for `log.txt`.
@@ -427,9 +485,10 @@ impl Schedules {
     }
 }
 
-/// Sums over an epoch's iterations.
-#[derive(Default)]
-struct EpochTotals {
+/// Sums over an epoch's iterations (saved in a checkpoint written mid-epoch, so the resumed
+/// epoch's line of `log.txt` is the uninterrupted one's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct EpochTotals {
     iterations: usize,
     first_loss: Option<f64>,
     loss: f64,
@@ -438,6 +497,7 @@ struct EpochTotals {
     entropy: f64,
     batch_entropy: f64,
     /// Images that failed to decode (replaced by the next usable ones), by path.
+    #[serde(skip)]
     skipped: BTreeMap<PathBuf, BadImage>,
 }
 
@@ -466,7 +526,9 @@ impl EpochTotals {
     }
 }
 
-/// One epoch of training steps (`train_one_epoch` of `main_dino.py`).
+/// One epoch of training steps (`train_one_epoch` of `main_dino.py`), from the iteration after
+/// those `totals` already sums (0 but in a resumed run). Ends early, with fewer iterations in
+/// the returned totals, when the observer asks to stop.
 #[allow(clippy::too_many_arguments)]
 fn train_one_epoch(
     mut state: TrainState,
@@ -475,15 +537,16 @@ fn train_one_epoch(
     schedules: &Schedules,
     epoch: usize,
     iterations: usize,
+    mut totals: EpochTotals,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(TrainState, EpochTotals), TrainError> {
     let train_device = device.clone().autodiff();
     let started = Instant::now();
-    let batches =
-        epoch_batches(data.clone(), config.crops.clone(), config.batch_size, config.seed, epoch, 0, config.num_workers);
-    let mut totals = EpochTotals::default();
-    for (i, batch) in batches.into_iter().enumerate() {
+    let first = totals.iterations;
+    let (bs, seed, workers) = (config.batch_size, config.seed, config.num_workers);
+    let batches = epoch_batches(data.clone(), config.crops.clone(), bs, seed, epoch, first, workers);
+    for (i, batch) in (first..).zip(batches) {
         let mut batch = batch?;
         totals.skipped.extend(batch.skipped.drain(..).map(|b| (b.path.clone(), b)));
         let it = epoch * iterations + i;
@@ -515,8 +578,11 @@ fn train_one_epoch(
             loss: report.loss,
             lr: params.step.lr,
             wd: params.step.weight_decay,
-            images_per_sec: ((i + 1) * config.batch_size) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            images_per_sec: ((i + 1 - first) * config.batch_size) as f64 / started.elapsed().as_secs_f64().max(1e-9),
         });
+        if i + 1 < iterations && observer.stop_requested() {
+            break;
+        }
     }
     Ok((state, totals))
 }
@@ -533,7 +599,7 @@ fn write_epoch(
     let mut file = fs::OpenOptions::new().create(true).append(true).open(run.log()).map_err(io_err(&run.log()))?;
     writeln!(file, "{}", serde_json::to_string(log).expect("logs serialise")).map_err(io_err(&run.log()))?;
     let epoch = log.epoch;
-    save_checkpoint(&run.checkpoint(), state, epoch + 1, config)?;
+    save_checkpoint(&run.checkpoint(), state, Position { epoch: epoch + 1, iteration: 0 }, None, config)?;
     if config.saveckp_freq > 0 && epoch % config.saveckp_freq == 0 {
         fs::copy(run.checkpoint(), run.kept_checkpoint(epoch)).map_err(io_err(&run.kept_checkpoint(epoch)))?;
     }

@@ -206,7 +206,7 @@ fn official_checkpoint_restores_networks_center_and_optimizer() {
     let device = Device::flex();
     let path = fixture_dir().join("checkpoint.pth");
     let restored = load_official_checkpoint(&path, &config, &device, &device.clone().autodiff()).unwrap();
-    assert_eq!(restored.epochs_done, manifest_usize("epochs"));
+    assert_eq!(restored.position.epoch, manifest_usize("epochs"));
 
     let steps = read_fixture("train_steps.safetensors");
     let last = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count() - 1;

@@ -1,5 +1,6 @@
-//! Whole runs: a run interrupted after an epoch and resumed ends with exactly the weights of an
-//! uninterrupted run with the same seed (CPU), and the run directory holds what it should.
+//! Whole runs: a run stopped mid-epoch (as Ctrl-C stops it) and resumed ends with exactly the
+//! weights and the log of an uninterrupted run with the same seed (CPU), and the run directory
+//! holds what it should.
 //!
 //! Alone in its test binary: the backend RNG (initialisation, drop path) is process-wide, and a
 //! test training beside it in another thread would draw from it between our seedings.
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use dino_data::{Dataset, Split};
 use dino_model::weights::{CheckpointKey, read_safetensors};
-use dino_train::{KnnData, Observer, RunDir, train};
+use dino_train::{IterationLog, KnnData, Observer, Position, RunDir, train};
 
 mod common;
 use common::tiny_config;
@@ -33,8 +34,11 @@ fn resumed_run_matches_an_uninterrupted_one() {
     assert!(summary.knn_before.is_some() && summary.last_epoch.as_ref().unwrap().knn_top1.is_some());
 
     let split = tempfile::tempdir().unwrap();
-    let first =
-        train(&tiny_config(2), data.clone(), None, split.path(), &device, false, &mut StopAfterOneEpoch).unwrap();
+    let iterations = dino_data::loader::iterations_per_epoch(tiny_config(2).max_images, tiny_config(2).batch_size);
+    assert!(iterations >= 3, "{iterations} iterations per epoch");
+    let mut stop = StopAfter(iterations + 2);
+    let first = train(&tiny_config(2), data.clone(), None, split.path(), &device, false, &mut stop).unwrap();
+    assert_eq!(first.stopped_at, Some(Position { epoch: 1, iteration: 2 }));
     assert_eq!(first.last_epoch.unwrap().epoch, 0);
     train(&tiny_config(2), data, None, split.path(), &device, true, &mut Quiet).unwrap();
 
@@ -49,6 +53,13 @@ fn resumed_run_matches_an_uninterrupted_one() {
         compared += 1;
     }
     assert!(compared > 20);
+    let losses = |dir: &std::path::Path| -> Vec<f64> {
+        let log = std::fs::read_to_string(RunDir(dir.into()).log()).unwrap();
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(straight.path()), losses(split.path()), "one log line per epoch, the same losses");
     // Student and teacher both readable as networks.
     for key in [CheckpointKey::Student, CheckpointKey::Teacher] {
         dino_model::weights::Weights::read(&a, key).unwrap();
@@ -67,11 +78,15 @@ fn resumed_run_matches_an_uninterrupted_one() {
     }
 }
 
-/// Ends the run after its first epoch, as an interruption would.
-struct StopAfterOneEpoch;
+/// Asks the run to stop after this many iterations, as Ctrl-C would.
+struct StopAfter(usize);
 
-impl Observer for StopAfterOneEpoch {
-    fn keep_going(&mut self) -> bool {
-        false
+impl Observer for StopAfter {
+    fn iteration(&mut self, _: &IterationLog) {
+        self.0 = self.0.saturating_sub(1);
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.0 == 0
     }
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -145,10 +146,11 @@ impl TrainArgs {
     }
 }
 
-/// Progress bar per epoch, a line per finished epoch.
+/// Progress bar per epoch, a line per finished epoch; a stop at the first Ctrl-C or SIGTERM.
 struct Progress {
     bar: ProgressBar,
     epochs: usize,
+    stop: Arc<AtomicBool>,
 }
 
 impl Observer for Progress {
@@ -200,6 +202,26 @@ impl Observer for Progress {
     fn warning(&mut self, message: &str) {
         self.bar.suspend(|| eprintln!("warning: {message}"));
     }
+
+    fn stop_requested(&mut self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// The flag the first Ctrl-C (SIGINT) or SIGTERM raises: training then finishes its iteration,
+/// saves the checkpoint and exits 0. A second one quits at once, as Ctrl-C usually does.
+fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted again: quitting without saving (the last checkpoint is intact)");
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this iteration to save the checkpoint (Ctrl-C again quits at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(stop)
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -241,9 +263,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         config.batch_size,
         args.output.display()
     );
-    let mut progress = Progress { bar: ProgressBar::hidden(), epochs: config.epochs };
+    let mut progress = Progress { bar: ProgressBar::hidden(), epochs: config.epochs, stop: stop_on_signal()? };
     let summary = train(&config, data, knn, &args.output, &device, args.resume, &mut progress)?;
     let run = RunDir(args.output.clone());
+    if let Some(at) = summary.stopped_at {
+        progress.bar.finish_and_clear();
+        let val = args.val.as_ref().map(|v| format!(" --val '{v}'")).unwrap_or_default();
+        println!(
+            "stopped after {at}; checkpoint saved to {}; continue with:\n  dino train --data '{}'{val} --output '{}' --resume",
+            run.checkpoint().display(),
+            args.data,
+            args.output.display()
+        );
+        return Ok(());
+    }
     if let Some(last) = &summary.last_epoch {
         let loss = match summary.first_loss {
             Some(first) => format!("loss {first:.4} (first iteration) -> {:.4} (last epoch)", last.train_loss),
