@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
-use dino_model::weights::{CheckpointKey, Weights};
+use dino_model::weights::{CheckpointKey, Weights, describe_ignored};
 use dino_model::{VisionTransformer, VitConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,6 +44,9 @@ impl WeightArgs {
             KeyArg::Student => CheckpointKey::Student,
         };
         let weights = Weights::read(&self.weights, key)?;
+        if !weights.ignored.is_empty() {
+            eprintln!("warning: {}: {}", self.weights.display(), describe_ignored(&weights.ignored));
+        }
         let heads = match (&self.arch, self.num_heads) {
             (Some(arch), None) => {
                 let preset = VitConfig::preset(arch, 16).with_context(|| {

@@ -56,7 +56,18 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(), // --help, --version
+        Err(err) => {
+            // clap's message, on one line like every other error: "error: invalid value '-1'
+            // for '--epochs <EPOCHS>': invalid digit found in string; see --help".
+            let message = err.to_string();
+            let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            eprintln!("error: {first}; see --help");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
         Command::Extract(args) => commands::extract::run(args),

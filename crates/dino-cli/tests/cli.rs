@@ -7,6 +7,7 @@ use std::process::Output;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::{IMAGENET_MEAN, IMAGENET_STD, load_rgb, to_chw};
 use dino_fixtures::fixture_dir;
+use dino_fixtures::pth::{pth_tensors, write_malicious_pth};
 use dino_fixtures::sandbox::confined;
 use dino_model::weights::{CheckpointKey, Weights, save_backbone};
 use dino_model::{VisionTransformer, VitConfig};
@@ -258,7 +259,11 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
         Err(e) => e.to_string(),
         Ok(_) => panic!("a deeper network must not accept these weights"),
     };
-    assert!(e.contains("missing keys") && e.contains(&format!("blocks.{}", ws.config.depth)), "{e}");
+    let blocks = |n: usize| format!("{n} blocks");
+    assert!(
+        e.contains("holds") && e.contains(&blocks(ws.config.depth)) && e.contains(&blocks(ws.config.depth + 1)),
+        "{e}"
+    );
 
     // Truncated files.
     for (name, source) in [("cut.pth", pth.clone()), ("cut.safetensors", ws.path("backbone.safetensors"))] {
@@ -275,7 +280,7 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
             "-o",
             &out,
         ]);
-        assert!(e.contains(name) && e.contains("not a readable weights file"), "{e}");
+        assert!(e.contains(&format!("{name}: damaged")) && e.contains("truncated"), "{e}");
     }
 
     let e = fails(&["attention", "--weights", &weights, "--image", &ws.s("fake.png"), "-o", &ws.s("a")]);
@@ -303,6 +308,37 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
         &ws.s("a"),
     ]);
     assert!(e.contains("nothing.pth"), "{e}");
+}
+
+#[test]
+fn a_malicious_pickle_runs_nothing_and_a_warning_names_its_objects() {
+    let ws = Workspace::new();
+    let evil = ws.path("evil.pth");
+    let payloads =
+        write_malicious_pth(&evil, &pth_tensors(&dino_model::weights::state_dict(&ws.vit)), ws.dir.path()).unwrap();
+    let extract = |weights: &Path, out: &str| {
+        let heads = ws.config.num_heads.to_string();
+        let args = ["extract", "--weights", weights.to_str().unwrap(), "--num-heads", &heads, "--data"];
+        let output = dino(&[&args[..], &[&ws.s("images"), "--output", &ws.s(out)]].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    let stderr = extract(&evil, "evil.safetensors");
+    for marker in payloads.iter().filter_map(|p| p.marker.as_ref()) {
+        assert!(!marker.exists(), "{} was created: the pickle ran", marker.display());
+    }
+    let warning = format!(
+        "warning: {}: ignored 9 Python objects, none of them run: args (argparse.Namespace), evil (posix.system), ",
+        evil.display()
+    );
+    assert!(stderr.lines().any(|l| l.starts_with(&warning) && l.contains("hooks.on_load (posix.system)")), "{stderr}");
+    // The tensors beside the payloads are the network: same features as from its safetensors.
+    extract(&ws.path("backbone.safetensors"), "clean.safetensors");
+    assert_eq!(
+        read_safetensors(&ws.path("evil.safetensors"), "features"),
+        read_safetensors(&ws.path("clean.safetensors"), "features")
+    );
 }
 
 #[test]

@@ -183,6 +183,11 @@ fn configuration_errors_are_one_line() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    // A value the argument parser refuses: one line too, with its usage-error exit code.
+    let out = dino(&["train", "--epochs", "-1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr, "error: invalid value '-1' for '--epochs <EPOCHS>': invalid digit found in string; see --help");
 }
 
 /// A network small enough for a test run in seconds.

@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 
 use rayon::prelude::*;
 
-use crate::{BadImage, DataError, ImagePolicy, describe_skips, is_image_file, list_images, load_rgb, probe};
+use crate::{BadImage, DataError, ImagePolicy, Listing, describe_skips, is_image_file, list_images, load_rgb, probe};
 
 /// A split of a dataset that has them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,9 +100,10 @@ impl Dataset {
         Ok(dataset)
     }
 
-    /// An unlabeled dataset of the given image files, probed as [`Dataset::open`] probes them.
-    pub fn from_files(name: &str, paths: Vec<PathBuf>, policy: &ImagePolicy) -> Result<Self, DataError> {
-        Self::usable_files(name, paths, None, Vec::new(), Vec::new(), policy)
+    /// An unlabeled dataset of the image files `listing` found, probed as [`Dataset::open`]
+    /// probes them; what listing skipped counts among [`Dataset::skipped`].
+    pub fn from_files(name: &str, listing: Listing, policy: &ImagePolicy) -> Result<Self, DataError> {
+        Self::usable_files(name, listing.paths, None, Vec::new(), listing.skipped, policy)
     }
 
     /// The files of `paths` (with their `labels`) that pass the probe; `skipped` holds what
@@ -281,17 +282,26 @@ impl Dataset {
         }
     }
 
-    /// Image `i`, or when it cannot be decoded (a file that passed the probe but is truncated
-    /// or corrupt), the next one after it that can, wrapping around: the loaders use this so
-    /// that a bad file costs one sample, not the run. With a strict policy the bad file is an
-    /// error instead.
+    /// Image `i`, or `Ok(Err(bad))` when it cannot be decoded (a file that passed the probe but
+    /// is truncated or corrupt) and the policy skips such files; with a strict policy the bad
+    /// file is an error.
+    pub fn image_or_skip(&self, i: usize) -> Result<Result<RgbImage, BadImage>, DataError> {
+        match self.image(i) {
+            Ok(image) => Ok(Ok(image)),
+            Err(DataError::BadImage(bad)) if !self.policy.strict => Ok(Err(bad)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Image `i`, or when it is skipped ([`Dataset::image_or_skip`]) the next one after it that
+    /// can be decoded, wrapping around: the loaders use this so that a bad file costs one
+    /// sample, not the run.
     pub fn image_or_next(&self, i: usize) -> Result<Substitute, DataError> {
         let mut skipped = Vec::new();
         for index in (i..self.len()).chain(0..i) {
-            match self.image(index) {
+            match self.image_or_skip(index)? {
                 Ok(image) => return Ok(Substitute { index, image, skipped }),
-                Err(DataError::BadImage(bad)) if !self.policy.strict => skipped.push(bad),
-                Err(e) => return Err(e),
+                Err(bad) => skipped.push(bad),
             }
         }
         let first = Box::new(skipped[0].clone());
@@ -306,11 +316,6 @@ impl Dataset {
     /// The image files left out when the dataset was opened (they cannot be used), and why.
     pub fn skipped(&self) -> &[BadImage] {
         &self.skipped
-    }
-
-    /// How the dataset's image files are decoded.
-    pub fn policy(&self) -> &ImagePolicy {
-        &self.policy
     }
 
     /// The typical shorter side of the images: the median over up to 32 evenly spaced images
@@ -392,7 +397,10 @@ fn read_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
         return Err(bad(images, "not an IDX image file (magic 0x00000803)"));
     }
     let (n, h, w) = (be(&img, 1), be(&img, 2), be(&img, 3));
-    if img.len() != 16 + n * h * w {
+    if n == 0 || h == 0 || w == 0 {
+        return Err(bad(images, &format!("IDX header declares {n} images of {h}x{w} px: nothing to read")));
+    }
+    if n.checked_mul(h).and_then(|p| p.checked_mul(w)).and_then(|p| p.checked_add(16)) != Some(img.len()) {
         return Err(bad(images, "truncated IDX image file"));
     }
     let lab = read_maybe_gz(labels)?;
@@ -568,6 +576,10 @@ mod tests {
         Dataset::open(spec, &ImagePolicy::default())
     }
 
+    fn listing(paths: Vec<PathBuf>) -> Listing {
+        Listing { paths, skipped: Vec::new() }
+    }
+
     #[test]
     fn synthetic_is_labeled_deterministic_and_split() {
         let train = open("synthetic").unwrap();
@@ -669,9 +681,13 @@ mod tests {
         let strict = ImagePolicy { strict: true, ..ImagePolicy::default() };
         let e = Dataset::open(&dir.path().display().to_string(), &strict).unwrap_err().to_string();
         assert!(e.contains("cannot be used") && e.contains("--strict"), "{e}");
-        let e = Dataset::from_files("bad", vec![dir.path().join("empty.png"), dir.path().join("notes.jpg")], &strict)
-            .unwrap_err()
-            .to_string();
+        let e = Dataset::from_files(
+            "bad",
+            listing(vec![dir.path().join("empty.png"), dir.path().join("notes.jpg")]),
+            &strict,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("bad: none of its 2 image files can be used (1 empty, 1 not an image)"), "{e}");
     }
 
@@ -684,10 +700,11 @@ mod tests {
         let bytes = fs::read(&good).unwrap();
         fs::write(dir.path().join("b.png"), &bytes[..bytes.len() - 20]).unwrap();
         let paths = vec![dir.path().join("b.png"), good];
-        let lenient = Dataset::from_files("two", paths.clone(), &ImagePolicy::default()).unwrap();
+        let lenient = Dataset::from_files("two", listing(paths.clone()), &ImagePolicy::default()).unwrap();
         assert_eq!(lenient.image_or_next(0).unwrap().index, 1);
         let strict =
-            Dataset::from_files("two", paths, &ImagePolicy { strict: true, ..ImagePolicy::default() }).unwrap();
+            Dataset::from_files("two", listing(paths), &ImagePolicy { strict: true, ..ImagePolicy::default() })
+                .unwrap();
         assert!(matches!(strict.image_or_next(0), Err(DataError::BadImage(b)) if b.path.ends_with("b.png")));
     }
 }

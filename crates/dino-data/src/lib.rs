@@ -13,8 +13,8 @@ pub use augment::{LinearTrainTransform, MultiCropConfig};
 pub use dataset::{Dataset, Split};
 
 pub use image_io::{
-    BadImage, IMAGE_EXTENSIONS, ImagePolicy, Listing, SkipReason, describe_skips, is_image_file, list_images, load_rgb,
-    probe, read_image_list,
+    BadImage, IMAGE_EXTENSIONS, ImagePolicy, Listing, SkipReason, count_skips, describe_skips, is_image_file,
+    list_images, load_rgb, probe, read_image_list,
 };
 pub use transform::{
     EvalTransform, Filter, IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_exact, resize_shorter_side, to_chw,

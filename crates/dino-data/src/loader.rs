@@ -138,7 +138,9 @@ mod tests {
         }
         let bytes = std::fs::read(&paths[2]).unwrap();
         std::fs::write(&paths[2], &bytes[..bytes.len() - 20]).unwrap();
-        let data = Arc::new(Dataset::from_files("four", paths, &Default::default()).unwrap());
+        let data = Arc::new(
+            Dataset::from_files("four", crate::Listing { paths, skipped: Vec::new() }, &Default::default()).unwrap(),
+        );
         let config = MultiCropConfig { global_size: 8, local_size: 4, local_crops: 0, ..Default::default() };
         let batch = epoch_batches(data, config, 4, 0, 0, 0, 1).recv().unwrap().unwrap();
         assert_eq!(batch.crops[0].data.len(), 4 * 3 * 8 * 8, "the batch is full");

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
-use dino_data::{BadImage, DataError, Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, to_chw};
+use dino_data::{BadImage, Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, to_chw};
 use dino_model::VisionTransformer;
 use dino_model::head::l2_normalize;
 use image::RgbImage;
@@ -72,16 +72,6 @@ impl DatasetFeatures {
     }
 }
 
-/// Image `i` of `dataset`, `Ok(Err(bad))` when it cannot be decoded and the dataset's policy
-/// skips such images.
-fn decoded(dataset: &Dataset, i: usize) -> Result<Result<RgbImage, BadImage>, EvalError> {
-    match dataset.image(i) {
-        Ok(img) => Ok(Ok(img)),
-        Err(DataError::BadImage(bad)) if !dataset.policy().strict => Ok(Err(bad)),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// The rows of `count` images loaded in parallel by `load`, in order, with the skipped ones set
 /// aside.
 fn rows_of<T: Send>(
@@ -121,7 +111,7 @@ pub fn dataset_features(
         let last = (first + batch).min(count);
         let (prepared, bad) = rows_of(last - first, |j| {
             let i = first + j;
-            let img = match decoded(dataset, i)? {
+            let img = match dataset.image_or_skip(i)? {
                 Ok(img) => img,
                 Err(bad) => return Ok(Err(bad)),
             };
@@ -161,7 +151,7 @@ pub fn pixel_features(
 ) -> Result<DatasetFeatures, EvalError> {
     let count = count.min(dataset.len());
     let (rows, skipped) = rows_of(count, |i| {
-        let img = match decoded(dataset, i)? {
+        let img = match dataset.image_or_skip(i)? {
             Ok(img) => img,
             Err(bad) => return Ok(Err(bad)),
         };

@@ -90,7 +90,23 @@ fn palette_png(path: &Path) {
     writer.write_image_data(&[0, 0, 1, 1, 0, 0, 1, 1]).expect("PNG data");
 }
 
-/// Writes the corpus into `dir` (which must exist) and returns its cases: 23 kinds of file, and 5
+/// A 4x2 palette PNG whose PLTE chunk holds 5 bytes, not a multiple of 3 (the chunk CRCs are
+/// right): the fuzz tests found that png 0.18.1 panics on it (image-rs/image-png#694).
+fn short_palette_png() -> Vec<u8> {
+    use crate::fuzz::{PngChunk, PngFile};
+    let kind = |name: &[u8; 4]| u32::from_be_bytes(*name);
+    let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    zlib.write_all(&[0, 0, 0, 1, 1, 0, 0, 0, 1, 1]).expect("compress");
+    let chunks = vec![
+        PngChunk { kind: kind(b"IHDR"), data: vec![0, 0, 0, 4, 0, 0, 0, 2, 8, 3, 0, 0, 0] },
+        PngChunk { kind: kind(b"PLTE"), data: vec![220, 30, 30, 30, 220] },
+        PngChunk { kind: kind(b"IDAT"), data: zlib.finish().expect("compress") },
+        PngChunk { kind: kind(b"IEND"), data: Vec::new() },
+    ];
+    PngFile { chunks }.bytes()
+}
+
+/// Writes the corpus into `dir` (which must exist) and returns its cases: 25 kinds of file, and 5
 /// more on Unix: a file without read permission (read anyway when the tests run as root: then
 /// it is expected to be used), links that dangle or loop, and a file name that is not UTF-8.
 pub fn write_corpus(dir: &Path) -> Vec<Case> {
@@ -165,6 +181,18 @@ pub fn write_corpus(dir: &Path) -> Vec<Case> {
     add("GIF", "good.gif", &bytes, used(8, 6, (7, 5), BLUE));
     // Stored 8 wide and 4 high, red on the left; upright it is 4 wide and 8 high, red on top.
     add("EXIF-rotated JPEG (orientation 6)", "rotated.jpg", &exif_rotated_jpeg(&halves(8, 4)), used(4, 8, (2, 1), RED));
+    add(
+        "palette PNG with a 5-byte palette (png 0.18.1 panics on it)",
+        "short-palette.png",
+        &short_palette_png(),
+        Expect::Skipped("corrupt or truncated"),
+    );
+    // Found by the fuzz tests: GIF89a, a logical screen 0 px wide and 6 high, one 8x6 frame.
+    let zero_wide_gif = [
+        71, 73, 70, 56, 57, 97, 0, 0, 6, 0, 128, 0, 0, 0, 0, 0, 0, 0, 0, 33, 249, 4, 8, 0, 0, 0, 0, 44, 0, 0, 0, 0, 8,
+        0, 6, 0, 128, 30, 30, 220, 220, 30, 30, 2, 11, 140, 3, 9, 135, 202, 186, 14, 124, 78, 170, 2, 0, 59,
+    ];
+    add("GIF declaring a 0 px wide screen", "zero-wide.gif", &zero_wide_gif, Expect::Skipped("corrupt or truncated"));
     palette_png(&dir.join("palette.png"));
     cases.push(Case { kind: "palette PNG", path: dir.join("palette.png"), expect: used(4, 2, (3, 0), BLUE) });
     #[cfg(unix)]

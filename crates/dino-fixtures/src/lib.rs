@@ -1,6 +1,7 @@
 //! Test support: the reference fixtures produced by the official implementation, the small
-//! real dataset the repository ships, a corpus of bad image files ([`bad_images`]), and a
-//! sandbox that keeps binaries under test inside the repository ([`sandbox`]).
+//! real dataset the repository ships, a corpus of bad image files ([`bad_images`]), PyTorch
+//! files written byte by byte, malicious ones included ([`pth`]), bounded fuzzing ([`fuzz`]),
+//! and a sandbox that keeps binaries under test inside the repository ([`sandbox`]).
 //!
 //! The fixture directory is `$DINO_REFERENCE_DIR` when set, else the copy in this repository.
 //! Every setting a test needs is read from its `manifest.json`, so the tests run unchanged on any
@@ -12,6 +13,8 @@ use std::path::PathBuf;
 use burn::tensor::{Device, Tensor, TensorData};
 
 pub mod bad_images;
+pub mod fuzz;
+pub mod pth;
 pub mod sandbox;
 
 /// The first 512 training and 256 test images of Fashion-MNIST, in IDX files

@@ -57,11 +57,12 @@ pub enum WeightsError {
     /// Writing failed (a full disk, a file-size limit); what was under `path` before is intact.
     #[error("cannot write {path} ({source}); the file there before, if any, is intact")]
     Write { path: PathBuf, source: std::io::Error },
-    /// The bytes are not a readable safetensors or PyTorch file (or are truncated).
-    #[error(
-        "{path}: not a readable weights file ({reason}); expected a .pth/.pt state_dict or checkpoint, or .safetensors"
-    )]
+    /// The bytes are neither a safetensors nor a PyTorch file.
+    #[error("{path}: not a weights file ({reason}); expected a .pth/.pt state_dict or checkpoint, or .safetensors")]
     Format { path: PathBuf, reason: String },
+    /// A safetensors or PyTorch file whose contents contradict themselves or stop short.
+    #[error("{path}: damaged {format} file: {reason}; fetch or export it again")]
+    Damaged { path: PathBuf, format: &'static str, reason: String },
     /// A full checkpoint without the requested network.
     #[error("{path}: this checkpoint has no '{key}' entry (top-level entries: {available})")]
     MissingEntry { path: PathBuf, key: String, available: String },
@@ -71,9 +72,41 @@ pub enum WeightsError {
     /// The architecture cannot be read off the file.
     #[error("{path}: cannot infer the architecture: {reason}")]
     UnknownArchitecture { path: PathBuf, reason: String },
+    /// The file holds another network than the one asked for (architecture, out_dim, ...).
+    #[error("{path}: holds {found}, not {expected}")]
+    OtherNetwork { path: PathBuf, found: String, expected: String },
     /// The tensors do not fit the network.
     #[error("{path}: the weights do not fit {network}: {details}")]
     Mismatch { path: PathBuf, network: String, details: String },
+}
+
+/// A Python object in a PyTorch file that is neither plain data nor a tensor: a call such as
+/// `os.system(...)`, an instance of a class (`argparse.Namespace`) or a class reference.
+/// Nothing is imported or called to read a file; such objects are left out and named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredObject {
+    /// Its dotted key in the file (`args`, `hooks.on_load`).
+    pub key: String,
+    /// The Python callable or class it names (`argparse.Namespace`, `posix.system`).
+    pub python_type: String,
+}
+
+impl fmt::Display for IgnoredObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.key, self.python_type)
+    }
+}
+
+/// One line for a warning: "ignored 2 Python objects, none of them run: args
+/// (argparse.Namespace), evil (posix.system)"; past 12 objects, "and N more".
+pub fn describe_ignored(ignored: &[IgnoredObject]) -> String {
+    const SHOWN: usize = 12;
+    let mut names: Vec<String> = ignored.iter().take(SHOWN).map(ToString::to_string).collect();
+    if ignored.len() > SHOWN {
+        names.push(format!("and {} more", ignored.len() - SHOWN));
+    }
+    let s = if ignored.len() == 1 { "" } else { "s" };
+    format!("ignored {} Python object{s}, none of them run: {}", ignored.len(), names.join(", "))
 }
 
 type Result<T> = std::result::Result<T, WeightsError>;
@@ -89,6 +122,8 @@ pub struct Weights {
     pub path: PathBuf,
     /// The model config stored by us, if the file was written by us.
     pub config: Option<ModelConfig>,
+    /// The Python objects of a PyTorch file that were left out (see [`IgnoredObject`]).
+    pub ignored: Vec<IgnoredObject>,
     /// Backbone keys (`cls_token`, `blocks.0.norm1.weight`, ...).
     pub backbone: StateDict,
     /// Head keys (`mlp.0.weight`, `last_layer.weight_v`, ...); empty when there is no head.
@@ -103,20 +138,22 @@ impl Weights {
         let n = fs::File::open(path)
             .and_then(|mut f| f.read(&mut magic))
             .map_err(|source| WeightsError::Io { path: path.into(), source })?;
-        let (tensors, config) = if n == 9 && magic[8] == b'{' {
+        let (tensors, config, ignored) = if n == 9 && magic[8] == b'{' {
             let (tensors, metadata) = read_safetensors(path)?;
             let config = match metadata.get(CONFIG_METADATA_KEY) {
-                Some(json) => {
-                    Some(serde_json::from_str(json).map_err(|e| format_error(path, format!("bad model config: {e}")))?)
-                }
+                Some(json) => Some(
+                    serde_json::from_str(json)
+                        .map_err(|e| damaged(path, "safetensors", format!("bad model config in the header: {e}")))?,
+                ),
                 None => None,
             };
-            (tensors, config)
+            (tensors, config, Vec::new())
         } else {
-            (read_pytorch(path)?, None)
+            (read_pytorch(path)?, None, ignored_objects(path)?)
         };
         let tensors = select_network(tensors, key, path)?;
-        let mut weights = Self { path: path.into(), config, backbone: StateDict::new(), head: StateDict::new() };
+        let mut weights =
+            Self { path: path.into(), config, ignored, backbone: StateDict::new(), head: StateDict::new() };
         for (name, data) in tensors {
             let name = name.strip_prefix("module.").unwrap_or(&name);
             if let Some(head_key) = name.strip_prefix("head.") {
@@ -150,22 +187,33 @@ impl Weights {
             }
             return Ok(vit);
         }
+        self.inferred_vit(num_heads)
+    }
+
+    /// The backbone's config as read off the tensor shapes alone.
+    fn inferred_vit(&self, num_heads: Option<usize>) -> Result<VitConfig> {
         if !self.backbone.contains_key("cls_token") {
             return Err(WeightsError::NoBackbone { path: self.path.clone() });
         }
         let unknown = |reason: String| WeightsError::UnknownArchitecture { path: self.path.clone(), reason };
-        let shape = |key: &str| {
-            self.backbone.get(key).map(|t| t.shape().to_vec()).ok_or_else(|| unknown(format!("key '{key}' is missing")))
+        // Every size read must come from a tensor of the rank a ViT gives it, with no zero size
+        // (an empty tensor could declare any width).
+        let dims = |key: &str, rank: usize| {
+            let shape = self.backbone.get(key).ok_or_else(|| unknown(format!("key '{key}' is missing")))?.shape();
+            if shape.len() != rank || shape.contains(&0) {
+                return Err(unknown(format!("'{key}' has shape {shape:?}, not {rank} non-zero sizes")));
+            }
+            Ok(shape.to_vec())
         };
-        let dim = shape("cls_token")?[2];
-        let patch = shape("patch_embed.proj.weight")?[2];
-        let slots = shape("pos_embed")?[1] - 1;
+        let dim = dims("cls_token", 3)?[2];
+        let patch = dims("patch_embed.proj.weight", 4)?[2];
+        let slots = dims("pos_embed", 3)?[1] - 1;
         let grid = (slots as f64).sqrt().round() as usize;
-        if grid * grid != slots {
+        if slots == 0 || grid * grid != slots {
             return Err(unknown(format!("pos_embed has {slots} patch slots, not a square grid")));
         }
         let depth = (0..).take_while(|i| self.backbone.contains_key(&format!("blocks.{i}.norm1.weight"))).count();
-        let hidden = shape("blocks.0.mlp.fc1.weight")?[0];
+        let hidden = dims("blocks.0.mlp.fc1.weight", 2)?[0];
         let heads = match num_heads {
             Some(h) => h,
             None => VitConfig::preset(match dim {
@@ -193,14 +241,19 @@ impl Weights {
         if let Some(head) = self.config.as_ref().and_then(|c| c.head.clone()) {
             return Some(head);
         }
-        let v = self.head.get("last_layer.weight_v")?;
+        self.inferred_head()
+    }
+
+    /// The head's config as read off the tensor shapes alone.
+    fn inferred_head(&self) -> Option<DinoHeadConfig> {
+        let v = self.head.get("last_layer.weight_v").filter(|v| v.shape().len() == 2 && !v.shape().contains(&0))?;
         // 2-D `mlp.{i}.weight` tensors are the Linear layers (BatchNorm weights are 1-D).
         let mut linears: Vec<(usize, Vec<usize>)> = self
             .head
             .iter()
             .filter_map(|(key, t)| {
                 let index = key.strip_prefix("mlp.")?.strip_suffix(".weight")?.parse().ok()?;
-                (t.shape().len() == 2).then(|| (index, t.shape().to_vec()))
+                (t.shape().len() == 2 && !t.shape().contains(&0)).then(|| (index, t.shape().to_vec()))
             })
             .collect();
         linears.sort();
@@ -218,27 +271,67 @@ impl Weights {
     }
 
     /// A backbone built from `config` with these weights, checked strictly (head keys are not
-    /// the backbone's business and are ignored, as the official loaders do).
+    /// the backbone's business and are ignored, as the official loaders do). Weights of
+    /// another shape of ViT are refused with both shapes named, before any key is compared.
     pub fn backbone(&self, config: &VitConfig, device: &burn::tensor::Device) -> Result<VisionTransformer> {
+        if let Ok(found) = self.inferred_vit(Some(config.num_heads))
+            && describe_vit(&found) != describe_vit(config)
+        {
+            return Err(self.other_network(describe_vit(&found), describe_vit(config)));
+        }
         let mut vit = VisionTransformer::new(config, device);
-        let network = format!(
-            "{} (embed dim {}, depth {}, patch {})",
-            config.arch_name().unwrap_or("the ViT"),
-            config.embed_dim,
-            config.depth,
-            config.patch_size
-        );
-        apply_strict(&mut vit, &self.backbone, &self.path, &network)?;
+        apply_strict(&mut vit, &self.backbone, &self.path, &describe_vit(config))?;
         Ok(vit)
     }
 
-    /// The head built from `config` with these weights, checked strictly.
+    /// The head built from `config` with these weights, checked strictly; a head of another
+    /// shape (out_dim, bottleneck, layers) is refused with both shapes named.
     pub fn dino_head(&self, config: &DinoHeadConfig, device: &burn::tensor::Device) -> Result<DinoHead> {
+        if let Some(found) = self.inferred_head() {
+            // Neither is in the shapes: norm_last_layer only fixes weight_g's values, and a
+            // one-layer head has no hidden layer.
+            let hidden_dim = if found.nlayers == 1 { config.hidden_dim } else { found.hidden_dim };
+            let found = DinoHeadConfig { norm_last_layer: config.norm_last_layer, hidden_dim, ..found };
+            if describe_head(&found) != describe_head(config) {
+                return Err(self.other_network(describe_head(&found), describe_head(config)));
+            }
+        }
         let mut head = DinoHead::new(config, device);
-        let network = format!("the DINO head ({} -> {})", config.in_dim, config.out_dim);
-        apply_strict(&mut head, &self.head, &self.path, &network)?;
+        apply_strict(&mut head, &self.head, &self.path, &describe_head(config))?;
         Ok(head)
     }
+
+    fn other_network(&self, found: String, expected: String) -> WeightsError {
+        WeightsError::OtherNetwork { path: self.path.clone(), found, expected }
+    }
+}
+
+/// "vit_small/16 (embed dim 384, 12 blocks, 16 px patches, 224 px images, MLP 1536)"; the
+/// number of heads is not in the shapes and not compared.
+fn describe_vit(c: &VitConfig) -> String {
+    let name = c.arch_name().map_or("a ViT".to_string(), |a| format!("{a}/{}", c.patch_size));
+    format!(
+        "{name} (embed dim {}, {} blocks, {} px patches, {} px images, MLP {}{})",
+        c.embed_dim,
+        c.depth,
+        c.patch_size,
+        c.img_size,
+        (c.embed_dim as f64 * c.mlp_ratio).round(),
+        if c.qkv_bias { "" } else { ", no qkv bias" }
+    )
+}
+
+/// "a DINO head 384 -> out_dim 65536 (3 layers, hidden 2048, bottleneck 256)".
+fn describe_head(c: &DinoHeadConfig) -> String {
+    format!(
+        "a DINO head {} -> out_dim {} ({} layers, hidden {}, bottleneck {}{})",
+        c.in_dim,
+        c.out_dim,
+        c.nlayers,
+        c.hidden_dim,
+        c.bottleneck_dim,
+        if c.use_bn { ", batch norm" } else { "" }
+    )
 }
 
 fn format_error(path: &Path, reason: impl fmt::Display) -> WeightsError {
@@ -252,12 +345,18 @@ fn keep_as_f32(name: String, data: TensorData, into: &mut StateDict) {
     }
 }
 
+fn damaged(path: &Path, format: &'static str, reason: impl fmt::Display) -> WeightsError {
+    WeightsError::Damaged { path: path.into(), format, reason: reason.to_string() }
+}
+
 /// Every float tensor of a safetensors file (as f32) and its header metadata.
 pub fn read_safetensors(path: &Path) -> Result<(StateDict, HashMap<String, String>)> {
     let bytes = fs::read(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format_error(path, e))?;
+    let broken = |reason: String| damaged(path, "safetensors", reason);
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| broken(safetensors_size_problem(&bytes).unwrap_or_else(|| e.to_string())))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format_error(path, e))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| broken(e.to_string()))?;
     let mut tensors = StateDict::new();
     for (name, view) in file.tensors() {
         use safetensors::Dtype as S;
@@ -267,25 +366,95 @@ pub fn read_safetensors(path: &Path) -> Result<(StateDict, HashMap<String, Strin
             S::F16 => DType::F16,
             S::BF16 => DType::BF16,
             S::I64 => DType::I64,
-            other => return Err(format_error(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
+            other => return Err(broken(format!("tensor '{name}' has unsupported dtype {other:?}"))),
         };
         keep_as_f32(name, TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype), &mut tensors);
     }
     Ok((tensors, metadata))
 }
 
+/// What is wrong with the size of a safetensors file whose header the crate refused: the
+/// header or the tensor data it declares stops short (a truncated file) or runs on.
+fn safetensors_size_problem(bytes: &[u8]) -> Option<String> {
+    let header_len = usize::try_from(u64::from_le_bytes(*bytes.first_chunk::<8>()?)).ok()?;
+    let Some(header) = bytes.get(8..8usize.checked_add(header_len)?) else {
+        return Some(format!(
+            "truncated: its header declares {header_len} bytes of JSON, the file holds {} bytes in all",
+            bytes.len()
+        ));
+    };
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let declared = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .filter_map(|(_, entry)| entry.get("data_offsets")?.get(1)?.as_u64())
+        .max()?;
+    let held = (bytes.len() - 8 - header_len) as u64;
+    (declared != held).then(|| {
+        let what = if declared > held { "truncated" } else { "trailing bytes" };
+        format!("{what}: its header declares {declared} bytes of tensor data, the file holds {held}")
+    })
+}
+
+/// A PyTorch reader's error: an unknown kind of file is not a weights file; anything else
+/// (a broken zip, a pickle that stops short, storages smaller than their tensors) is damage.
+fn pytorch_error(path: &Path, e: pytorch_reader::PytorchError) -> WeightsError {
+    match e {
+        pytorch_reader::PytorchError::InvalidFormat(_) if fs::metadata(path).is_ok_and(|m| m.len() == 0) => {
+            format_error(path, "the file is empty")
+        }
+        pytorch_reader::PytorchError::InvalidFormat(reason) => format_error(path, reason),
+        pytorch_reader::PytorchError::Io(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            WeightsError::Io { path: path.into(), source }
+        }
+        pytorch_reader::PytorchError::Zip(e) => damaged(
+            path,
+            "PyTorch",
+            format!("its zip archive is incomplete or corrupt, as a truncated copy leaves it ({e})"),
+        ),
+        other => damaged(path, "PyTorch", other),
+    }
+}
+
 /// Every float tensor of a PyTorch file (as f32), under its dotted path through the pickled
-/// dictionaries (`teacher.backbone.cls_token`, `optimizer.state.0.exp_avg`, ...).
+/// dictionaries (`teacher.backbone.cls_token`, `optimizer.state.0.exp_avg`, ...). The pickle
+/// is interpreted, never run: objects other than data and tensors are dropped (see
+/// [`ignored_objects`]).
 pub fn read_pytorch(path: &Path) -> Result<StateDict> {
-    let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| format_error(path, e))?;
+    let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| pytorch_error(path, e))?;
     let mut tensors = StateDict::new();
     for (name, tensor) in reader.into_tensors() {
         let (_, dtype, shape, _, bytes) = bridge::from_pytorch(tensor)
             .into_parts()
-            .map_err(|e| format_error(path, format!("tensor '{name}': {e}")))?;
+            .map_err(|e| damaged(path, "PyTorch", format!("tensor '{name}': {e}")))?;
         keep_as_f32(name, TensorData::from_bytes(bytes, shape, dtype), &mut tensors);
     }
     Ok(tensors)
+}
+
+/// The Python objects of a PyTorch file that are neither plain data (numbers, strings, lists,
+/// dicts) nor tensors, by key: what [`read_pytorch`] leaves out.
+pub fn ignored_objects(path: &Path) -> Result<Vec<IgnoredObject>> {
+    use pytorch_reader::PickleValue;
+    fn walk(value: &PickleValue, key: &str, out: &mut Vec<IgnoredObject>) {
+        let join = |k: &dyn fmt::Display| if key.is_empty() { k.to_string() } else { format!("{key}.{k}") };
+        match value {
+            PickleValue::Dict(items) => items.iter().for_each(|(k, v)| walk(v, &join(k), out)),
+            PickleValue::List(items) => items.iter().enumerate().for_each(|(i, v)| walk(v, &join(&i), out)),
+            PickleValue::Unsupported(python_type)
+                if !matches!(python_type.as_str(), "torch.Tensor" | "torch.TypedStorage" | "torch.UntypedStorage") =>
+            {
+                let key = if key.is_empty() { "(the whole file)".to_string() } else { key.to_string() };
+                out.push(IgnoredObject { key, python_type: python_type.clone() });
+            }
+            _ => {}
+        }
+    }
+    let root = pytorch_reader::PytorchReader::read_pickle_data(path, None).map_err(|e| pytorch_error(path, e))?;
+    let mut ignored = Vec::new();
+    walk(&root, "", &mut ignored);
+    ignored.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(ignored)
 }
 
 /// A full training checkpoint nests the networks under `student.` / `teacher.`: keep `key`'s,
@@ -391,7 +560,8 @@ pub fn write_safetensors(
             (name.clone(), view)
         })
         .collect();
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| format_error(path, e))?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| WeightsError::Write { path: path.into(), source: std::io::Error::other(e) })?;
     let tmp = path.with_extension("safetensors.tmp");
     write_durably(&tmp, &bytes, path).map_err(|source| {
         let _ = fs::remove_file(&tmp);
@@ -463,7 +633,29 @@ pub fn official_shapes<M: ModuleSnapshot>(module: &M) -> BTreeMap<String, Vec<us
 pub fn read_pytorch_int(path: &Path, key: &str) -> Result<i64> {
     match pytorch_reader::PytorchReader::read_pickle_data(path, Some(key)) {
         Ok(pytorch_reader::PickleValue::Int(v)) => Ok(v),
-        Ok(other) => Err(format_error(path, format!("'{key}' is not an integer: {other:?}"))),
-        Err(e) => Err(format_error(path, e)),
+        Ok(other) => Err(damaged(path, "PyTorch", format!("'{key}' is not an integer: {other:?}"))),
+        Err(e) => Err(pytorch_error(path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_list_of_ignored_objects_stays_one_short_line() {
+        let objects: Vec<IgnoredObject> = (0..40)
+            .map(|i| IgnoredObject {
+                key: format!("optimizer.param_groups.{i}.lr"),
+                python_type: "numpy.float64".into(),
+            })
+            .collect();
+        let line = describe_ignored(&objects);
+        assert!(line.starts_with("ignored 40 Python objects, none of them run: optimizer.param_groups.0.lr"));
+        assert!(line.ends_with("optimizer.param_groups.11.lr (numpy.float64), and 28 more"), "{line}");
+        assert_eq!(
+            describe_ignored(&objects[..1]),
+            "ignored 1 Python object, none of them run: optimizer.param_groups.0.lr (numpy.float64)"
+        );
     }
 }

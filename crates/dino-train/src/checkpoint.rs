@@ -13,8 +13,8 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_model::DinoModel;
 use dino_model::weights::{
-    CheckpointKey, Weights, WeightsError, config_metadata, model_tensors, read_pytorch, read_pytorch_int,
-    read_safetensors, write_safetensors,
+    CheckpointKey, IgnoredObject, Weights, WeightsError, config_metadata, ignored_objects, model_tensors, read_pytorch,
+    read_pytorch_int, read_safetensors, write_safetensors,
 };
 
 use crate::TrainConfig;
@@ -77,6 +77,8 @@ pub struct Restored {
     pub(crate) epoch_sums: Option<EpochTotals>,
     /// The config the run was started with.
     pub config: TrainConfig,
+    /// Python objects of an official checkpoint that were left out (its `args`, ...).
+    pub ignored: Vec<IgnoredObject>,
 }
 
 /// Reads a checkpoint written by `save_checkpoint`: the student on `train_device` (autodiff),
@@ -118,7 +120,8 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     }
     let optimizer = Optimizer::import(config.optimizer, &student, saved);
     let position = Position { epoch: epochs_done, iteration };
-    Ok(Restored { state: TrainState { student, teacher, loss, optimizer }, position, epoch_sums, config })
+    let state = TrainState { student, teacher, loss, optimizer };
+    Ok(Restored { state, position, epoch_sums, config, ignored: Vec::new() })
 }
 
 /// The student or teacher of a checkpoint (ours or official), built as `config` says and
@@ -181,5 +184,6 @@ pub fn load_official_checkpoint(
     let optimizer = Optimizer::import(config.optimizer, &student, saved);
     let position = Position { epoch: epochs_done, iteration: 0 };
     let state = TrainState { student, teacher, loss, optimizer };
-    Ok(Restored { state, position, epoch_sums: None, config: config.clone() })
+    let ignored = ignored_objects(path)?;
+    Ok(Restored { state, position, epoch_sums: None, config: config.clone(), ignored })
 }

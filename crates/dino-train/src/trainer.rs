@@ -11,10 +11,10 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::loader::{epoch_batches, iterations_per_epoch};
-use dino_data::{BadImage, DataError, Dataset, EvalTransform, describe_skips};
+use dino_data::{BadImage, DataError, Dataset, EvalTransform, count_skips, describe_skips};
 use dino_eval::{DatasetFeatures, ExtractOptions, FeatureSpec, dataset_features, knn_classify, pixel_features};
 use dino_model::DinoModel;
-use dino_model::weights::save_backbone;
+use dino_model::weights::{describe_ignored, save_backbone};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainConfig;
@@ -258,7 +258,7 @@ pub fn train(
         let _ = fs::remove_file(file.with_extension("safetensors.tmp"));
     }
     let started = Instant::now();
-    let Restored { mut state, position: start, epoch_sums: mut resumed_sums, config } =
+    let Restored { mut state, position: start, epoch_sums: mut resumed_sums, config, .. } =
         networks(config, &data, &run, device, resume, observer)?;
     let start_epoch = start.epoch;
     fs::write(run.config(), config.to_toml()).map_err(io_err(&run.config()))?;
@@ -338,7 +338,10 @@ pub fn train(
             images_per_sec: (iterations * config.batch_size) as f64 / epoch_seconds,
             warnings: Warning::diagnose(&health).iter().map(|w| w.message(&health)).collect(),
             health,
-            skipped_images: count_by_reason(data.skipped().iter().chain(totals.skipped.values())),
+            skipped_images: count_skips(data.skipped().iter().chain(totals.skipped.values()))
+                .into_iter()
+                .map(|(reason, n)| (reason.to_string(), n))
+                .collect(),
         };
         if !totals.skipped.is_empty() {
             observer.warning(&format!(
@@ -392,6 +395,9 @@ fn networks(
         // An official main_dino.py checkpoint: continue it with the given config.
         let restored = load_official_checkpoint(&official, &config, device, &train_device)?;
         observer.note(&format!("resuming the official {} after {}", official.display(), restored.position));
+        if !restored.ignored.is_empty() {
+            observer.warning(&format!("{}: {}", official.display(), describe_ignored(&restored.ignored)));
+        }
         return Ok(restored);
     }
     if resume {
@@ -404,7 +410,7 @@ fn networks(
     let teacher = student.valid();
     let loss = config.dino_loss(device);
     let state = TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) };
-    Ok(Restored { state, position: Position::default(), epoch_sums: None, config })
+    Ok(Restored { state, position: Position::default(), epoch_sums: None, config, ignored: Vec::new() })
 }
 
 /// Keeps the lines of `log.txt` of the epochs before `epoch`: a fresh run starts an empty log,
@@ -424,15 +430,6 @@ fn keep_log_before(log: &Path, epoch: usize) -> Result<(), TrainError> {
         fs::write(log, kept).map_err(io_err(log))?;
     }
     Ok(())
-}
-
-/// Skipped files counted by reason, for `log.txt`.
-fn count_by_reason<'a>(skipped: impl Iterator<Item = &'a BadImage>) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for bad in skipped {
-        *counts.entry(bad.reason.to_string()).or_insert(0) += 1;
-    }
-    counts
 }
 
 /// The first `max_images` images (0: all).

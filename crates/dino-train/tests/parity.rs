@@ -94,6 +94,7 @@ fn model_from(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Devic
     let mut weights = Weights {
         path: fixture_dir().join("train_steps.safetensors"),
         config: None,
+        ignored: Vec::new(),
         backbone: Default::default(),
         head: Default::default(),
     };
@@ -207,6 +208,23 @@ fn official_checkpoint_restores_networks_center_and_optimizer() {
     let path = fixture_dir().join("checkpoint.pth");
     let restored = load_official_checkpoint(&path, &config, &device, &device.clone().autodiff()).unwrap();
     assert_eq!(restored.position.epoch, manifest_usize("epochs"));
+    assert_eq!(restored.ignored[0].to_string(), "args (argparse.Namespace)");
+    // Another network than the checkpoint's is refused by name, before anything is restored.
+    let refused = |other: TrainConfig| {
+        let e = load_official_checkpoint(&path, &other, &device, &device.clone().autodiff()).err().unwrap().to_string();
+        assert!(e.starts_with(&format!("{}: holds ", path.display())) && e.lines().count() == 1, "{e}");
+        e
+    };
+    let e = refused(TrainConfig { out_dim: 2 * config.out_dim, ..config.clone() });
+    assert!(
+        e.contains(&format!("out_dim {} (", config.out_dim))
+            && e.contains(&format!("out_dim {} (", 2 * config.out_dim))
+    );
+    let e = refused(TrainConfig { depth: config.depth + 1, ..config.clone() });
+    assert!(
+        e.contains(&format!("{} blocks", config.depth)) && e.contains(&format!("{} blocks", config.depth + 1)),
+        "{e}"
+    );
 
     let steps = read_fixture("train_steps.safetensors");
     let last = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count() - 1;

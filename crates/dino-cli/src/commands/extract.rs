@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use dino_data::{Dataset, EvalTransform, list_images, read_image_list};
+use dino_data::{Dataset, EvalTransform, Listing, list_images, read_image_list};
 use dino_eval::{ExtractOptions, FeatureSpec, dataset_features, write_features};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -54,31 +54,27 @@ pub struct ExtractArgs {
 }
 
 pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
-    let mut paths = args.image.clone();
-    let mut skipped = Vec::new();
+    let mut inputs = Listing { paths: args.image.clone(), skipped: Vec::new() };
     for dir in &args.data {
         let listing = list_images(dir)?;
-        paths.extend(listing.paths);
-        skipped.extend(listing.skipped);
+        inputs.paths.extend(listing.paths);
+        inputs.skipped.extend(listing.skipped);
     }
     for list in &args.list {
-        paths.extend(read_image_list(list)?);
+        inputs.paths.extend(read_image_list(list)?);
     }
-    if paths.is_empty() {
+    if inputs.paths.is_empty() {
         bail!("no input images: give --image FILE, --data DIR or --list FILE");
     }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let policy = args.images.policy()?;
-    if policy.strict && !skipped.is_empty() {
-        bail!("--strict: {}", skipped[0]);
-    }
     let device = args.device.device()?;
     let (config, vit) = args.weights.load(&device)?;
-    let total = paths.len() + skipped.len();
-    let data = Dataset::from_files("the input images", paths, &policy)?;
-    skipped.extend_from_slice(data.skipped());
+    let total = inputs.paths.len() + inputs.skipped.len();
+    let data = Dataset::from_files("the input images", inputs, &policy)?;
+    let mut skipped = data.skipped().to_vec();
     if args.n_last_blocks == 0 || args.n_last_blocks > config.depth {
         bail!("--n-last-blocks must be between 1 and the network's depth ({})", config.depth);
     }
