@@ -62,7 +62,7 @@ multiversion! {
 
 /// One head of one sample: P = softmax(q kᵀ · scale) into `probs` `[N, N]`, P v into `out`
 /// (every element of both written).
-fn head_forward(qkv: &[f32], d: Dims, index: usize, probs: &mut [MaybeUninit<f32>], out: Shared) {
+fn head_forward(qkv: &[f32], d: Dims, index: usize, probs: &mut [MaybeUninit<f32>], out: Shared<'_>) {
     let (b, h) = (index / d.heads, index % d.heads);
     let (n, dh, width) = (d.tokens, d.head_dim, d.width());
     let row = 3 * width;
@@ -93,7 +93,7 @@ pub fn forward_with_probs(qkv: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
     let n = d.tokens;
     let (out_len, probs_len) = (d.batch * n * d.width(), d.batch * d.heads * n * n);
     let (mut out, mut probs) = (Vec::with_capacity(out_len), Vec::with_capacity(probs_len));
-    let shared = Shared(out.as_mut_ptr());
+    let shared = Shared::capacity_of(&mut out);
     probs.spare_capacity_mut()[..probs_len]
         .par_chunks_mut(n * n)
         .enumerate()
@@ -113,7 +113,7 @@ pub fn forward(qkv: &[f32], d: Dims) -> Vec<f32> {
     let n = d.tokens;
     let out_len = d.batch * n * d.width();
     let mut out = Vec::with_capacity(out_len);
-    let shared = Shared(out.as_mut_ptr());
+    let shared = Shared::capacity_of(&mut out);
     (0..d.batch * d.heads)
         .into_par_iter()
         .for_each_init(|| vec![MaybeUninit::uninit(); n * n], |p, i| head_forward(qkv, d, i, p, shared));
@@ -130,7 +130,7 @@ pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
     assert_eq!(dout.len(), d.batch * n * width, "attention backward: gradient is not [B, N, D]");
     let row = 3 * width;
     let mut dqkv = Vec::with_capacity(qkv.len());
-    let shared = Shared(dqkv.as_mut_ptr());
+    let shared = Shared::capacity_of(&mut dqkv);
     probs.par_chunks(n * n).enumerate().for_each_init(
         || vec![0.0; n * n],
         |ds, (index, p)| {

@@ -1,27 +1,47 @@
 //! Output buffers that parallel tasks fill without a zeroing pass first.
 
+use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-/// A raw pointer that tasks share; each task writes a disjoint set of elements through it.
+/// A vector's capacity that parallel tasks fill: each task writes a disjoint range of elements
+/// through it. It borrows the vector for `'a`, so neither the slices it hands out nor the
+/// pointer can outlive the buffer, and every range is checked against the capacity.
 #[derive(Clone, Copy)]
-pub struct Shared(pub *mut f32);
+pub struct Shared<'a> {
+    ptr: *mut f32,
+    capacity: usize,
+    _buffer: PhantomData<&'a mut [MaybeUninit<f32>]>,
+}
 // SAFETY: users write disjoint elements from each task and read nothing another task writes.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl Send for Shared<'_> {}
+unsafe impl Sync for Shared<'_> {}
 
-impl Shared {
-    /// # Safety
-    /// `offset` must lie inside the buffer.
-    pub unsafe fn at(self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
+impl<'a> Shared<'a> {
+    /// The whole capacity of `v` (its length is left as it is; callers `set_len` once filled).
+    pub fn capacity_of(v: &'a mut Vec<f32>) -> Self {
+        Self { ptr: v.as_mut_ptr(), capacity: v.capacity(), _buffer: PhantomData }
     }
 
-    /// The `len` elements from `offset`, not yet initialised.
+    /// A pointer to element `offset`, for strided writes (matrix products into columns).
     ///
     /// # Safety
-    /// They must lie inside the buffer's capacity and no other task may touch them meanwhile.
-    pub unsafe fn uninit_slice<'a>(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<f32>] {
-        unsafe { std::slice::from_raw_parts_mut(self.at(offset).cast::<MaybeUninit<f32>>(), len) }
+    /// The caller writes only elements it owns, inside the capacity.
+    pub unsafe fn at(self, offset: usize) -> *mut f32 {
+        assert!(offset <= self.capacity, "offset {offset} past a buffer of {}", self.capacity);
+        // SAFETY: within (or one past) the allocation, checked above.
+        unsafe { self.ptr.add(offset) }
+    }
+
+    /// The `len` elements from `offset`, not yet initialised (checked to lie inside the capacity).
+    ///
+    /// # Safety
+    /// No other task may touch them while the slice lives.
+    pub unsafe fn uninit_slice(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<f32>] {
+        let end = offset.checked_add(len).filter(|&end| end <= self.capacity);
+        assert!(end.is_some(), "elements {offset}..+{len} past a buffer of {}", self.capacity);
+        // SAFETY: inside the allocation (checked), valid for `'a` (the borrow), exclusive by the
+        // caller's promise; MaybeUninit<f32> has f32's layout.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset).cast::<MaybeUninit<f32>>(), len) }
     }
 }
 

@@ -111,7 +111,7 @@ pub fn backward(s: &[f32], q: &[f32], lse: &[f32], temp: f32, grad: f32, d: Dims
     // A global view pairs with one teacher row, a local view with both: the missing one is zeros.
     let zeros = vec![0.0; k];
     let mut ds = Vec::with_capacity(s.len());
-    let out = Shared(ds.as_mut_ptr());
+    let out = Shared::capacity_of(&mut ds);
     s.par_chunks(k).enumerate().for_each(|(r, row)| {
         let rows: Vec<&[f32]> = d.teacher_rows(r).map(|t| &q[t * k..][..k]).collect();
         let c_sum: f32 = rows.iter().map(|q| q.iter().sum::<f32>()).sum();

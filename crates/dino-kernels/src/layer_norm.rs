@@ -90,7 +90,7 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
     let rows = rows_per_task(width);
     let mut y = Vec::with_capacity(x.len());
     let mut stats = vec![0.0; 2 * (x.len() / width)];
-    let y_out = Shared(y.as_mut_ptr());
+    let y_out = Shared::capacity_of(&mut y);
     stats.par_chunks_mut(2 * rows).zip(x.par_chunks(rows * width)).enumerate().for_each(|(i, (stats, x))| {
         // SAFETY: task i alone writes its rows of y, inside the capacity.
         let y = zeroed(unsafe { y_out.uninit_slice(i * rows * width, x.len()) });
@@ -106,9 +106,12 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
 pub fn backward(x: &[f32], gamma: &[f32], stats: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let width = gamma.len();
     assert_eq!(x.len(), dy.len(), "LayerNorm backward: input and gradient lengths differ");
+    assert_eq!(x.len() % width, 0, "LayerNorm backward: input is not a whole number of rows of {width}");
+    // The tasks zip x, dy and stats: a short stats would silently leave rows unwritten.
+    assert_eq!(stats.len(), 2 * (x.len() / width), "LayerNorm backward: not one (mean, 1/σ) per row");
     let rows = rows_per_task(width);
     let mut dx = Vec::with_capacity(x.len());
-    let dx_out = Shared(dx.as_mut_ptr());
+    let dx_out = Shared::capacity_of(&mut dx);
     let partials: Vec<(Vec<f32>, Vec<f32>)> = x
         .par_chunks(rows * width)
         .zip(dy.par_chunks(rows * width))

@@ -25,8 +25,8 @@ mod simd;
 mod weight_norm;
 
 use burn::backend::Dispatch;
-use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::module::attention as composed_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData, activation};
@@ -34,8 +34,14 @@ use burn::tensor::{DType, Device, Tensor, TensorData, activation};
 pub use extension::FusedOps;
 pub use optim::AdamwScalars;
 
-fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+fn is_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && x.device() == Device::flex()
+}
+
+/// Whether an op's fused CPU kernel may run: every operand is f32 on flex. One operand of
+/// another dtype or device sends the whole op down burn's composed ops.
+macro_rules! runs_fused {
+    ($($t:expr),+) => { $(is_flex_f32(&$t))&&+ };
 }
 
 /// A burn `Linear` layer (weight `[K, N]`) on every row: `[..., K]` -> `[..., N]`, as one
@@ -43,7 +49,7 @@ fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
     match bias {
-        Some(bias) if runs_fused(&x) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        Some(bias) if runs_fused!(x, weight, bias) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
             x.into_dispatch(),
             weight.into_dispatch(),
             bias.into_dispatch(),
@@ -65,7 +71,7 @@ fn composed_linear<const D: usize>(weight: Tensor<2>, bias: Option<Tensor<1>>, x
 pub fn linear_gelu<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
     match bias {
-        Some(bias) if runs_fused(&x) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_gelu(
+        Some(bias) if runs_fused!(x, weight, bias) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_gelu(
             x.into_dispatch(),
             weight.into_dispatch(),
             bias.into_dispatch(),
@@ -79,12 +85,14 @@ pub fn linear_gelu<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 pub fn linear_add<const D: usize>(layer: &Linear, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
     let (weight, bias) = (layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
     match bias {
-        Some(bias) if runs_fused(&x) => Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_add(
-            x.into_dispatch(),
-            weight.into_dispatch(),
-            bias.into_dispatch(),
-            residual.into_dispatch(),
-        )),
+        Some(bias) if runs_fused!(x, weight, bias, residual) => {
+            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_add(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                residual.into_dispatch(),
+            ))
+        }
         _ => residual + composed_linear(weight, bias, x),
     }
 }
@@ -98,7 +106,9 @@ pub fn patch_embed(conv: &Conv2d, images: Tensor<4>) -> (Tensor<3>, usize, usize
     let [b, _, height, width] = images.dims();
     let (h, w) = (height / p, width / p);
     match conv.bias.as_ref().map(|b| b.val()) {
-        Some(bias) if runs_fused(&images) => {
+        // The fused kernel is a plain patch conv: square kernel = stride, no padding, dilation
+        // or groups. Any other conv runs as burn's.
+        Some(bias) if runs_fused!(images, weight, bias) && is_patch_conv(conv) => {
             let out = <Dispatch as FusedOps>::fused_patch_embed(
                 images.into_dispatch(),
                 weight.into_dispatch(),
@@ -107,16 +117,25 @@ pub fn patch_embed(conv: &Conv2d, images: Tensor<4>) -> (Tensor<3>, usize, usize
             (Tensor::from_dispatch(out), h, w)
         }
         _ => {
-            let x = conv.forward(images); // [B, D, h, w]
-            let d = x.dims()[1];
+            let x = conv.forward(images); // [B, D, h, w], h and w as this conv's settings give them
+            let [_, d, h, w] = x.dims();
             (x.reshape([b, d, h * w]).swap_dims(1, 2), h, w)
         }
     }
 }
 
+fn is_patch_conv(conv: &Conv2d) -> bool {
+    let [kh, kw] = conv.kernel_size;
+    kh == kw
+        && conv.stride == conv.kernel_size
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && matches!(conv.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0))
+}
+
 /// Exact (erf) GELU, elementwise: `[...]` -> `[...]`.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if !runs_fused(&x) {
+    if !runs_fused!(x) {
         return activation::gelu(x);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
@@ -125,7 +144,9 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// LayerNorm over the last dimension (biased variance, as `torch.nn.LayerNorm`):
 /// x `[..., C]`, gamma and beta `[C]` -> `[..., C]`.
 pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
-    if !runs_fused(&x) {
+    let (width, g, b) = (x.dims()[D - 1], gamma.dims()[0], beta.dims()[0]);
+    assert!(g == width && b == width, "layer_norm: input [..., {width}] with gamma [{g}] and beta [{b}]");
+    if !runs_fused!(x, gamma, beta) {
         return burn::tensor::module::layer_norm(x, gamma, Some(beta), eps);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
@@ -139,7 +160,7 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
 /// `torch.nn.utils.weight_norm` with norms per row: v `[K, C]`, g `[K, 1]` -> `[K, C]`,
 /// row k being g_k · v_k / ‖v_k‖.
 pub fn weight_norm(v: Tensor<2>, g: Tensor<2>) -> Tensor<2> {
-    if !runs_fused(&v) {
+    if !runs_fused!(v, g) {
         let norm = v.clone().square().sum_dim(1).sqrt();
         return v * (g / norm);
     }
@@ -165,7 +186,7 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
 /// projection `[B, N, 3D]` (q, k, v each `[heads, D/heads]` per token) -> `[B, N, D]`, heads
 /// concatenated as in `vision_transformer.py`.
 pub fn self_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
-    if !runs_fused(&qkv) {
+    if !runs_fused!(qkv) {
         let [q, k, v] = split_heads(qkv, heads);
         // The op's default scale is head_dim^-0.5, the official one.
         return merge_heads(composed_attention(q, k, v, None, None, AttentionModuleOptions::default()));
@@ -192,7 +213,9 @@ pub fn adamw_step<const D: usize>(
     v: Tensor<D>,
     s: AdamwScalars,
 ) -> [Tensor<D>; 3] {
-    if !runs_fused(&p) {
+    if !runs_fused!(p, g, m, v) {
+        // The clipping coefficient scales the gradient first, as in the fused `optim::adamw`.
+        let g = g * s.grad_scale;
         let p = p * s.decay;
         let m = m * s.beta1 + g.clone() * (1.0 - s.beta1);
         let v = v * s.beta2 + g.square() * (1.0 - s.beta2);
@@ -208,7 +231,7 @@ pub fn adamw_step<const D: usize>(
 /// The teacher's EMA update of one parameter (plain device):
 /// `momentum · teacher + (1 − momentum) · student`, in the teacher's buffer on flex.
 pub fn ema<const D: usize>(teacher: Tensor<D>, student: Tensor<D>, momentum: f64) -> Tensor<D> {
-    if !runs_fused(&teacher) {
+    if !runs_fused!(teacher, student) {
         return teacher * momentum + student * (1.0 - momentum);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_ema(teacher.into_dispatch(), student.into_dispatch(), momentum))
@@ -220,7 +243,7 @@ pub fn ema<const D: usize>(teacher: Tensor<D>, student: Tensor<D>, momentum: f64
 /// (teacher view iq, student view v ≠ iq) pairs. No gradient flows to the teacher side.
 pub fn dino_cross_entropy(student: Tensor<2>, teacher_probs: Tensor<2>, views: usize, student_temp: f64) -> Tensor<1> {
     let teacher_probs = teacher_probs.without_autodiff();
-    if !runs_fused(&student) {
+    if !runs_fused!(student, teacher_probs) {
         let [rows, k] = student.dims();
         let b = rows / views;
         let log_p = activation::log_softmax(student / student_temp, 1).reshape([views, b, k]);
@@ -243,7 +266,7 @@ pub fn dino_cross_entropy(student: Tensor<2>, teacher_probs: Tensor<2>, views: u
 
 /// Σ x² over every element, accumulated in f64 across parallel chunks on flex.
 pub fn squared_norm<const D: usize>(x: Tensor<D>) -> f64 {
-    if !runs_fused(&x) {
+    if !runs_fused!(x) {
         return x.square().sum().into_scalar::<f64>();
     }
     Tensor::<1>::from_dispatch(<Dispatch as FusedOps>::fused_squared_norm(x.into_dispatch())).into_scalar::<f64>()

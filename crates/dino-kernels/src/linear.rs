@@ -134,7 +134,8 @@ fn forward_with(
         );
     };
     let mut y = Vec::<f32>::with_capacity(d.rows * d.n);
-    let tiles = y.spare_capacity_mut().par_chunks_mut(tile_len.max(1)).enumerate();
+    // Sliced to rows·n: the allocator may give more capacity, which must not become a tile.
+    let tiles = y.spare_capacity_mut()[..d.rows * d.n].par_chunks_mut(tile_len.max(1)).enumerate();
     if d.tiled() {
         tiles.for_each(|(t, tile)| {
             let tile = init_tile(tile, b, residual, t * tile_rows);
@@ -174,7 +175,7 @@ pub fn forward_gelu(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> Vec<f32> {
 /// (h = x W + b, GELU(h)), both `[rows, n]`: the pre-activation is kept for the backward.
 pub fn forward_gelu_keep(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
     let mut a = Vec::<f32>::with_capacity(d.rows * d.n);
-    let out = Shared(a.as_mut_ptr());
+    let out = Shared::capacity_of(&mut a);
     let h = forward_with(x, w, b, None, d, |row0, tile| {
         // SAFETY: tiles are disjoint row ranges inside the capacity rows·n; each is written once.
         gelu::forward_chunk(tile, unsafe { out.uninit_slice(row0 * d.n, tile.len()) })
