@@ -81,6 +81,26 @@ pub struct Restored {
     pub ignored: Vec<IgnoredObject>,
 }
 
+/// The training config recorded in a checkpoint's header, read without its tensors.
+pub fn saved_config(path: &Path) -> Result<TrainConfig, CheckpointError> {
+    use std::io::Read;
+    let invalid = |problem: String| CheckpointError::Invalid { path: path.display().to_string(), problem };
+    let mut file = std::fs::File::open(path).map_err(|e| invalid(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| invalid(format!("no safetensors header ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(invalid(format!("a {len}-byte header is not a checkpoint's")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| invalid(format!("truncated header ({e})")))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| invalid(format!("bad header: {e}")))?;
+    let text = header["__metadata__"]["train_config"]
+        .as_str()
+        .ok_or_else(|| invalid("not a dino training checkpoint (no train_config)".into()))?;
+    TrainConfig::default().with_toml(text).map_err(|e| invalid(format!("bad train_config: {e}")))
+}
+
 /// Reads a checkpoint written by `save_checkpoint`: the student on `train_device` (autodiff),
 /// the teacher, center and optimizer state on `device`.
 pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> Result<Restored, CheckpointError> {

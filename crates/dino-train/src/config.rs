@@ -1,6 +1,8 @@
 //! Training configuration: every `main_dino.py` argument under its own name, with its official
 //! default, plus named presets and `key=value` overrides.
 
+use std::collections::BTreeMap;
+
 use dino_data::{ImagePolicy, MultiCropConfig};
 use dino_model::{DinoHeadConfig, ModelConfig, VitConfig};
 use serde::{Deserialize, Serialize};
@@ -481,7 +483,61 @@ impl TrainConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("configs serialise")
     }
+
+    /// Every setting by dotted key (`lr`, `crops.local_crops`, ...).
+    pub fn settings(&self) -> BTreeMap<String, toml::Value> {
+        fn walk(table: toml::Table, prefix: &str, out: &mut BTreeMap<String, toml::Value>) {
+            for (key, value) in table {
+                match value {
+                    toml::Value::Table(inner) => walk(inner, &format!("{prefix}{key}."), out),
+                    value => {
+                        out.insert(format!("{prefix}{key}"), value);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(toml::Table::try_from(self).expect("configs serialise"), "", &mut out);
+        out
+    }
+
+    /// What a resumed run takes of `requested` over the run's own `self`: the settings of
+    /// [`RESUMABLE`] that differ, as "`key` = old -> new" lines, or, when any other setting
+    /// differs, an error naming each (those shape the network, the data or the optimisation
+    /// the checkpoint is in the middle of).
+    pub fn resume_changes(&self, requested: &TrainConfig) -> Result<Vec<String>, String> {
+        let (saved, wanted) = (self.settings(), requested.settings());
+        let differing = saved.iter().filter(|(key, value)| wanted.get(*key) != Some(value));
+        let (safe, fixed): (Vec<_>, Vec<_>) = differing
+            .map(|(key, old)| {
+                (key, format!("{key} = {old} -> {}", wanted.get(key).map_or("?".into(), |v| v.to_string())))
+            })
+            .partition(|(key, _)| RESUMABLE.iter().any(|r| r == key || key.starts_with(&format!("{r}."))));
+        if !fixed.is_empty() {
+            let list: Vec<_> = fixed.into_iter().map(|(_, change)| change).collect();
+            return Err(format!(
+                "a resumed run keeps the settings it was started with, but these differ: {}",
+                list.join(", ")
+            ));
+        }
+        Ok(safe.into_iter().map(|(_, change)| change).collect())
+    }
 }
+
+/// Settings a resumed run may change: how long it runs (the schedules are then spread over the
+/// new number of epochs, as `main_dino.py` recomputes them from `--epochs`), how often it saves
+/// and monitors, how many loader threads it uses, and how it reads images.
+pub const RESUMABLE: [&str; 9] = [
+    "epochs",
+    "saveckp_freq",
+    "num_workers",
+    "knn_every",
+    "knn_k",
+    "knn_temperature",
+    "knn_train_images",
+    "knn_test_images",
+    "images",
+];
 
 fn merge(into: &mut toml::Table, from: toml::Table) {
     for (key, value) in from {
@@ -524,21 +580,12 @@ mod tests {
     /// which may be negative) and NaN, with a message naming the key and the value.
     #[test]
     fn every_numeric_setting_is_range_checked() {
-        fn numeric_keys(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
-            for (key, value) in table {
-                let key = format!("{prefix}{key}");
-                match value {
-                    toml::Value::Table(inner) => numeric_keys(inner, &format!("{key}."), out),
-                    toml::Value::Integer(_) | toml::Value::Float(_) => out.push((key, value.clone())),
-                    toml::Value::Array(items) if items.iter().all(|v| v.is_integer() || v.is_float()) => {
-                        out.push((key, value.clone()))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let mut keys = Vec::new();
-        numeric_keys(&toml::Table::try_from(TrainConfig::default()).unwrap(), "", &mut keys);
+        let is_number = |v: &toml::Value| v.is_integer() || v.is_float();
+        let keys: Vec<(String, toml::Value)> = TrainConfig::default()
+            .settings()
+            .into_iter()
+            .filter(|(_, v)| is_number(v) || v.as_array().is_some_and(|items| items.iter().all(is_number)))
+            .collect();
         assert!(keys.len() > 40, "{keys:?}");
         for (key, value) in keys {
             let (minus_one, nan) = match &value {
@@ -564,6 +611,18 @@ mod tests {
                 assert!(message.contains("-1") || message.to_lowercase().contains("nan"), "{key}={raw}: {message}");
             }
         }
+    }
+
+    #[test]
+    fn a_resumed_run_takes_only_the_settings_that_may_change() {
+        let saved = TrainConfig::default();
+        let longer = saved.clone().with_overrides(["epochs=200", "knn_every=5", "images.max_pixels=1000"]).unwrap();
+        let changes = saved.resume_changes(&longer).unwrap();
+        assert_eq!(changes, ["epochs = 100 -> 200", "images.max_pixels = 178956970 -> 1000", "knn_every = 1 -> 5"]);
+        assert_eq!(saved.resume_changes(&saved).unwrap(), Vec::<String>::new());
+        let other = saved.clone().with_overrides(["epochs=200", "lr=0.001", "crops.local_crops=2"]).unwrap();
+        let e = saved.resume_changes(&other).unwrap_err();
+        assert!(e.ends_with("these differ: crops.local_crops = 8 -> 2, lr = 0.0005 -> 0.001"), "{e}");
     }
 
     #[test]

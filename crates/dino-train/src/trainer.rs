@@ -372,7 +372,8 @@ pub fn train(
 
 /// The networks, center and optimizer: restored from the run directory's checkpoint (ours, or
 /// an official `checkpoint.pth`) with `resume`, else fresh. Returns them with the position
-/// reached and the config that runs (a resumed run keeps its saved one).
+/// reached and the config that runs: a resumed run's own, taking from `config` only the settings
+/// that may change ([`crate::config::RESUMABLE`]; any other difference is an error).
 fn networks(
     config: &TrainConfig,
     data: &Dataset,
@@ -386,8 +387,14 @@ fn networks(
         if config.sizes_from_images() { config.clone().fit_to_images(data.typical_side()?) } else { config.clone() };
     let official = run.0.join("checkpoint.pth");
     if resume && run.checkpoint().is_file() {
-        let restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
+        let mut restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
         observer.note(&format!("resuming from {} after {}", run.checkpoint().display(), restored.position));
+        // `config` must be the run's own but for the settings that may change; those it takes.
+        let changes = restored.config.resume_changes(&config).map_err(TrainError::Config)?;
+        if !changes.is_empty() {
+            observer.note(&format!("resuming with {}", changes.join(", ")));
+        }
+        restored.config = config;
         return Ok(restored);
     }
     config.validate().map_err(TrainError::Config)?;

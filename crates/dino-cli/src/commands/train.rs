@@ -1,11 +1,12 @@
 //! `dino train`: DINO self-supervised pretraining.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use dino_train::checkpoint::saved_config;
 use dino_train::{EpochLog, IterationLog, KnnData, Observer, RunDir, TrainConfig, config::PRESETS, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -28,9 +29,10 @@ pub struct TrainArgs {
     /// Starting settings: official (main_dino.py's ViT-S/16), small (28-96 px images of your
     /// own, crop and patch sizes from the data; BENCHMARKS.md), small28 (the naive scaled-down
     /// recipe of the anchors), fashion (an earlier Fashion-MNIST recipe), quick (minutes on a
-    /// CPU with the synthetic data).
-    #[arg(long, default_value = "quick", value_name = "NAME")]
-    preset: String,
+    /// CPU with the synthetic data). Default: quick. Not with --resume, which continues a run
+    /// with its own settings.
+    #[arg(long, value_name = "NAME")]
+    preset: Option<String>,
     /// A TOML file of settings, applied over the preset.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -133,9 +135,33 @@ impl TrainArgs {
         out
     }
 
+    /// The settings of a new run: the preset, then --config, then the flags and --set.
     fn resolve_config(&self) -> anyhow::Result<TrainConfig> {
-        let mut config = TrainConfig::preset(&self.preset)
-            .with_context(|| format!("unknown --preset '{}'; choose one of {}", self.preset, PRESETS.join(", ")))?;
+        let preset = self.preset.as_deref().unwrap_or("quick");
+        let config = TrainConfig::preset(preset)
+            .with_context(|| format!("unknown --preset '{preset}'; choose one of {}", PRESETS.join(", ")))?;
+        self.apply_settings(config)
+    }
+
+    /// The settings of a resumed run: those recorded in its checkpoint, then --config, the flags
+    /// and --set, which may change only what a resumed run can take (epochs, saving and
+    /// monitoring, image limits), so that the config printed and saved is the one that runs.
+    fn resumed_config(&self, checkpoint: &Path) -> anyhow::Result<TrainConfig> {
+        if let Some(preset) = &self.preset {
+            bail!(
+                "--preset {preset} picks the settings of a new run, and --resume continues {} with its own; drop --preset, or train into a new --output",
+                self.output.display()
+            );
+        }
+        let saved = saved_config(checkpoint)?;
+        let requested = self.apply_settings(saved.clone())?;
+        saved.resume_changes(&requested).map_err(|e| {
+            anyhow::anyhow!("{}: {e}; drop those flags, or train into a new --output", checkpoint.display())
+        })?;
+        Ok(requested)
+    }
+
+    fn apply_settings(&self, mut config: TrainConfig) -> anyhow::Result<TrainConfig> {
         if let Some(file) = &self.config {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
             config = config.with_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -225,7 +251,9 @@ fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let config = args.resolve_config()?;
+    let checkpoint = RunDir(args.output.clone()).checkpoint();
+    let config =
+        if args.resume && checkpoint.is_file() { args.resumed_config(&checkpoint)? } else { args.resolve_config()? };
     let data = Arc::new(images::open(&args.data, &config.images)?);
     let config = if config.sizes_from_images() {
         let side = data.typical_side()?;
