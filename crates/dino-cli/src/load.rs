@@ -1,7 +1,7 @@
 //! Reading a backbone for inference commands: `--weights` and the flags that describe files
 //! which carry no config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::tensor::Device;
@@ -21,6 +21,20 @@ pub struct WeightArgs {
     /// Weights: a released backbone .pth, an official checkpoint.pth, or a .safetensors file.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
+    #[command(flatten)]
+    pub file: WeightFileArgs,
+}
+
+impl WeightArgs {
+    /// The backbone and its config, checked strictly against the file.
+    pub fn load(&self, device: &Device) -> anyhow::Result<(VitConfig, VisionTransformer)> {
+        self.file.load(&self.weights, device)
+    }
+}
+
+/// How to read a weights file: for commands where `--weights` itself is optional.
+#[derive(Debug, Args)]
+pub struct WeightFileArgs {
     /// Which network of a full training checkpoint to use (released weights are teachers).
     #[arg(long, value_enum, default_value = "teacher")]
     pub checkpoint_key: KeyArg,
@@ -36,16 +50,16 @@ pub struct WeightArgs {
     pub num_heads: Option<usize>,
 }
 
-impl WeightArgs {
-    /// The backbone and its config, checked strictly against the file.
-    pub fn load(&self, device: &Device) -> anyhow::Result<(VitConfig, VisionTransformer)> {
+impl WeightFileArgs {
+    /// The backbone in `path` and its config, checked strictly against the file.
+    pub fn load(&self, path: &Path, device: &Device) -> anyhow::Result<(VitConfig, VisionTransformer)> {
         let key = match self.checkpoint_key {
             KeyArg::Teacher => CheckpointKey::Teacher,
             KeyArg::Student => CheckpointKey::Student,
         };
-        let weights = Weights::read(&self.weights, key)?;
+        let weights = Weights::read(path, key)?;
         if !weights.ignored.is_empty() {
-            eprintln!("warning: {}: {}", self.weights.display(), describe_ignored(&weights.ignored));
+            eprintln!("warning: {}: {}", path.display(), describe_ignored(&weights.ignored));
         }
         let heads = match (&self.arch, self.num_heads) {
             (Some(arch), None) => {
@@ -63,7 +77,7 @@ impl WeightArgs {
                 if (preset.embed_dim, preset.depth) != (config.embed_dim, config.depth) {
                     bail!(
                         "{}: --arch {arch} has embed dim {} and {} blocks, but the weights have embed dim {} and {} blocks",
-                        self.weights.display(),
+                        path.display(),
                         preset.embed_dim,
                         preset.depth,
                         config.embed_dim,
@@ -74,15 +88,11 @@ impl WeightArgs {
             if let Some(p) = self.patch_size
                 && p != config.patch_size
             {
-                bail!(
-                    "{}: --patch-size {p}, but the weights have {} px patches",
-                    self.weights.display(),
-                    config.patch_size
-                );
+                bail!("{}: --patch-size {p}, but the weights have {} px patches", path.display(), config.patch_size);
             }
         }
         if let Err(problem) = config.validate() {
-            bail!("{}: {problem}", self.weights.display());
+            bail!("{}: {problem}", path.display());
         }
         config.drop_path_rate = 0.0;
         let vit = weights.backbone(&config, device)?;

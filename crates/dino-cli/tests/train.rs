@@ -172,6 +172,8 @@ fn configuration_errors_are_one_line() {
         (vec!["train", "--set", "crops.flip_prob=2"], "crops.flip_prob = 2 is not a probability"),
         (vec!["train", "--data", "/nonexistent/images"], "no such file"),
         (vec!["train", "--arch", "vit_giant"], "unknown arch"),
+        // The suite builds without GPU features; a GPU device says how to get one.
+        (vec!["train", "--device", "cuda"], "built without GPU support for --device cuda; rebuild with"),
         (
             vec!["eval", "linear", "--train", "synthetic", "--test", "synthetic#test", "--weights", "/nonexistent.pth"],
             "/nonexistent.pth",

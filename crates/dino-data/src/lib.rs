@@ -52,6 +52,9 @@ pub enum DataError {
     /// A dataset SPEC that names nothing we can read.
     #[error("dataset '{spec}': {problem}")]
     Spec { spec: String, problem: String },
+    /// The loader's thread pool could not be started.
+    #[error("cannot start {threads} image loader threads ({reason}); lower num_workers")]
+    Threads { threads: usize, reason: String },
     /// The image is too small for the requested processing.
     #[error("{path}: image is {width}x{height} px, {problem}")]
     TooSmall { path: PathBuf, width: u32, height: u32, problem: String },

@@ -63,7 +63,7 @@ pub fn epoch_batches(
         let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
             Ok(pool) => pool,
             Err(e) => {
-                let _ = tx.send(Err(DataError::Decode { path: "<threads>".into(), reason: e.to_string() }));
+                let _ = tx.send(Err(DataError::Threads { threads, reason: e.to_string() }));
                 return;
             }
         };

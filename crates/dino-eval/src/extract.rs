@@ -220,7 +220,7 @@ pub fn write_labeled_features(features: &Features, labels: &[u32], path: &Path) 
 
 /// Reads what `write_labeled_features` wrote.
 pub fn read_labeled_features(path: &Path) -> Result<(Features, Vec<u32>), EvalError> {
-    let bad = |problem: String| EvalError::Image { path: path.into(), problem };
+    let bad = |problem: String| EvalError::FeaturesFile { path: path.into(), problem };
     let bytes = std::fs::read(path).map_err(|source| EvalError::Io { path: path.into(), source })?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a features file: {e}")))?;
     let f = st.tensor("features").map_err(|_| bad("no 'features' tensor".into()))?;
@@ -234,4 +234,30 @@ pub fn read_labeled_features(path: &Path) -> Result<(Features, Vec<u32>), EvalEr
     let values = f.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
     let labels = l.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32).collect();
     Ok((Features { rows, dim, values }, labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labeled_features_round_trip_and_other_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("features.safetensors");
+        let features = Features { rows: 3, dim: 2, values: vec![0.5, -1.0, 2.0, 0.0, 1e-7, 3.25] };
+        write_labeled_features(&features, &[4, 0, 9], &path).unwrap();
+        let (read, labels) = read_labeled_features(&path).unwrap();
+        assert_eq!((read.rows, read.dim, read.values), (3, 2, features.values.clone()));
+        assert_eq!(labels, [4, 0, 9]);
+
+        let other = dir.path().join("other.safetensors");
+        let values: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &values).unwrap();
+        safetensors::serialize_to_file([("weights", view)], None, &other).unwrap();
+        let e = read_labeled_features(&other).err().unwrap().to_string();
+        assert!(e.contains("other.safetensors: no 'features' tensor"), "{e}");
+        std::fs::write(&other, b"not safetensors").unwrap();
+        let e = read_labeled_features(&other).err().unwrap().to_string();
+        assert!(e.contains("other.safetensors: not a features file"), "{e}");
+    }
 }

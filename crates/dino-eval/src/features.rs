@@ -21,6 +21,17 @@ impl Default for FeatureSpec {
 }
 
 impl FeatureSpec {
+    /// The CLS tokens of the last `n_last_blocks` of a backbone with `depth` blocks (1 to depth),
+    /// with the mean patch token when `avgpool`.
+    pub fn new(n_last_blocks: usize, avgpool: bool, depth: usize) -> Result<Self, String> {
+        if n_last_blocks == 0 || n_last_blocks > depth {
+            return Err(format!(
+                "n_last_blocks = {n_last_blocks}: it must be between 1 and the backbone's {depth} blocks"
+            ));
+        }
+        Ok(Self { n_last_blocks, avgpool })
+    }
+
     /// Width of the feature vector for a backbone of width `embed_dim`.
     pub fn dim(&self, embed_dim: usize) -> usize {
         embed_dim * (self.n_last_blocks + self.avgpool as usize)
@@ -33,6 +44,7 @@ impl FeatureSpec {
     /// several blocks and avgpool the official code fails on a shape mismatch; we append the
     /// pooled vector after the CLS tokens.
     pub fn forward(&self, vit: &VisionTransformer, images: Tensor<4>) -> Tensor<2> {
+        assert!(self.n_last_blocks >= 1, "FeatureSpec: n_last_blocks must be at least 1 (see FeatureSpec::new)");
         let layers = vit.intermediate_layers(images, self.n_last_blocks);
         let [b, n, d] = layers[0].dims();
         let cls: Vec<Tensor<2>> = layers.iter().map(|x| x.clone().narrow(1, 0, 1).reshape([b, d])).collect();
@@ -46,6 +58,21 @@ impl FeatureSpec {
             Tensor::stack::<3>(vec![cls, avg], 2).reshape([b, 2 * d])
         } else {
             Tensor::cat(vec![cls, avg], 1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feature_spec_takes_between_one_block_and_all() {
+        assert_eq!(FeatureSpec::new(4, true, 12), Ok(FeatureSpec { n_last_blocks: 4, avgpool: true }));
+        assert!(FeatureSpec::new(12, false, 12).is_ok());
+        for n in [0, 13] {
+            let e = FeatureSpec::new(n, false, 12).unwrap_err();
+            assert_eq!(e, format!("n_last_blocks = {n}: it must be between 1 and the backbone's 12 blocks"));
         }
     }
 }

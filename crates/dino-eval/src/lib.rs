@@ -27,6 +27,9 @@ pub enum EvalError {
     /// An image does not fit the requested processing.
     #[error("{path}: {problem}")]
     Image { path: PathBuf, problem: String },
+    /// A features file (`--load-features`) that is not what `--dump-features` writes.
+    #[error("{path}: {problem}")]
+    FeaturesFile { path: PathBuf, problem: String },
     /// The linear probe's loss became NaN or infinite.
     #[error("the linear classifier diverged in epoch {epoch} (lr {lr}); lower --lr")]
     Diverged { epoch: usize, lr: f64 },

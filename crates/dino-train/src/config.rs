@@ -463,8 +463,8 @@ impl TrainConfig {
         Self::from_table(table)
     }
 
-    /// Merges a TOML config file's text over this config (it may name a `preset` too, handled
-    /// by the caller).
+    /// Merges a TOML config file's text over this config. Every key must be a setting: a
+    /// `preset` key is refused like any unknown one (presets are picked with `--preset`).
     pub fn with_toml(self, text: &str) -> Result<Self, String> {
         let mut table = toml::Table::try_from(&self).map_err(|e| e.to_string())?;
         let file: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -574,6 +574,7 @@ mod tests {
         assert!(TrainConfig::default().with_overrides(["epochs=many"]).is_err());
         let round = TrainConfig::default().with_toml(&TrainConfig::preset("quick").unwrap().to_toml()).unwrap();
         assert_eq!(round, TrainConfig::preset("quick").unwrap());
+        assert!(TrainConfig::default().with_toml("preset = \"small\"").is_err(), "a file names settings only");
     }
 
     /// Every numeric setting, nested ones included, refuses -1 (except a normalisation mean,

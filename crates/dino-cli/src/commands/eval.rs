@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
 use crate::images::{self, ImageArgs, warn_skipped};
-use crate::load::WeightArgs;
+use crate::load::{WeightArgs, WeightFileArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
@@ -83,7 +83,7 @@ struct FeatureArgs {
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
     #[command(flatten)]
-    weight_args: WeightFlags,
+    weight_file: WeightFileArgs,
     /// What to use: the backbone's final-normed CLS token or the raw pixels.
     #[arg(long, value_enum, default_value = "backbone")]
     features: FeatureSource,
@@ -117,15 +117,7 @@ impl FeatureArgs {
             }
             FeatureSource::Backbone => {
                 let weights = self.weights.clone().context("--weights FILE is required (or use --features pixels)")?;
-                let flags = &self.weight_args;
-                let loader = WeightArgs {
-                    weights: weights.clone(),
-                    checkpoint_key: flags.checkpoint_key,
-                    arch: flags.arch.clone(),
-                    patch_size: flags.patch_size,
-                    num_heads: flags.num_heads,
-                };
-                let (config, vit) = loader.load(device)?;
+                let (config, vit) = self.weight_file.load(&weights, device)?;
                 let options = ExtractOptions {
                     transform: self.size.transform(Some(config.img_size as u32)),
                     features: FeatureSpec::default(),
@@ -239,19 +231,6 @@ pub struct LinearArgs {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-}
-
-/// The weight flags of `extract`, without `--weights` (optional here).
-#[derive(Debug, Args)]
-pub struct WeightFlags {
-    #[arg(long, value_enum, default_value = "teacher")]
-    checkpoint_key: crate::load::KeyArg,
-    #[arg(long, value_name = "NAME")]
-    arch: Option<String>,
-    #[arg(long, value_name = "N")]
-    patch_size: Option<usize>,
-    #[arg(long, value_name = "N")]
-    num_heads: Option<usize>,
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
@@ -396,13 +375,11 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     }
     let device = args.device.device()?;
     let (model, vit) = args.weights.load(&device)?;
-    if args.n_last_blocks == 0 || args.n_last_blocks > model.depth {
-        bail!("--n-last-blocks must be between 1 and the backbone's {} blocks", model.depth);
-    }
+    let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, model.depth)
+        .map_err(|e| anyhow::anyhow!("--n-last-blocks: {e}"))?;
     let policy = args.images.policy()?;
     let (train, train_labels) = labeled(&args.train, &policy)?;
     let (test, _) = labeled(&args.test, &policy)?;
-    let features = FeatureSpec { n_last_blocks: args.n_last_blocks, avgpool: args.avgpool };
     let transform = args.size.transform(Some(model.img_size as u32));
     let options = ExtractOptions { transform, features, l2_norm: false, batch_size: args.batch_size };
     let config = LinearConfig {

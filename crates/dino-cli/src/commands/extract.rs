@@ -75,15 +75,14 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
     let total = inputs.paths.len() + inputs.skipped.len();
     let data = Dataset::from_files("the input images", inputs, &policy)?;
     let mut skipped = data.skipped().to_vec();
-    if args.n_last_blocks == 0 || args.n_last_blocks > config.depth {
-        bail!("--n-last-blocks must be between 1 and the network's depth ({})", config.depth);
-    }
+    let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, config.depth)
+        .map_err(|e| anyhow::anyhow!("--n-last-blocks: {e}"))?;
     let options = ExtractOptions {
         transform: EvalTransform {
             resize: (args.resize > 0).then_some(args.resize),
             crop: (args.crop > 0).then_some(args.crop),
         },
-        features: FeatureSpec { n_last_blocks: args.n_last_blocks, avgpool: args.avgpool },
+        features,
         l2_norm: args.l2_norm,
         batch_size: args.batch_size,
     };
