@@ -22,7 +22,8 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f")
+                if $crate::simd::cap() < 1
+                    && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512dq")
                     && std::arch::is_x86_feature_detected!("avx512vl")
@@ -32,7 +33,10 @@ macro_rules! multiversion {
                     // SAFETY: the CPU has every feature `v4` was compiled for, checked just above.
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if $crate::simd::cap() < 2
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
                     // SAFETY: the CPU has both features `v3` was compiled for, checked just above.
                     return unsafe { v3($($arg),*) };
                 }
@@ -42,6 +46,24 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Unit tests only: the best variant `multiversion!` may take (0 any, 1 AVX2 at most, 2 the
+/// baseline), so that each variant can be compared on one machine. The variants give identical
+/// bits by design, so other tests running meanwhile are unaffected.
+#[cfg(test)]
+pub(crate) static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+#[cfg(test)]
+pub(crate) fn cap() -> u8 {
+    CAP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Outside unit tests every variant may run.
+#[cfg(not(test))]
+#[inline(always)]
+pub(crate) const fn cap() -> u8 {
+    0
+}
 
 /// erf(x) for f32, absolute error below 1e-6: the rational approximation of Eigen's
 /// `generic_fast_erf_float` (odd degree-13 numerator, even degree-8 denominator on [-4, 4];
@@ -178,16 +200,21 @@ mod tests {
     }
 
     #[test]
-    fn the_best_build_and_the_portable_build_agree_bit_for_bit() {
+    fn every_build_agrees_bit_for_bit() {
         let x: Vec<f32> = (-9000..=9000).map(|i| i as f32 * 0.0113).collect();
-        let mut best = vec![(0.0, 0.0); x.len()];
-        erf_exp_best(&x, &mut best);
-        // Called here, outside any `target_feature` function, erf and exp are compiled for the
-        // baseline instruction set (mul_add through libm's fmaf).
-        for (&x, &(e, p)) in x.iter().zip(&best) {
-            assert_eq!(erf(x).to_bits(), e.to_bits(), "erf({x})");
-            assert_eq!(exp(x).to_bits(), p.to_bits(), "exp({x})");
+        // AVX-512 (where the CPU has it), AVX2 at most, the baseline: each variant in turn.
+        for cap in 0..3 {
+            CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
+            let mut out = vec![(0.0, 0.0); x.len()];
+            erf_exp_best(&x, &mut out);
+            // Called here, outside any `target_feature` function, erf and exp are compiled for
+            // the baseline instruction set (mul_add through libm's fmaf).
+            for (&x, &(e, p)) in x.iter().zip(&out) {
+                assert_eq!(erf(x).to_bits(), e.to_bits(), "erf({x}), variant cap {cap}");
+                assert_eq!(exp(x).to_bits(), p.to_bits(), "exp({x}), variant cap {cap}");
+            }
         }
+        CAP.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[test]
