@@ -106,11 +106,7 @@ pub fn saved_config(path: &Path) -> Result<TrainConfig, CheckpointError> {
 pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> Result<Restored, CheckpointError> {
     let invalid = |problem: String| CheckpointError::Invalid { path: path.display().to_string(), problem };
     let (raw, metadata) = read_safetensors(path)?;
-    let config_text = metadata
-        .get("train_config")
-        .ok_or_else(|| invalid("not a dino training checkpoint (no train_config)".into()))?;
-    let config =
-        TrainConfig::default().with_toml(config_text).map_err(|e| invalid(format!("bad train_config: {e}")))?;
+    let config = saved_config(path)?;
     let epochs_done = metadata.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| invalid("no epoch".into()))?;
     // Checkpoints from before mid-epoch saves have no iteration: they are at an epoch's end.
     let iteration =
