@@ -165,6 +165,28 @@ fn extract_supports_official_files_npy_and_feature_options() {
     }
 }
 
+/// `--checkpoint-key student` reads the student of an official checkpoint, which four training
+/// iterations have moved away from the teacher; the teacher is the default.
+#[test]
+fn checkpoint_key_picks_the_network_of_a_checkpoint() {
+    let ws = Workspace::new();
+    let heads = heads_from_manifest().to_string();
+    let checkpoint = fixture_dir().join("checkpoint.pth");
+    let extract = |name: &str, key: &[&str]| {
+        let out = ws.path(name);
+        let image = ws.s("images/cats/0.png");
+        let args = ["extract", "--weights", checkpoint.to_str().unwrap(), "--num-heads", &heads, "--image", &image];
+        ok(&[&args[..], &["--resize", "32", "--crop", "32", "--output", out.to_str().unwrap()], key].concat());
+        read_safetensors(&out, "features").1
+    };
+    let default = extract("default.safetensors", &[]);
+    let teacher = extract("teacher.safetensors", &["--checkpoint-key", "teacher"]);
+    let student = extract("student.safetensors", &["--checkpoint-key", "student"]);
+    assert_eq!(default, teacher);
+    let differs = student.iter().zip(&teacher).map(|(s, t)| (s - t).abs()).fold(0.0f32, f32::max);
+    assert!(differs > 1e-4 && student.iter().all(|v| v.is_finite()), "student and teacher differ by {differs}");
+}
+
 #[test]
 fn attention_writes_maps_masks_and_tensors() {
     let ws = Workspace::new();
@@ -390,6 +412,26 @@ fn eval_knn_reports_each_k_for_pixels_and_backbones() {
         "5",
     ]);
     assert!(stdout.contains("5-NN: top1"), "{stdout}");
+
+    // --dump-features then --load-features: the same bank and queries, the same results.
+    let (dumped, json_a, json_b) = (ws.path("dumped"), ws.path("a.json"), ws.path("b.json"));
+    let common = ["eval", "knn", "--k", "1,5"];
+    ok(&[
+        &common[..],
+        &["--train", "synthetic", "--test", "synthetic#test", "--weights", &ws.s("backbone.safetensors")],
+        &["--max-train", "64", "--max-test", "16", "--dump-features", dumped.to_str().unwrap()],
+        &["--json", json_a.to_str().unwrap()],
+    ]
+    .concat());
+    let (shape, _) = read_safetensors(&dumped.join("train.safetensors"), "features");
+    assert_eq!(shape, [64, ws.config.embed_dim]);
+    let stdout =
+        ok(&[&common[..], &["--load-features", dumped.to_str().unwrap(), "--json", json_b.to_str().unwrap()]].concat());
+    assert!(stdout.contains("features from"), "{stdout}");
+    let results = |path: &Path| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(path).unwrap()).unwrap()["results"].clone()
+    };
+    assert_eq!(results(&json_a), results(&json_b));
 
     let e = fails(&["eval", "knn", "--train", "synthetic", "--test", "synthetic#test"]);
     assert!(e.contains("--weights"), "{e}");

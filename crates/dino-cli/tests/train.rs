@@ -57,9 +57,13 @@ fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
         let loss = line["train_loss"].as_f64().unwrap();
         // ln(256) is the loss of uniform outputs; a sane DINO loss stays near or below it.
         assert!(loss.is_finite() && loss > 0.0 && loss < 2.0 * (256f64).ln(), "{line}");
+        // 10 balanced classes (chance 10 %): even a briefly trained tiny ViT sorts garments
+        // far better, and raw pixels do too.
         let knn = line["knn_top1"].as_f64().unwrap();
-        assert!((0.0..=100.0).contains(&knn), "{line}");
+        assert!((25.0..=100.0).contains(&knn), "{line}");
     }
+    let pixels = lines[0]["knn_top1_pixels"].as_f64().unwrap();
+    assert!((40.0..=100.0).contains(&pixels) && lines[1]["knn_top1_pixels"].is_null(), "{log}");
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("epochs = 2") && config.contains("out_dim = 256"), "{config}");
 
@@ -107,39 +111,29 @@ fn trains_on_fashion_mnist_and_evaluates_the_teacher() {
     assert!((25.0..=100.0).contains(&top1), "{knn}");
     assert_eq!(knn["test"], 200);
 
+    // The linear probe, on augmented views and (--no-augmentation) on fixed center crops.
+    let probe = |output: &Path, extra: &[&str]| {
+        let teacher = teacher.to_str().unwrap();
+        let args = ["eval", "linear", "--train", fashion, "--test", &test, "--weights", teacher];
+        let sizes = ["--max-train", "500", "--max-test", "200", "--epochs", "3", "--n-last-blocks", "1"];
+        let out = dino(&[&args[..], &sizes, &["--lr", "0.1", "--output", output.to_str().unwrap()], extra].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let log = std::fs::read_to_string(output.join("log.txt")).unwrap();
+        let epochs: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(epochs.len(), 3, "{log}");
+        let last = &epochs[2];
+        let (top1, top5) = (last["test_acc1"].as_f64().unwrap(), last["test_acc5"].as_f64().unwrap());
+        assert!((20.0..=100.0).contains(&top1) && top5 >= top1, "{log}");
+        assert!(last["train_loss"].as_f64().unwrap().is_finite(), "{log}");
+        stdout
+    };
     let linear = dir.path().join("linear");
-    let out = dino(&[
-        "eval",
-        "linear",
-        "--train",
-        fashion,
-        "--test",
-        &test,
-        "--weights",
-        teacher.to_str().unwrap(),
-        "--max-train",
-        "500",
-        "--max-test",
-        "200",
-        "--epochs",
-        "3",
-        "--n-last-blocks",
-        "1",
-        "--lr",
-        "0.1",
-        "--output",
-        linear.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = probe(&linear, &[]);
     assert!(stdout.contains("epoch 3/3") && stdout.contains("Top-1 test accuracy"), "{stdout}");
-    let log = std::fs::read_to_string(linear.join("log.txt")).unwrap();
-    let epochs: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(epochs.len(), 3, "{log}");
-    let last = &epochs[2];
-    let (top1, top5) = (last["test_acc1"].as_f64().unwrap(), last["test_acc5"].as_f64().unwrap());
-    assert!((20.0..=100.0).contains(&top1) && top5 >= top1, "{log}");
-    assert!(last["train_loss"].as_f64().unwrap().is_finite(), "{log}");
+    assert!(stdout.contains("random-resized-crop + flip views"), "{stdout}");
+    let stdout = probe(&dir.path().join("linear-fixed"), &["--no-augmentation"]);
+    assert!(stdout.contains("fixed center crops"), "{stdout}");
     let picture = dir.path().join("embedding.png");
     let out = dino(&[
         "eval",
@@ -211,10 +205,12 @@ fn preset_small_derives_sizes_from_the_images() {
         picture.save(images.join(format!("{i:02}.png"))).unwrap();
     }
     let run = dir.path().join("run");
-    let (images, run_dir) = (images.to_str().unwrap(), run.to_str().unwrap());
-    let args =
-        ["train", "--data", images, "--preset", "small", "--epochs", "1", "--batch-size", "8", "--output", run_dir];
-    let out = dino(&[&args[..], &TINY_NETWORK, &["--set", "crops.local_crops=2"]].concat());
+    // --config: its settings apply over the preset's, and flags over the file's (epochs).
+    let file = dir.path().join("settings.toml");
+    std::fs::write(&file, "epochs = 5\nseed = 7\n\n[crops]\nlocal_crops = 2\n").unwrap();
+    let (images, run_dir, file) = (images.to_str().unwrap(), run.to_str().unwrap(), file.to_str().unwrap());
+    let args = ["train", "--data", images, "--preset", "small", "--config", file, "--epochs", "1", "--batch-size", "8"];
+    let out = dino(&[&args[..], &["--output", run_dir], &TINY_NETWORK].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     // A quarter of the side per patch (a 4 x 4 grid), local crops half the global side.
@@ -224,6 +220,11 @@ fn preset_small_derives_sizes_from_the_images() {
     assert_eq!(config["img_size"].as_integer(), Some(40), "{config:?}");
     assert_eq!(config["crops"]["global_size"].as_integer(), Some(40), "{config:?}");
     assert_eq!(config["crops"]["local_size"].as_integer(), Some(20), "{config:?}");
+    assert_eq!(
+        (config["seed"].as_integer(), config["crops"]["local_crops"].as_integer(), config["epochs"].as_integer()),
+        (Some(7), Some(2), Some(1)),
+        "{config:?}"
+    );
     assert_eq!(std::fs::read_to_string(run.join("log.txt")).unwrap().lines().count(), 1);
 
     // --resume continues with the run's own settings (no need to repeat them), takes a longer

@@ -4,6 +4,7 @@
 //! No tensors here: the output is plain `Vec<f32>` that the model crates wrap.
 
 mod augment;
+pub mod bench;
 mod dataset;
 mod image_io;
 pub mod loader;

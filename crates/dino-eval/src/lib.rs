@@ -1,6 +1,7 @@
 //! Using a trained backbone: feature extraction, k-NN and linear evaluation, per-head attention maps.
 
 pub mod attention;
+pub mod bench;
 pub mod embedding;
 pub mod extract;
 pub mod features;

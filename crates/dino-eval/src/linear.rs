@@ -171,6 +171,18 @@ pub struct LinearEpoch {
     pub best_top1: f64,
 }
 
+impl LinearEpoch {
+    /// The epoch's `log.txt` line, one JSON object with the keys of the official
+    /// `eval_linear.py` log (`train_*` and `test_*` stats and `epoch`), plus `best_acc`.
+    pub fn log_line(&self) -> String {
+        serde_json::json!({
+            "epoch": self.epoch, "train_lr": self.lr, "train_loss": self.train_loss,
+            "test_acc1": self.test_top1, "test_acc5": self.test_top5, "best_acc": self.best_top1,
+        })
+        .to_string()
+    }
+}
+
 /// Progress of a linear evaluation.
 #[derive(Debug, Clone, Copy)]
 pub enum LinearProgress {
@@ -275,6 +287,16 @@ fn augmented_features(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_use_the_official_keys() {
+        let e = LinearEpoch { epoch: 2, lr: 0.5, train_loss: 1.25, test_top1: 80.0, test_top5: 99.0, best_top1: 81.0 };
+        let line: serde_json::Value = serde_json::from_str(&e.log_line()).unwrap();
+        let expected = serde_json::json!({
+            "epoch": 2, "train_lr": 0.5, "train_loss": 1.25, "test_acc1": 80.0, "test_acc5": 99.0, "best_acc": 81.0
+        });
+        assert_eq!(line, expected);
+    }
 
     #[test]
     fn cosine_lr_follows_cosine_annealing_per_epoch() {

@@ -1,18 +1,13 @@
-//! `dino bench`: the speed of the training step, of inference and of the multi-crop
-//! augmentation, measured exactly as `shared/bench/torch_reference.py` measures PyTorch, so the
-//! two print comparable numbers: the same presets, random crops, two warm-up steps, then the
-//! median.
-
-use std::path::PathBuf;
-use std::time::Instant;
+//! `dino bench`'s presets and the speed of the training step, measured exactly as
+//! `shared/bench/torch_reference.py` measures PyTorch, so the two print comparable numbers: the
+//! same presets, random crops, two warm-up steps, then the median (`dino_eval::bench` times
+//! inference, `dino_data::bench` the augmentation).
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
-use dino_data::{MultiCropConfig, load_rgb};
+use dino_data::MultiCropConfig;
+use dino_eval::bench::median_seconds;
 use dino_model::DinoModel;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rayon::prelude::*;
 
 use crate::config::TrainConfig;
 use crate::loss::DinoLoss;
@@ -111,27 +106,6 @@ pub struct TrainTiming {
     pub steps: usize,
 }
 
-/// The inference measurement (`bench_infer` of the reference).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct InferTiming {
-    pub infer_batch: usize,
-    pub infer_img_per_s: f64,
-}
-
-/// The augmentation measurement (`bench_augment` of the reference, plus all threads).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct AugmentTiming {
-    pub augment_img_per_s_one_thread: f64,
-    pub augment_img_per_s_all_threads: f64,
-    pub images: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
-}
-
 /// Runs `steps + 2` full training steps on fixed random crops (teacher on the globals, student
 /// on all crops grouped by resolution, loss, backward, clipping, AdamW, EMA, center) and times
 /// the last `steps`.
@@ -141,7 +115,7 @@ pub fn bench_train(preset: &BenchPreset, steps: usize, device: &Device) -> Train
     let train_device = device.clone().autodiff();
     train_device.seed(0);
     let student = DinoModel::new(&model, &train_device);
-    let mut state = TrainState {
+    let state = TrainState {
         teacher: student.valid(),
         student,
         loss: DinoLoss::new(preset.out_dim, config.crops.num_crops(), device),
@@ -155,70 +129,14 @@ pub fn bench_train(preset: &BenchPreset, steps: usize, device: &Device) -> Train
         momentum: 0.996,
         teacher_temp: 0.04,
     };
-    let mut times = Vec::with_capacity(steps);
-    for step in 0..steps + 2 {
-        let started = Instant::now();
+    let mut state = Some(state);
+    let med = median_seconds(steps, || {
         // Random inputs give a finite loss; the step reads it back, which waits for the work.
-        let (next, _) = train_step(state, &crops, &params).expect("finite loss on random crops");
-        state = next;
-        if step >= 2 {
-            times.push(started.elapsed().as_secs_f64());
-        }
-    }
-    let med = median(times);
+        let (next, _) =
+            train_step(state.take().expect("a state"), &crops, &params).expect("finite loss on random crops");
+        state = Some(next);
+    });
     TrainTiming { step_ms_median: med * 1e3, train_img_per_s: preset.batch as f64 / med, steps }
-}
-
-/// Backbone forward (final-normed CLS) on a batch of max(batch, 16) global crops, `steps + 2`
-/// times; the last `steps` timed.
-pub fn bench_infer(preset: &BenchPreset, steps: usize, device: &Device) -> InferTiming {
-    let model = preset.train_config().model_config().expect("bench presets are valid");
-    device.seed(0);
-    let vit = DinoModel::new(&model, device).backbone;
-    let bs = preset.batch.max(16);
-    let x = Tensor::<4>::random([bs, 3, preset.global_px, preset.global_px], Distribution::Normal(0.0, 1.0), device);
-    let mut times = Vec::with_capacity(steps);
-    for step in 0..steps + 2 {
-        let started = Instant::now();
-        let _ = vit.forward(x.clone()).sum().into_scalar::<f32>();
-        if step >= 2 {
-            times.push(started.elapsed().as_secs_f64());
-        }
-    }
-    InferTiming { infer_batch: bs, infer_img_per_s: bs as f64 / median(times) }
-}
-
-/// The official 224 px multi-crop augmentation (2 global + 8 local crops) of the image files in
-/// `files`, decoding included, for about `seconds` on one thread, then as long on all threads.
-pub fn bench_augment(files: &[PathBuf], seconds: f64) -> Result<AugmentTiming, dino_data::DataError> {
-    let config = MultiCropConfig::default();
-    let one = |i: usize| -> Result<(), dino_data::DataError> {
-        let img = load_rgb(&files[i % files.len()], &Default::default())?;
-        std::hint::black_box(config.apply(&img, &mut StdRng::seed_from_u64(i as u64)));
-        Ok(())
-    };
-    let (mut n, started) = (0, Instant::now());
-    while started.elapsed().as_secs_f64() < seconds {
-        one(n)?;
-        n += 1;
-    }
-    let single = n as f64 / started.elapsed().as_secs_f64();
-    let chunk = rayon::current_num_threads() * 4;
-    let (mut n, started) = (0, Instant::now());
-    while started.elapsed().as_secs_f64() < seconds {
-        (n..n + chunk).into_par_iter().try_for_each(one)?;
-        n += chunk;
-    }
-    let all = n as f64 / started.elapsed().as_secs_f64();
-    Ok(AugmentTiming { augment_img_per_s_one_thread: single, augment_img_per_s_all_threads: all, images: files.len() })
-}
-
-/// Peak resident memory of this process so far in MiB (`VmHWM`), where the OS reports it.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ pub struct KnnData {
 }
 
 /// The outcome of a run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub first_loss: Option<f64>,
     pub last_epoch: Option<EpochLog>,
@@ -149,6 +149,17 @@ pub struct Summary {
 pub struct RunDir(pub PathBuf);
 
 impl RunDir {
+    /// Creates the directory and removes the temporary files a killed process leaves (the file
+    /// each was replacing is whole).
+    fn prepare(dir: &Path) -> Result<Self, TrainError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let run = Self(dir.to_path_buf());
+        for file in [run.checkpoint(), run.teacher_backbone()] {
+            let _ = fs::remove_file(file.with_extension("safetensors.tmp"));
+        }
+        Ok(run)
+    }
+
     pub fn checkpoint(&self) -> PathBuf {
         self.0.join("checkpoint.safetensors")
     }
@@ -251,12 +262,7 @@ pub fn train(
     resume: bool,
     observer: &mut dyn Observer,
 ) -> Result<Summary, TrainError> {
-    let run = RunDir(dir.to_path_buf());
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    // A process killed while writing leaves its temporary file; the file it was replacing is whole.
-    for file in [run.checkpoint(), run.teacher_backbone()] {
-        let _ = fs::remove_file(file.with_extension("safetensors.tmp"));
-    }
+    let run = RunDir::prepare(dir)?;
     let started = Instant::now();
     let Restored { mut state, position: start, epoch_sums: mut resumed_sums, config, .. } =
         networks(config, &data, &run, device, resume, observer)?;
@@ -274,25 +280,10 @@ pub fn train(
     }
     let schedules = Schedules::new(&config, iterations);
 
-    let mut summary = Summary {
-        first_loss: None,
-        last_epoch: None,
-        knn_before: None,
-        knn_pixels: None,
-        minutes: 0.0,
-        stopped_at: None,
-    };
+    let mut summary = Summary::default();
     let monitor = knn.as_ref().filter(|_| config.knn_every > 0);
     if let Some(knn) = monitor.filter(|_| start == Position::default()) {
-        let pixels = pixel_knn_top1(&config, knn, device)?;
-        let top1 = knn_top1(&state.teacher, &config, knn, device)?;
-        let (bank, queries) = knn_counts(&config, knn);
-        observer.note(&format!(
-            "k-NN top-1 ({}-NN, {bank} bank / {queries} query images): raw pixels {pixels:.2} %, initial teacher {top1:.2} %",
-            config.knn_k
-        ));
-        summary.knn_before = Some(top1);
-        summary.knn_pixels = Some(pixels);
+        (summary.knn_pixels, summary.knn_before) = initial_knn(&state.teacher, &config, knn, device, observer)?;
     }
     keep_log_before(&run.log(), start_epoch)?;
 
@@ -315,48 +306,19 @@ pub fn train(
             break;
         }
 
-        // ---- end of epoch: k-NN, health, log, checkpoints, exports ----
-        let epoch_seconds = epoch_started.elapsed().as_secs_f64();
+        // End of epoch: k-NN when due, health, log line, checkpoints and exports.
         let due = monitor.filter(|_| (epoch + 1) % config.knn_every == 0 || epoch + 1 == config.epochs);
         let knn_top1 = due.map(|knn| knn_top1(&state.teacher, &config, knn, device)).transpose()?;
-        let health = totals.health(
-            &config,
-            state.loss.center.clone().square().sum().sqrt().into_scalar::<f64>(),
-            relative_change(&teacher_before, &parameter_vector(&state.teacher)),
-            relative_change(&student_before, &parameter_vector(&state.student)),
-        );
-        let n = totals.iterations as f64;
+        let first = epoch == 0;
         let log = EpochLog {
-            train_loss: totals.loss / n,
-            train_lr: totals.lr / n,
-            train_wd: totals.wd / n,
-            epoch,
             knn_top1,
-            knn_top1_initial: if epoch == 0 { summary.knn_before } else { None },
-            knn_top1_pixels: if epoch == 0 { summary.knn_pixels } else { None },
+            knn_top1_initial: summary.knn_before.filter(|_| first),
+            knn_top1_pixels: summary.knn_pixels.filter(|_| first),
             minutes: started.elapsed().as_secs_f64() / 60.0,
-            images_per_sec: (iterations * config.batch_size) as f64 / epoch_seconds,
-            warnings: Warning::diagnose(&health).iter().map(|w| w.message(&health)).collect(),
-            health,
-            skipped_images: count_skips(data.skipped().iter().chain(totals.skipped.values()))
-                .into_iter()
-                .map(|(reason, n)| (reason.to_string(), n))
-                .collect(),
+            images_per_sec: (iterations * config.batch_size) as f64 / epoch_started.elapsed().as_secs_f64(),
+            ..epoch_log(&state, &config, &totals, epoch, (&teacher_before, &student_before), data.skipped())
         };
-        if !totals.skipped.is_empty() {
-            observer.warning(&format!(
-                "epoch {}: {} images could not be decoded ({}) and the next usable ones took their place; see {}",
-                epoch + 1,
-                totals.skipped.len(),
-                describe_skips(totals.skipped.values()),
-                run.skipped().display()
-            ));
-        }
-        skipped_files.append(&mut totals.skipped);
-        if !skipped_files.is_empty() {
-            let list: String = skipped_files.values().map(|b| format!("{b}\n")).collect();
-            fs::write(run.skipped(), list).map_err(io_err(&run.skipped()))?;
-        }
+        record_skips(&run, epoch, &mut skipped_files, &mut totals.skipped, observer)?;
         write_epoch(&run, &state, &config, &log, observer)?;
         observer.epoch_end(&log);
         log.warnings.iter().for_each(|w| observer.warning(w));
@@ -368,6 +330,86 @@ pub fn train(
     }
     summary.minutes = started.elapsed().as_secs_f64() / 60.0;
     Ok(summary)
+}
+
+/// The raw-pixel and the initial teacher's k-NN top-1 before training, printed.
+fn initial_knn(
+    teacher: &DinoModel,
+    config: &TrainConfig,
+    knn: &KnnData,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<(Option<f64>, Option<f64>), TrainError> {
+    let pixels = pixel_knn_top1(config, knn, device)?;
+    let top1 = knn_top1(teacher, config, knn, device)?;
+    let (bank, queries) = knn_counts(config, knn);
+    observer.note(&format!(
+        "k-NN top-1 ({}-NN, {bank} bank / {queries} query images): raw pixels {pixels:.2} %, initial teacher {top1:.2} %",
+        config.knn_k
+    ));
+    Ok((Some(pixels), Some(top1)))
+}
+
+/// An epoch's `log.txt` line from its totals and the networks' state, with the health checks'
+/// warnings. k-NN and timing are left empty for the caller.
+fn epoch_log(
+    state: &TrainState,
+    config: &TrainConfig,
+    totals: &EpochTotals,
+    epoch: usize,
+    (teacher_before, student_before): (&[f32], &[f32]),
+    skipped_at_open: &[BadImage],
+) -> EpochLog {
+    let health = totals.health(
+        config,
+        state.loss.center.clone().square().sum().sqrt().into_scalar::<f64>(),
+        relative_change(teacher_before, &parameter_vector(&state.teacher)),
+        relative_change(student_before, &parameter_vector(&state.student)),
+    );
+    let n = totals.iterations as f64;
+    EpochLog {
+        train_loss: totals.loss / n,
+        train_lr: totals.lr / n,
+        train_wd: totals.wd / n,
+        epoch,
+        knn_top1: None,
+        knn_top1_initial: None,
+        knn_top1_pixels: None,
+        minutes: 0.0,
+        images_per_sec: 0.0,
+        warnings: Warning::diagnose(&health).iter().map(|w| w.message(&health)).collect(),
+        health,
+        skipped_images: count_skips(skipped_at_open.iter().chain(totals.skipped.values()))
+            .into_iter()
+            .map(|(reason, n)| (reason.to_string(), n))
+            .collect(),
+    }
+}
+
+/// Warns of the images this epoch could not decode and rewrites `skipped.txt` with every
+/// skipped file so far.
+fn record_skips(
+    run: &RunDir,
+    epoch: usize,
+    all: &mut BTreeMap<PathBuf, BadImage>,
+    this_epoch: &mut BTreeMap<PathBuf, BadImage>,
+    observer: &mut dyn Observer,
+) -> Result<(), TrainError> {
+    if !this_epoch.is_empty() {
+        observer.warning(&format!(
+            "epoch {}: {} images could not be decoded ({}) and the next usable ones took their place; see {}",
+            epoch + 1,
+            this_epoch.len(),
+            describe_skips(this_epoch.values()),
+            run.skipped().display()
+        ));
+    }
+    all.append(this_epoch);
+    if !all.is_empty() {
+        let list: String = all.values().map(|b| format!("{b}\n")).collect();
+        fs::write(run.skipped(), list).map_err(io_err(&run.skipped()))?;
+    }
+    Ok(())
 }
 
 /// The networks, center and optimizer: restored from the run directory's checkpoint (ours, or

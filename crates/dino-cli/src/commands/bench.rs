@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use dino_data::bench::bench_augment;
 use dino_data::list_images;
-use dino_train::bench::{BENCH_PRESETS, BenchPreset, bench_augment, bench_infer, bench_train, peak_rss_mib};
+use dino_eval::bench::bench_infer;
+use dino_train::bench::{BENCH_PRESETS, BenchPreset, bench_train};
 use serde_json::{Value, json};
 
 use crate::device::DeviceArg;
@@ -78,6 +80,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let device = args.device.device()?;
     print("train", vec![json!(preset), json!(bench_train(&preset, args.steps, &device))]);
-    print("infer", vec![json!(preset), json!(bench_infer(&preset, args.steps, &device))]);
+    let model = preset.train_config().model_config().map_err(anyhow::Error::msg)?;
+    print(
+        "infer",
+        vec![json!(preset), json!(bench_infer(&model, preset.batch, preset.global_px, args.steps, &device))],
+    );
     Ok(())
+}
+
+/// Peak resident memory of this process so far in MiB (`VmHWM`), where the OS reports it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn peak_rss_is_read_on_linux() {
+        assert!(super::peak_rss_mib().unwrap() > 1.0);
+    }
 }

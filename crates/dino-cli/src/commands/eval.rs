@@ -447,11 +447,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
                         e.best_top1
                     )
                 });
-                let line = serde_json::json!({
-                    "epoch": e.epoch, "lr": e.lr, "train_loss": e.train_loss,
-                    "test_acc1": e.test_top1, "test_acc5": e.test_top5, "best_acc": e.best_top1,
-                });
-                if let Err(err) = writeln!(log, "{line}") {
+                if let Err(err) = writeln!(log, "{}", e.log_line()) {
                     log_error.get_or_insert(err);
                 }
                 bar.reset();

@@ -7,15 +7,9 @@
 
 use rayon::prelude::*;
 
-use crate::buffer::{Shared, zeroed};
-use crate::simd::{dot, multiversion, sum};
-
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 14;
-
-fn rows_per_task(width: usize) -> usize {
-    (CHUNK / width.max(1)).max(1)
-}
+use super::buffer::{Shared, zeroed};
+use super::rows_per_task;
+use super::simd::{dot, multiversion, sum};
 
 multiversion! {
     fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]) {

@@ -22,7 +22,7 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if $crate::simd::cap() < 1
+                if $crate::cpu::simd::cap() < 1
                     && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512dq")
@@ -33,7 +33,7 @@ macro_rules! multiversion {
                     // SAFETY: the CPU has every feature `v4` was compiled for, checked just above.
                     return unsafe { v4($($arg),*) };
                 }
-                if $crate::simd::cap() < 2
+                if $crate::cpu::simd::cap() < 2
                     && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {

@@ -4,11 +4,10 @@
 use std::f32::consts::FRAC_1_SQRT_2;
 use std::mem::MaybeUninit;
 
-use crate::buffer::par_filled;
-use crate::simd::{erf, exp, multiversion};
+use super::CHUNK;
+use super::buffer::par_filled;
+use super::simd::{erf, exp, multiversion};
 
-/// Elements per parallel task: large enough that a task is not dominated by scheduling.
-const CHUNK: usize = 1 << 14;
 /// 1 / √(2π), the standard normal density at 0.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 

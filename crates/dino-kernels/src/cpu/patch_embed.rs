@@ -5,34 +5,8 @@
 
 use rayon::prelude::*;
 
-use crate::linear;
-
-/// Sizes of one call.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub batch: usize,
-    pub channels: usize,
-    pub height: usize,
-    pub width: usize,
-    pub patch: usize,
-    pub dim: usize,
-}
-
-impl Dims {
-    pub fn grid(&self) -> (usize, usize) {
-        (self.height / self.patch, self.width / self.patch)
-    }
-    fn patch_len(&self) -> usize {
-        self.channels * self.patch * self.patch
-    }
-    fn rows(&self) -> usize {
-        let (h, w) = self.grid();
-        self.batch * h * w
-    }
-    fn linear(&self) -> linear::Dims {
-        linear::Dims { rows: self.rows(), k: self.patch_len(), n: self.dim }
-    }
-}
+use super::linear;
+use crate::shapes::PatchDims as Dims;
 
 /// Calls `f(patch_row, pixel_offset)` for every element of patch row `row`, in patch order
 /// (channel, then row, then column within the patch).

@@ -11,9 +11,11 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::buffer::{Shared, assume_init, par_filled};
-use crate::gelu;
-use crate::matmul::{Operand, gemm};
+use super::buffer::{Shared, assume_init, par_filled};
+use super::gelu;
+use super::matmul::{Operand, gemm};
+use super::{CHUNK, rows_per_task};
+use crate::shapes::LinearDims as Dims;
 
 /// Below this many multiply-adds a product runs on one thread (flex's threshold).
 const PARALLEL_MIN_OPS: usize = 192 * 192 * 192;
@@ -21,19 +23,9 @@ const PARALLEL_MIN_OPS: usize = 192 * 192 * 192;
 /// `WEIGHT_GRAD_MIN_ROWS` rows.
 const WEIGHT_GRAD_BLOCKS: usize = 8;
 const WEIGHT_GRAD_MIN_ROWS: usize = 2048;
-/// Elements per parallel task for the bias passes.
-const CHUNK: usize = 1 << 14;
 /// Most rows per tile of the tiled forward pass: a tile of outputs stays in L2 for its epilogue,
 /// and packing the weight once per tile (inside gemm) stays cheap against the product.
 const TILE_ROWS: usize = 512;
-
-/// Sizes of one layer call: `rows` inputs of width `k` to outputs of width `n`.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub rows: usize,
-    pub k: usize,
-    pub n: usize,
-}
 
 impl Dims {
     /// Whether the forward runs as independent tiles of rows (each one single-threaded gemm,
@@ -62,11 +54,22 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     }
 }
 
-/// A `[m, n]` product written by gemm into fresh memory (no zeroing pass).
-fn product([m, n, k]: [usize; 3], lhs: Operand, rhs: Operand, parallelism: gemm::Parallelism) -> Vec<f32> {
+/// A matrix read from a slice: its elements and its (row, column) strides.
+type View<'a> = (&'a [f32], [usize; 2]);
+
+/// The operand of a `rows x cols` matrix `view`, checked to lie inside its slice.
+fn operand((values, [rs, cs]): View<'_>, rows: usize, cols: usize) -> Operand {
+    let last = (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs;
+    assert!(rows == 0 || cols == 0 || last < values.len(), "matmul: a {rows}x{cols} operand past its buffer");
+    (values.as_ptr(), [rs, cs])
+}
+
+/// `lhs [m, k] · rhs [k, n]`, written by gemm into fresh memory (no zeroing pass).
+fn product([m, n, k]: [usize; 3], lhs: View<'_>, rhs: View<'_>, parallelism: gemm::Parallelism) -> Vec<f32> {
+    let (lhs, rhs) = (operand(lhs, m, k), operand(rhs, k, n));
     let mut out = Vec::<f32>::with_capacity(m * n);
-    // SAFETY: gemm writes all m·n elements without reading them (accumulate = false); the
-    // callers pass operands of the stated sizes.
+    // SAFETY: both operands were checked to lie in their slices; gemm writes all m·n elements
+    // of the fresh capacity without reading them (accumulate = false).
     unsafe {
         gemm([m, n, k], (out.as_mut_ptr(), n), false, lhs, rhs, 1.0, parallelism);
         out.set_len(m * n);
@@ -189,7 +192,7 @@ pub fn forward_gelu_keep(x: &[f32], w: &[f32], b: &[f32], d: Dims) -> (Vec<f32>,
 pub fn backward_input(w: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     assert_eq!(dy.len(), d.rows * d.n, "linear backward: gradient is not [rows, {}]", d.n);
     // Wᵀ[o, i] = W[i, o]: row stride 1, column stride n.
-    product([d.rows, d.k, d.n], (dy.as_ptr(), [d.n, 1]), (w.as_ptr(), [1, d.n]), parallelism(d.rows, d.k, d.n))
+    product([d.rows, d.k, d.n], (dy, [d.n, 1]), (w, [1, d.n]), parallelism(d.rows, d.k, d.n))
 }
 
 /// Column sums of `dy` `[rows, n]` in row order.
@@ -214,8 +217,7 @@ pub fn backward_params(x: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(dy.len(), d.rows * d.n, "linear backward: gradient is not [rows, {}]", d.n);
     if d.rows < WEIGHT_GRAD_MIN_ROWS {
         // xᵀ[i, r] = x[r, i]: row stride 1, column stride k.
-        let dw =
-            product([d.k, d.n, d.rows], (x.as_ptr(), [1, d.k]), (dy.as_ptr(), [d.n, 1]), parallelism(d.k, d.n, d.rows));
+        let dw = product([d.k, d.n, d.rows], (x, [1, d.k]), (dy, [d.n, 1]), parallelism(d.k, d.n, d.rows));
         return (dw, backward_bias(dy, d.n));
     }
     let transposed = d.k > d.n;
@@ -225,12 +227,12 @@ pub fn backward_params(x: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
         .zip(dy.par_chunks(rows * d.n))
         .map(|(x, dy)| {
             let rows = dy.len() / d.n;
-            let (xt, dyt) = ((x.as_ptr(), [1, d.k]), (dy.as_ptr(), [1, d.n]));
+            let (xt, dyt) = ((x, [1, d.k]), (dy, [1, d.n]));
             let none = gemm::Parallelism::None;
             let dw = if transposed {
-                product([d.n, d.k, rows], dyt, (x.as_ptr(), [d.k, 1]), none)
+                product([d.n, d.k, rows], dyt, (x, [d.k, 1]), none)
             } else {
-                product([d.k, d.n, rows], xt, (dy.as_ptr(), [d.n, 1]), none)
+                product([d.k, d.n, rows], xt, (dy, [d.n, 1]), none)
             };
             (dw, column_sums(dy, d.n))
         })
@@ -254,7 +256,7 @@ pub fn backward_params(x: &[f32], dy: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
 /// `x` `[rows, cols]` -> xᵀ `[cols, rows]`, in parallel chunks of output rows.
 pub(crate) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * cols, "transpose: not [{rows}, {cols}]");
-    let out_rows_per_chunk = (CHUNK / rows.max(1)).max(1);
+    let out_rows_per_chunk = rows_per_task(rows);
     // SAFETY: each chunk of whole output rows is written in full.
     unsafe {
         par_filled(rows * cols, out_rows_per_chunk * rows, |c, out| {
@@ -270,8 +272,7 @@ pub(crate) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// dL/db = column sums of dy: `[n]`, summed per task then in task order (thread-count independent).
 pub fn backward_bias(dy: &[f32], n: usize) -> Vec<f32> {
-    let rows_per_task = (CHUNK / n.max(1)).max(1);
-    let partials: Vec<Vec<f32>> = dy.par_chunks(rows_per_task * n).map(|chunk| column_sums(chunk, n)).collect();
+    let partials: Vec<Vec<f32>> = dy.par_chunks(rows_per_task(n) * n).map(|chunk| column_sums(chunk, n)).collect();
     let mut db = vec![0.0; n];
     for p in &partials {
         db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
@@ -314,6 +315,18 @@ mod tests {
 
     /// Few rows (one product each), and enough rows for the row tiles and the blocked weight
     /// gradient in both orientations (k < n and k > n).
+    #[test]
+    fn an_operand_past_its_buffer_is_refused_before_gemm_reads_it() {
+        let x = [1.0f32; 6];
+        assert_eq!(operand((&x, [3, 1]), 2, 3).1, [3, 1]);
+        assert_eq!(operand((&x, [1, 2]), 2, 3).1, [1, 2]);
+        let past = std::panic::catch_unwind(|| operand((&x, [3, 1]), 3, 3));
+        assert!(past.is_err(), "3 rows of 3 in 6 elements");
+        let transposed_past = std::panic::catch_unwind(|| operand((&x, [1, 3]), 3, 3));
+        assert!(transposed_past.is_err());
+        assert_eq!(product([2, 1, 3], (&x, [3, 1]), (&x, [1, 1]), gemm::Parallelism::None), vec![3.0, 3.0]);
+    }
+
     #[test]
     fn forward_and_gradients_match_loops() {
         for d in [Dims { rows: 7, k: 5, n: 3 }, Dims { rows: 2100, k: 5, n: 19 }, Dims { rows: 2100, k: 19, n: 5 }] {

@@ -4,10 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{dot, multiversion};
-
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 14;
+use super::rows_per_task;
+use super::simd::{dot, multiversion};
 
 multiversion! {
     fn forward_rows(v: &[f32], g: &[f32], w: &mut [f32], inv_norms: &mut [f32]) {
@@ -35,10 +33,6 @@ multiversion! {
             }
         }
     }
-}
-
-fn rows_per_task(cols: usize) -> usize {
-    (CHUNK / cols.max(1)).max(1)
 }
 
 /// v `[K, C]`, g `[K]` -> (W `[K, C]`, 1/‖v_k‖ `[K]`).

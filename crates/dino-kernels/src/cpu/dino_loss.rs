@@ -9,30 +9,9 @@
 
 use rayon::prelude::*;
 
-use crate::buffer::{Shared, zeroed};
-use crate::simd::{exp, max, multiversion};
-
-/// Sizes of one loss call.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    /// Student views V (the first two are the global crops the teacher saw).
-    pub views: usize,
-    pub batch: usize,
-    pub classes: usize,
-}
-
-impl Dims {
-    /// (teacher view, other student view) pairs per sample.
-    fn pairs(&self) -> usize {
-        2 * self.views - 2
-    }
-
-    /// The teacher rows paired with student row r.
-    fn teacher_rows(&self, r: usize) -> impl Iterator<Item = usize> {
-        let (v, n, b) = (r / self.batch, r % self.batch, self.batch);
-        (0..2).filter(move |&iq| iq != v).map(move |iq| iq * b + n)
-    }
-}
+use super::buffer::{Shared, zeroed};
+use super::simd::{exp, max, multiversion};
+use crate::shapes::LossDims as Dims;
 
 multiversion! {
     /// Σ exp(x·inv_temp − shift).

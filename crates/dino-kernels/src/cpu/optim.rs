@@ -4,10 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::simd::{dot, multiversion};
-
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 14;
+use super::CHUNK;
+use super::simd::{dot, multiversion};
 
 /// The scalars of one AdamW step (`torch.optim.AdamW`), already reduced to f32 factors.
 #[derive(Debug, Clone, Copy)]

@@ -11,27 +11,10 @@ use std::mem::MaybeUninit;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::buffer::{Shared, assume_init};
-use crate::matmul::gemm;
-use crate::simd::{dot, exp, max, multiversion, sum};
-
-/// Sizes of one attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub batch: usize,
-    pub tokens: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
-
-impl Dims {
-    fn width(&self) -> usize {
-        self.heads * self.head_dim
-    }
-    fn scale(&self) -> f32 {
-        (self.head_dim as f32).powf(-0.5)
-    }
-}
+use super::buffer::{Shared, assume_init};
+use super::matmul::gemm;
+use super::simd::{dot, exp, max, multiversion, sum};
+use crate::shapes::AttentionDims as Dims;
 
 multiversion! {
     fn softmax_rows(s: &mut [f32], n: usize) {
