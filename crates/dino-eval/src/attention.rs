@@ -44,9 +44,9 @@ pub fn cls_attention(vit: &VisionTransformer, img: &RgbImage, device: &Device) -
     let p = vit.patch_size();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let x = Tensor::<4>::from_data(TensorData::new(to_chw(img, IMAGENET_MEAN, IMAGENET_STD), [1, 3, h, w]), device);
-    let attn = vit.last_self_attention(x); // [1, heads, 1+N, 1+N]
-    let [_, heads, tokens, _] = attn.dims();
-    let cls = attn.narrow(2, 0, 1).narrow(3, 1, tokens - 1).reshape([heads, tokens - 1]);
+    let attn = vit.last_cls_attention(x); // [1, heads, 1+N]
+    let [_, heads, tokens] = attn.dims();
+    let cls = attn.narrow(2, 1, tokens - 1).reshape([heads, tokens - 1]);
     AttentionMaps { heads, grid_h: h / p, grid_w: w / p, values: cls.into_data().iter::<f32>().collect() }
 }
 

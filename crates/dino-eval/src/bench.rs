@@ -32,7 +32,7 @@ pub fn median_seconds(steps: usize, mut f: impl FnMut()) -> f64 {
 /// Backbone forward (final-normed CLS) of a freshly initialised `model` on a batch of
 /// max(batch, 16) random `side`-pixel images, timed as `median_seconds`.
 pub fn bench_infer(model: &ModelConfig, batch: usize, side: usize, steps: usize, device: &Device) -> InferTiming {
-    device.seed(0);
+    dino_model::init::seed(0);
     let vit = DinoModel::new(model, device).backbone;
     let bs = batch.max(16);
     let x = Tensor::<4>::random([bs, 3, side, side], Distribution::Normal(0.0, 1.0), device);

@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use dino_data::{Dataset, LinearTrainTransform};
-use dino_model::VisionTransformer;
+use dino_model::{VisionTransformer, init};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -77,11 +77,12 @@ struct Momentum {
 }
 
 impl LinearClassifier {
-    /// Weights N(0, 0.01), bias 0. Seeds the backend's generator with `seed`.
+    /// Weights N(0, 0.01), bias 0, from the host generator seeded with `seed`
+    /// (`dino_model::init`: the same classifier on every device).
     pub fn new(dim: usize, classes: usize, seed: u64, device: &Device) -> Self {
-        device.seed(seed);
+        init::seed(seed);
         Self {
-            weight: Tensor::random([classes, dim], Distribution::Normal(0.0, 0.01), device),
+            weight: init::random([classes, dim], Distribution::Normal(0.0, 0.01), device),
             bias: Tensor::zeros([classes], device),
         }
     }

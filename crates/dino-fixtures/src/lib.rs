@@ -24,6 +24,29 @@ pub fn fashion_mnist_subset() -> PathBuf {
     sandbox::repo_root().join("fixtures/fashion-mnist-subset")
 }
 
+/// The device the device-generic tests (the parity tests) run on: `$DINO_TEST_DEVICE`, `cpu`
+/// (the default), `wgpu` or `vulkan`. A GPU device needs this crate's feature of the same name
+/// (`scripts/gpu-check.sh` builds it); asking for one the build lacks panics rather than quietly
+/// testing the CPU again.
+pub fn test_device() -> Device {
+    match std::env::var("DINO_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => Device::flex(),
+        #[cfg(feature = "wgpu")]
+        Ok("wgpu") => Device::wgpu(Default::default()),
+        #[cfg(feature = "vulkan")]
+        Ok("vulkan") => Device::vulkan(Default::default()),
+        Ok(other) => panic!(
+            "DINO_TEST_DEVICE={other}: this test build has no such device; build the tests with --features dino-fixtures/{other}"
+        ),
+    }
+}
+
+/// Whether [`test_device`] is a GPU, whose f32 arithmetic (other summation orders, fused
+/// multiply-adds, approximate `exp`) the tests allow a wider tolerance for.
+pub fn testing_a_gpu() -> bool {
+    test_device() != Device::flex()
+}
+
 pub fn fixture_dir() -> PathBuf {
     let dir = match std::env::var_os("DINO_REFERENCE_DIR") {
         Some(dir) => PathBuf::from(dir),

@@ -7,9 +7,10 @@
 //! On Linux the child is confined with Landlock (an unprivileged kernel access control, Linux
 //! 5.19+): it may read the repository, the fixture directory, its own binary's directory and the
 //! system files a dynamically linked program needs (`/usr/lib`, `/lib*`, `/etc`, `/proc`, `/sys`,
-//! `/dev`), and read and write the temporary directory where the tests make their files. Every
-//! other open fails with "permission denied". Where Landlock is missing (another OS, an old
-//! kernel) the command runs unconfined and a note says so once.
+//! `/dev`, and the Vulkan driver manifests in `/usr/share/vulkan`), and read and write the
+//! temporary directory where the tests make their files. Every other open fails with "permission
+//! denied". Where Landlock is missing (another OS, an old kernel) the command runs unconfined and
+//! a note says so once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +26,8 @@ fn readable(program: &Path) -> Vec<PathBuf> {
     let mut dirs = vec![repo_root(), super::fixture_dir()];
     dirs.extend(program.parent().map(Path::to_path_buf));
     dirs.extend(["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc", "/proc", "/sys", "/dev"].map(PathBuf::from));
+    // The Vulkan loader's driver manifests (`icd.d`), for the GPU tests (`DINO_TEST_DEVICE`).
+    dirs.push(PathBuf::from("/usr/share/vulkan"));
     dirs
 }
 
@@ -98,7 +101,12 @@ mod tests {
             .flatten()
             .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
             .filter_map(|e| e.path().canonicalize().ok())
-            .find(|p| p.starts_with("/usr/share") && p.is_file() && std::fs::File::open(p).is_ok());
+            .find(|p| {
+                p.starts_with("/usr/share")
+                    && !p.starts_with("/usr/share/vulkan")
+                    && p.is_file()
+                    && std::fs::File::open(p).is_ok()
+            });
         if let Some(outside) = outside {
             let out = confined(cat).arg(&outside).output().unwrap();
             assert!(!out.status.success(), "{} was readable", outside.display());

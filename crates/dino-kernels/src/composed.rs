@@ -1,10 +1,17 @@
 //! The fused ops in burn's composed tensor ops: what every operand that is not f32 on flex runs
 //! (every GPU backend, f64), and the oracle the fused kernels are tested against. Each function
 //! has the shapes and the meaning of its namesake in the crate root.
+//!
+//! In f16 and bf16 (mixed precision on the GPU path) LayerNorm and the attention softmax run in
+//! f32 and round their outputs back, as `torch.autocast` runs them.
 
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Tensor, activation};
+use burn::tensor::{DType, Tensor, activation};
+
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+}
 
 use crate::AdamwScalars;
 
@@ -22,6 +29,11 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 }
 
 pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    if is_half(dtype) {
+        let f32 = |t: Tensor<1>| t.cast(DType::F32);
+        return burn::tensor::module::layer_norm(x.cast(DType::F32), f32(gamma), Some(f32(beta)), eps).cast(dtype);
+    }
     burn::tensor::module::layer_norm(x, gamma, Some(beta), eps)
 }
 
@@ -46,7 +58,13 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
 }
 
 pub fn self_attention(qkv: Tensor<3>, heads: usize) -> Tensor<3> {
+    let dtype = qkv.dtype();
     let [q, k, v] = split_heads(qkv, heads);
+    if is_half(dtype) {
+        let scores = q.matmul(k.swap_dims(2, 3)) * (v.dims()[3] as f64).powf(-0.5);
+        let weights = activation::softmax(scores.cast(DType::F32), 3).cast(dtype);
+        return merge_heads(weights.matmul(v));
+    }
     // The op's default scale is head_dim^-0.5, the official one.
     merge_heads(burn_attention(q, k, v, None, None, AttentionModuleOptions::default()))
 }

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, Gelu, Linear};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::config::DinoHeadConfig;
 use crate::init::{linear, torch_default_uniform};
@@ -86,7 +86,10 @@ impl DinoHead {
 }
 
 /// `F.normalize(x, dim=-1, p=2)`: rows divided by max(||row||, 1e-12). `[B, D]` -> `[B, D]`.
+/// In f32 whatever the input's dtype: a sum of squares overflows f16 from norms of 256 up.
 pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
     let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
-    x / norm
+    (x / norm).cast(dtype)
 }

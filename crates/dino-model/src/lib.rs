@@ -6,7 +6,7 @@
 pub mod config;
 pub mod dino;
 pub mod head;
-mod init;
+pub mod init;
 pub mod pos_embed;
 pub mod vit;
 pub mod weights;

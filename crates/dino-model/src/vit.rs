@@ -65,10 +65,23 @@ impl Attention {
     /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [q, k, v] = split_heads(dino_kernels::linear(&self.qkv, x), self.num_heads);
-        let scale = (q.dims()[3] as f64).powf(-0.5);
-        let weights = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3);
+        let weights = attention_weights(q, k);
         (dino_kernels::linear(&self.proj, merge_heads(weights.clone().matmul(v))), weights)
     }
+
+    /// `[B, N, D]` -> the CLS token's softmax attention over all N tokens, `[B, heads, 1, N]`:
+    /// the first query row of `forward_with_weights`'s weights, in O(N) memory instead of O(N²)
+    /// (a 480 px image at patch 4 has 14 401 tokens: 2.5 GB of weights per block otherwise).
+    pub fn cls_weights(&self, x: Tensor<3>) -> Tensor<4> {
+        let [q, k, _] = split_heads(dino_kernels::linear(&self.qkv, x), self.num_heads);
+        attention_weights(q.narrow(2, 0, 1), k)
+    }
+}
+
+/// softmax(q kᵀ · head_dim^-½): q `[B, heads, M, d]`, k `[B, heads, N, d]` -> `[B, heads, M, N]`.
+fn attention_weights(q: Tensor<4>, k: Tensor<4>) -> Tensor<4> {
+    let scale = (q.dims()[3] as f64).powf(-0.5);
+    softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3)
 }
 
 /// `torch.nn.LayerNorm` over the last dimension; `gamma`/`beta` are burn's names for PyTorch's
@@ -136,7 +149,7 @@ fn drop_path(x: Tensor<3>, rate: f64) -> Tensor<3> {
         return x;
     }
     let keep = 1.0 - rate;
-    let mask = Tensor::<3>::random([x.dims()[0], 1, 1], Distribution::Bernoulli(keep), &x.device());
+    let mask = crate::init::random::<3>([x.dims()[0], 1, 1], Distribution::Bernoulli(keep), &x.device());
     x * mask / keep
 }
 
@@ -155,6 +168,11 @@ impl Block {
     /// `[B, N, D]` -> the softmax attention weights of this block, `[B, heads, N, N]`.
     pub fn attention_weights(&self, x: Tensor<3>) -> Tensor<4> {
         self.attn.forward_with_weights(self.norm1.forward(x)).1
+    }
+
+    /// `[B, N, D]` -> the CLS token's attention weights in this block, `[B, heads, 1, N]`.
+    pub fn cls_attention_weights(&self, x: Tensor<3>) -> Tensor<4> {
+        self.attn.cls_weights(self.norm1.forward(x))
     }
 }
 
@@ -232,7 +250,8 @@ impl VisionTransformer {
         let [_, n, d] = pos.dims();
         let cls = pos.clone().narrow(1, 0, 1);
         let patches = pos.narrow(1, 1, n - 1).reshape([n - 1, d]);
-        let matrix = Tensor::<2>::from_data(TensorData::new(matrix, [h * w, n - 1]), &patches.device());
+        let matrix =
+            Tensor::<2>::from_data(TensorData::new(matrix, [h * w, n - 1]), &patches.device()).cast(patches.dtype());
         Tensor::cat(vec![cls, matrix.matmul(patches).reshape([1, h * w, d])], 1)
     }
 
@@ -273,9 +292,23 @@ impl VisionTransformer {
 
     /// Images `[B, 3, H, W]` -> the last block's softmax self-attention `[B, heads, 1+N, 1+N]`.
     pub fn last_self_attention(&self, images: Tensor<4>) -> Tensor<4> {
-        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
-        let x = rest.iter().fold(self.prepare_tokens(images), |x, blk| blk.forward(x));
+        let (last, x) = self.before_last_block(images);
         last.attention_weights(x)
+    }
+
+    /// Images `[B, 3, H, W]` -> the CLS token's row of the last block's self-attention,
+    /// `[B, heads, 1+N]` (what `dino attention` draws, without the O(N²) weights).
+    pub fn last_cls_attention(&self, images: Tensor<4>) -> Tensor<3> {
+        let (last, x) = self.before_last_block(images);
+        let weights = last.cls_attention_weights(x);
+        let [b, heads, _, n] = weights.dims();
+        weights.reshape([b, heads, n])
+    }
+
+    /// The last block and its input tokens `[B, 1+N, D]`.
+    fn before_last_block(&self, images: Tensor<4>) -> (&Block, Tensor<3>) {
+        let (last, rest) = self.blocks.split_last().expect("a ViT has at least one block");
+        (last, rest.iter().fold(self.prepare_tokens(images), |x, blk| blk.forward(x)))
     }
 
     /// Images `[B, 3, H, W]` -> the outputs of the last `n` blocks, each through the final

@@ -8,8 +8,9 @@ use dino_model::{DinoHead, DinoHeadConfig, DinoModel, ModelConfig, VitConfig};
 
 const FORWARD_TOL: f64 = 1e-4;
 
+/// `DINO_TEST_DEVICE` (cpu by default): the same checks run on a GPU backend.
 fn device() -> Device {
-    Device::flex()
+    test_device()
 }
 
 /// The fixture backbone, read from `file` with the head count from the manifest.
@@ -44,6 +45,12 @@ fn vit_forward_outputs_match_the_reference() {
         let err = rel_err(vit.last_self_attention(x.clone()), &io[&format!("{name}.last_selfattention")]);
         println!("{name}: attention rel err {err:.2e}");
         assert!(err < FORWARD_TOL, "{name}: attention rel err {err:e}");
+        // The CLS row alone (what `dino attention` draws) is the same row of the full weights.
+        let reference: Tensor<4> = tensor(&io[&format!("{name}.last_selfattention")], &device());
+        let [b, heads, tokens, _] = reference.dims();
+        let row = reference.narrow(2, 0, 1).reshape([b, heads, tokens]);
+        let err = rel_err(vit.last_cls_attention(x.clone()), &row.into_data());
+        assert!(err < FORWARD_TOL, "{name}: CLS attention rel err {err:e}");
         let n = io.keys().filter(|k| k.starts_with(&format!("{name}.intermediate."))).count();
         let layers = vit.intermediate_layers(x, n);
         assert_eq!(layers.len(), n);

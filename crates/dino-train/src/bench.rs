@@ -12,7 +12,8 @@ use dino_model::DinoModel;
 use crate::config::TrainConfig;
 use crate::loss::DinoLoss;
 use crate::optim::{Optimizer, OptimizerKind, StepParams};
-use crate::step::{IterationParams, TrainState, train_step};
+use crate::precision::{LossScaler, Precision};
+use crate::step::{IterationParams, TrainState, train_step_in};
 
 /// A benchmark setting: backbone, head, crops and batch, as `PRESETS` of the reference script.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -106,14 +107,14 @@ pub struct TrainTiming {
     pub steps: usize,
 }
 
-/// Runs `steps + 2` full training steps on fixed random crops (teacher on the globals, student
-/// on all crops grouped by resolution, loss, backward, clipping, AdamW, EMA, center) and times
-/// the last `steps`.
-pub fn bench_train(preset: &BenchPreset, steps: usize, device: &Device) -> TrainTiming {
+/// Runs `steps + 2` full training steps in `precision` on fixed random crops (teacher on the
+/// globals, student on all crops grouped by resolution, loss, backward, clipping, AdamW, EMA,
+/// center) and times the last `steps`.
+pub fn bench_train(preset: &BenchPreset, steps: usize, precision: Precision, device: &Device) -> TrainTiming {
     let config = preset.train_config();
     let model = config.model_config().expect("bench presets are valid");
     let train_device = device.clone().autodiff();
-    train_device.seed(0);
+    dino_model::init::seed(0);
     let student = DinoModel::new(&model, &train_device);
     let state = TrainState {
         teacher: student.valid(),
@@ -130,10 +131,11 @@ pub fn bench_train(preset: &BenchPreset, steps: usize, device: &Device) -> Train
         teacher_temp: 0.04,
     };
     let mut state = Some(state);
+    let mut scaler = LossScaler::default();
     let med = median_seconds(steps, || {
         // Random inputs give a finite loss; the step reads it back, which waits for the work.
-        let (next, _) =
-            train_step(state.take().expect("a state"), &crops, &params).expect("finite loss on random crops");
+        let (next, _) = train_step_in(precision, state.take().expect("a state"), &crops, &params, &mut scaler)
+            .expect("finite loss on random crops");
         state = Some(next);
     });
     TrainTiming { step_ms_median: med * 1e3, train_img_per_s: preset.batch as f64 / med, steps }

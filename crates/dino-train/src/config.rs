@@ -8,6 +8,7 @@ use dino_model::{DinoHeadConfig, ModelConfig, VitConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::OptimizerKind;
+use crate::precision::Precision;
 
 /// A training run's settings. `TrainConfig::default()` is `main_dino.py`'s defaults (commit
 /// 7c446df) for the fields it has; the others say where their default comes from.
@@ -71,6 +72,9 @@ pub struct TrainConfig {
     pub clip_grad: f64,
     /// `--freeze_last_layer`: epochs with the head's last layer frozen (official 1).
     pub freeze_last_layer: usize,
+    /// `--use_fp16` (official true, f16 with loss scaling on CUDA): f32 here by default; f16 or
+    /// bf16 run the forward and backward passes in that type on the GPU path (`precision`).
+    pub precision: Precision,
     /// `--batch_size_per_gpu` (official 64); one device here.
     pub batch_size: usize,
     /// `--epochs` (official 100).
@@ -135,6 +139,7 @@ impl Default for TrainConfig {
             weight_decay_end: 0.4,
             clip_grad: 3.0,
             freeze_last_layer: 1,
+            precision: Precision::F32,
             batch_size: 64,
             epochs: 100,
             crops: MultiCropConfig::default(),

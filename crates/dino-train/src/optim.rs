@@ -68,12 +68,60 @@ impl Optimizer {
     /// Updates every parameter of `model` that has a gradient in `grads`, in the official order
     /// (clip, drop frozen, step). Returns the model and the norm of each gradient before
     /// clipping, in parameter order (official `named_parameters` order).
-    pub fn step<M: Module>(&mut self, model: M, mut grads: Gradients, params: &StepParams) -> (M, Vec<f64>) {
-        let mut mapper = StepMapper { optimizer: self, grads: &mut grads, params, path: Vec::new(), norms: Vec::new() };
-        let model = model.map(&mut mapper);
-        let norms = mapper.norms;
-        (model, norms)
+    pub fn step<M: Module>(&mut self, model: M, grads: Gradients, params: &StepParams) -> (M, Vec<f64>) {
+        let norms = grad_norms(&model, &grads, 1.0);
+        (self.update(model, grads, params, &norms, 1.0), norms)
     }
+
+    /// [`Optimizer::step`] on the gradients of a loss multiplied by `loss_scale` (mixed
+    /// precision): they are unscaled inside the update, as `GradScaler.unscale_` does before
+    /// clipping. If a gradient is not finite (an f16 overflow), nothing is updated and the norms
+    /// come back as the error, as `GradScaler.step` skips the step.
+    pub fn step_scaled<M: Module>(
+        &mut self,
+        model: M,
+        grads: Gradients,
+        params: &StepParams,
+        loss_scale: f64,
+    ) -> Result<(M, Vec<f64>), (M, Vec<f64>)> {
+        let norms = grad_norms(&model, &grads, loss_scale);
+        if norms.iter().any(|n| !n.is_finite()) {
+            return Err((model, norms));
+        }
+        Ok((self.update(model, grads, params, &norms, loss_scale), norms))
+    }
+
+    fn update<M: Module>(
+        &mut self,
+        model: M,
+        mut grads: Gradients,
+        params: &StepParams,
+        norms: &[f64],
+        loss_scale: f64,
+    ) -> M {
+        let mut mapper =
+            StepMapper { optimizer: self, grads: &mut grads, params, path: Vec::new(), norms, next: 0, loss_scale };
+        model.map(&mut mapper)
+    }
+}
+
+/// The norm of every gradient of `model` in `grads` divided by `loss_scale`, in parameter order.
+fn grad_norms<M: Module>(model: &M, grads: &Gradients, loss_scale: f64) -> Vec<f64> {
+    struct Norms<'a> {
+        grads: &'a Gradients,
+        loss_scale: f64,
+        norms: Vec<f64>,
+    }
+    impl ModuleVisitor for Norms<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = param.val().grad(self.grads) {
+                self.norms.push(dino_kernels::squared_norm(grad).sqrt() / self.loss_scale);
+            }
+        }
+    }
+    let mut visitor = Norms { grads, loss_scale, norms: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.norms
 }
 
 /// One parameter's optimizer state, by the parameter's position in visiting order (stable across
@@ -129,7 +177,11 @@ struct StepMapper<'a> {
     grads: &'a mut Gradients,
     params: &'a StepParams,
     path: Vec<String>,
-    norms: Vec<f64>,
+    /// The unscaled gradient norms, in visiting order; `next` is the next one's index.
+    norms: &'a [f64],
+    next: usize,
+    /// What the gradients are multiplied by (1 but in mixed precision).
+    loss_scale: f64,
 }
 
 impl ModuleMapper for StepMapper<'_> {
@@ -151,11 +203,12 @@ impl ModuleMapper for StepMapper<'_> {
         let n = shape.num_elements();
         let grad = grad.reshape([n]);
 
-        // utils.clip_gradients: each parameter on its own, with the official epsilon.
-        let norm = dino_kernels::squared_norm(grad.clone()).sqrt();
-        self.norms.push(norm);
+        // utils.clip_gradients: each parameter on its own, with the official epsilon, on the
+        // unscaled gradient.
+        let norm = self.norms[self.next];
+        self.next += 1;
         let coef = if self.params.clip_grad > 0.0 { self.params.clip_grad / (norm + 1e-6) } else { 1.0 };
-        let grad_scale = coef.min(1.0);
+        let grad_scale = coef.min(1.0) / self.loss_scale;
         // utils.cancel_gradients_last_layer, after clipping: the parameter is left untouched.
         if self.params.freeze_last_layer && self.path.iter().any(|p| p == "last_layer") {
             return Param::from_mapped_value(id, tensor, mapper);
@@ -165,7 +218,7 @@ impl ModuleMapper for StepMapper<'_> {
         let require_grad = tensor.is_require_grad();
         let p = tensor.without_autodiff().reshape([n]);
         let state = self.optimizer.states.remove(&id);
-        let clipped = |grad: Tensor<1>| if grad_scale < 1.0 { grad * grad_scale } else { grad };
+        let clipped = |grad: Tensor<1>| if grad_scale != 1.0 { grad * grad_scale } else { grad };
         let (p, state) = match self.optimizer.kind {
             // AdamW scales the gradient inside its single pass.
             OptimizerKind::Adamw => adamw(p, grad, grad_scale, state, self.params.lr, wd),

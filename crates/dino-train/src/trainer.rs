@@ -21,8 +21,9 @@ use crate::TrainConfig;
 use crate::checkpoint::{CheckpointError, Restored, load_checkpoint, load_official_checkpoint, save_checkpoint};
 use crate::health::{Health, Warning, parameter_vector, relative_change};
 use crate::optim::{Optimizer, StepParams};
+use crate::precision::{LossScaler, Precision};
 use crate::schedule::{cosine_schedule, teacher_temp_schedule};
-use crate::step::{IterationParams, NonFinite, StepReport, TrainState, train_step};
+use crate::step::{IterationParams, NonFinite, StepReport, TrainState, train_step_in};
 use dino_eval::figures::plot_history;
 
 /// Why a run stopped early.
@@ -262,6 +263,13 @@ pub fn train(
     resume: bool,
     observer: &mut dyn Observer,
 ) -> Result<Summary, TrainError> {
+    if config.precision != Precision::F32 && *device == Device::flex() {
+        return Err(TrainError::Config(format!(
+            "precision = {}: mixed precision runs on the GPU path (--device wgpu|vulkan|cuda); the CPU trains in f32",
+            config.precision.name()
+        )));
+    }
+    crate::precision::check_support(config.precision, device).map_err(TrainError::Config)?;
     let run = RunDir::prepare(dir)?;
     let started = Instant::now();
     let Restored { mut state, position: start, epoch_sums: mut resumed_sums, config, .. } =
@@ -289,6 +297,7 @@ pub fn train(
 
     let mut skipped_files: BTreeMap<PathBuf, BadImage> =
         data.skipped().iter().map(|b| (b.path.clone(), b.clone())).collect();
+    let mut scaler = LossScaler::default();
     for epoch in start_epoch..config.epochs {
         observer.epoch_start(epoch, iterations);
         let epoch_started = Instant::now();
@@ -296,7 +305,7 @@ pub fn train(
         let sums = if epoch == start_epoch { resumed_sums.take().unwrap_or_default() } else { EpochTotals::default() };
         let mut totals;
         (state, totals) =
-            train_one_epoch(state, &data, &config, &schedules, epoch, iterations, sums, device, observer)?;
+            train_one_epoch(state, &data, &config, &schedules, epoch, iterations, sums, &mut scaler, device, observer)?;
         summary.first_loss = summary.first_loss.or(totals.first_loss);
         if totals.iterations < iterations {
             // Stopped on request mid-epoch: save where it stands.
@@ -318,6 +327,12 @@ pub fn train(
             images_per_sec: (iterations * config.batch_size) as f64 / epoch_started.elapsed().as_secs_f64(),
             ..epoch_log(&state, &config, &totals, epoch, (&teacher_before, &student_before), data.skipped())
         };
+        if totals.overflows > 0 {
+            observer.warning(&format!(
+                "{} of {iterations} steps skipped: f16 gradients overflowed (loss scale now {})",
+                totals.overflows, scaler.scale
+            ));
+        }
         record_skips(&run, epoch, &mut skipped_files, &mut totals.skipped, observer)?;
         write_epoch(&run, &state, &config, &log, observer)?;
         observer.epoch_end(&log);
@@ -453,7 +468,7 @@ fn networks(
         observer.note(&format!("no checkpoint in {}: starting a new run", run.0.display()));
     }
     let model_config = config.model_config().map_err(TrainError::Config)?;
-    train_device.seed(config.seed);
+    dino_model::init::seed(config.seed);
     let student = DinoModel::new(&model_config, &train_device);
     // Same initial weights; no autodiff, hence no drop path.
     let teacher = student.valid();
@@ -542,6 +557,9 @@ pub(crate) struct EpochTotals {
     wd: f64,
     entropy: f64,
     batch_entropy: f64,
+    /// Optimizer steps skipped for an f16 overflow (mixed precision).
+    #[serde(default)]
+    overflows: usize,
     /// Images that failed to decode (replaced by the next usable ones), by path.
     #[serde(skip)]
     skipped: BTreeMap<PathBuf, BadImage>,
@@ -556,6 +574,7 @@ impl EpochTotals {
         self.wd += params.step.weight_decay;
         self.entropy += report.teacher_entropy.per_image;
         self.batch_entropy += report.teacher_entropy.of_batch_mean;
+        self.overflows += usize::from(report.skipped);
     }
 
     fn health(&self, config: &TrainConfig, center_norm: f64, teacher_drift: f64, student_drift: f64) -> Health {
@@ -584,10 +603,10 @@ fn train_one_epoch(
     epoch: usize,
     iterations: usize,
     mut totals: EpochTotals,
+    scaler: &mut LossScaler,
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(TrainState, EpochTotals), TrainError> {
-    let train_device = device.clone().autodiff();
     let started = Instant::now();
     let first = totals.iterations;
     let (bs, seed, workers) = (config.batch_size, config.seed, config.num_workers);
@@ -605,10 +624,11 @@ fn train_one_epoch(
             })
             .collect();
         let params = schedules.at(config, epoch, it);
-        // Drop path draws from the backend RNG: seed it per iteration so a resumed run repeats
+        // Drop path draws from the host generator: seed it per iteration so a resumed run repeats
         // the uninterrupted one.
-        train_device.seed(config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ it as u64);
-        let (next, report) = train_step(state, &crops, &params).map_err(|source| TrainError::NonFinite {
+        dino_model::init::seed(config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ it as u64);
+        let step = train_step_in(config.precision, state, &crops, &params, scaler);
+        let (next, report) = step.map_err(|source| TrainError::NonFinite {
             epoch,
             iteration: i,
             lr: params.step.lr,

@@ -8,6 +8,7 @@ use clap::Args;
 use dino_data::bench::bench_augment;
 use dino_data::list_images;
 use dino_eval::bench::bench_infer;
+use dino_train::Precision;
 use dino_train::bench::{BENCH_PRESETS, BenchPreset, bench_train};
 use serde_json::{Value, json};
 
@@ -37,6 +38,9 @@ pub struct BenchArgs {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Arithmetic of the training step's passes (`dino train --precision`); inference is f32.
+    #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
+    precision: Precision,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -51,6 +55,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "version": env!("CARGO_PKG_VERSION"),
         "threads": rayon::current_num_threads(),
         "device": format!("{:?}", args.device).to_lowercase(),
+        "precision": args.precision.name(),
     });
     let print = |what: &str, fields: Vec<Value>| {
         let mut object = base.as_object().expect("an object").clone();
@@ -79,7 +84,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--steps must be at least 1");
     }
     let device = args.device.device()?;
-    print("train", vec![json!(preset), json!(bench_train(&preset, args.steps, &device))]);
+    dino_train::precision::check_support(args.precision, &device).map_err(anyhow::Error::msg)?;
+    print("train", vec![json!(preset), json!(bench_train(&preset, args.steps, args.precision, &device))]);
     let model = preset.train_config().model_config().map_err(anyhow::Error::msg)?;
     print(
         "infer",

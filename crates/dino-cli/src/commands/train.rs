@@ -87,6 +87,10 @@ pub struct TrainArgs {
     local_crops_number: Option<usize>,
     #[arg(long)]
     optimizer: Option<String>,
+    /// Arithmetic of the forward and backward passes: f32, or on a GPU f16 (with loss scaling,
+    /// as main_dino.py's default --use_fp16) or bf16; weights, optimizer, EMA and loss stay f32.
+    #[arg(long, value_name = "f32|f16|bf16")]
+    precision: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -128,6 +132,7 @@ impl TrainArgs {
         add("freeze_last_layer", self.freeze_last_layer.map(|v| v.to_string()));
         add("crops.local_crops", self.local_crops_number.map(|v| v.to_string()));
         add("optimizer", quoted(&self.optimizer));
+        add("precision", quoted(&self.precision));
         add("seed", self.seed.map(|v| v.to_string()));
         add("num_workers", self.num_workers.map(|v| v.to_string()));
         add("max_images", self.max_images.map(|v| v.to_string()));
