@@ -41,12 +41,6 @@ pub fn test_device() -> Device {
     }
 }
 
-/// Whether [`test_device`] is a GPU, whose f32 arithmetic (other summation orders, fused
-/// multiply-adds, approximate `exp`) the tests allow a wider tolerance for.
-pub fn testing_a_gpu() -> bool {
-    test_device() != Device::flex()
-}
-
 pub fn fixture_dir() -> PathBuf {
     let dir = match std::env::var_os("DINO_REFERENCE_DIR") {
         Some(dir) => PathBuf::from(dir),
