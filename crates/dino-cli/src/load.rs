@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use dino_model::weights::{CheckpointKey, Weights, describe_ignored};
-use dino_model::{VisionTransformer, VitConfig};
+use dino_model::{Backbone, BackboneConfig, VitConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KeyArg {
@@ -27,7 +27,7 @@ pub struct WeightArgs {
 
 impl WeightArgs {
     /// The backbone and its config, checked strictly against the file.
-    pub fn load(&self, device: &Device) -> anyhow::Result<(VitConfig, VisionTransformer)> {
+    pub fn load(&self, device: &Device) -> anyhow::Result<(BackboneConfig, Backbone)> {
         self.file.load(&self.weights, device)
     }
 }
@@ -38,8 +38,8 @@ pub struct WeightFileArgs {
     /// Which network of a full training checkpoint to use (released weights are teachers).
     #[arg(long, value_enum, default_value = "teacher")]
     pub checkpoint_key: KeyArg,
-    /// Architecture (vit_tiny, vit_small, vit_base) for files that carry no config;
-    /// by default it is inferred from the tensor shapes.
+    /// Architecture (vit_tiny, vit_small, vit_base, resnet18, resnet34, resnet50, or a
+    /// resnet*_cifar) for files that carry no config; by default it is inferred from the shapes.
     #[arg(long, value_name = "NAME")]
     pub arch: Option<String>,
     /// Patch size for files that carry no config (default: read off the weights).
@@ -52,7 +52,7 @@ pub struct WeightFileArgs {
 
 impl WeightFileArgs {
     /// The backbone in `path` and its config, checked strictly against the file.
-    pub fn load(&self, path: &Path, device: &Device) -> anyhow::Result<(VitConfig, VisionTransformer)> {
+    pub fn load(&self, path: &Path, device: &Device) -> anyhow::Result<(BackboneConfig, Backbone)> {
         let key = match self.checkpoint_key {
             KeyArg::Teacher => CheckpointKey::Teacher,
             KeyArg::Student => CheckpointKey::Student,
@@ -61,19 +61,43 @@ impl WeightFileArgs {
         if !weights.ignored.is_empty() {
             eprintln!("warning: {}: {}", path.display(), describe_ignored(&weights.ignored));
         }
-        let heads = match (&self.arch, self.num_heads) {
-            (Some(arch), None) => {
-                let preset = VitConfig::preset(arch, 16).with_context(|| {
-                    format!("unknown --arch '{arch}'; choose one of {}", dino_model::config::VIT_ARCHS.join(", "))
-                })?;
-                Some(preset.num_heads)
-            }
+        let preset = match &self.arch {
+            Some(arch) => Some(BackboneConfig::preset(arch, 16).with_context(|| {
+                format!("unknown --arch '{arch}'; choose one of {}", dino_model::config::arch_names())
+            })?),
+            None => None,
+        };
+        let heads = match (&preset, self.num_heads) {
+            (Some(BackboneConfig::Vit(preset)), None) => Some(preset.num_heads),
             (_, heads) => heads,
         };
-        let mut config = weights.vit_config(heads)?;
-        if weights.config.is_none() {
+        let config = match weights.backbone_config(heads)? {
+            BackboneConfig::Vit(vit) => BackboneConfig::Vit(self.checked_vit(path, vit, weights.config.is_none())?),
+            BackboneConfig::ResNet(resnet) => {
+                if let Some(preset) = preset.filter(|p| *p != BackboneConfig::ResNet(resnet.clone()))
+                    && weights.config.is_none()
+                {
+                    let found = BackboneConfig::ResNet(resnet).arch_name();
+                    bail!("{}: --arch {}, but the weights hold {found}", path.display(), preset.arch_name());
+                }
+                BackboneConfig::ResNet(resnet)
+            }
+        };
+        if let Err(problem) = config.validate() {
+            bail!("{}: {problem}", path.display());
+        }
+        let backbone = weights.backbone(&config, device)?;
+        Ok((config, backbone))
+    }
+
+    /// A ViT's config read off a file, checked against `--arch` and `--patch-size` when the file
+    /// carries no config of its own; inference runs without drop path.
+    fn checked_vit(&self, path: &Path, mut config: VitConfig, inferred: bool) -> anyhow::Result<VitConfig> {
+        if inferred {
             if let Some(arch) = &self.arch {
-                let preset = VitConfig::preset(arch, config.patch_size).expect("checked above");
+                let Some(preset) = VitConfig::preset(arch, config.patch_size) else {
+                    bail!("{}: --arch {arch}, but the weights hold a ViT", path.display());
+                };
                 if (preset.embed_dim, preset.depth) != (config.embed_dim, config.depth) {
                     bail!(
                         "{}: --arch {arch} has embed dim {} and {} blocks, but the weights have embed dim {} and {} blocks",
@@ -91,11 +115,7 @@ impl WeightFileArgs {
                 bail!("{}: --patch-size {p}, but the weights have {} px patches", path.display(), config.patch_size);
             }
         }
-        if let Err(problem) = config.validate() {
-            bail!("{}: {problem}", path.display());
-        }
         config.drop_path_rate = 0.0;
-        let vit = weights.backbone(&config, device)?;
-        Ok((config, vit))
+        Ok(config)
     }
 }

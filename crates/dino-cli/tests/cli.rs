@@ -52,8 +52,13 @@ impl Workspace {
         let dir = tempfile::tempdir().unwrap();
         let weights = Weights::read(&fixture_dir().join("vit_backbone.safetensors"), CheckpointKey::Teacher).unwrap();
         let config = weights.vit_config(Some(heads_from_manifest())).unwrap();
-        let vit = weights.backbone(&config, &Device::flex()).unwrap();
-        save_backbone(&vit, &config, &dir.path().join("backbone.safetensors")).unwrap();
+        let vit = weights.vit(&config, &Device::flex()).unwrap();
+        save_backbone(
+            &dino_model::Backbone::Vit(vit.clone()),
+            &dino_model::BackboneConfig::Vit(config.clone()),
+            &dir.path().join("backbone.safetensors"),
+        )
+        .unwrap();
         let images = dir.path().join("images");
         for (class, colour) in [("cats", [200u8, 120, 40]), ("dogs", [30, 90, 220])] {
             std::fs::create_dir_all(images.join(class)).unwrap();
@@ -271,13 +276,13 @@ fn bad_input_fails_with_one_line_naming_the_problem() {
     assert!(e.contains("--num-heads"), "{e}");
     let head = fixture_dir().join("head.safetensors");
     let e = fails(&["extract", "--weights", head.to_str().unwrap(), "--image", &ws.s("images/cats/0.png"), "-o", &out]);
-    assert!(e.contains("head.safetensors") && e.contains("no ViT backbone"), "{e}");
+    assert!(e.contains("head.safetensors") && e.contains("no backbone weights"), "{e}");
     let other = VitConfig::new(ws.config.embed_dim, ws.config.depth + 1, ws.config.num_heads)
         .with_patch_size(ws.config.patch_size)
         .with_img_size(ws.config.img_size);
     let mut wrong = Weights::read(&ws.path("backbone.safetensors"), CheckpointKey::Teacher).unwrap();
-    wrong.config = Some(dino_model::ModelConfig::new(other));
-    let e = match wrong.backbone(&wrong.vit_config(None).unwrap(), &Device::flex()) {
+    wrong.config = Some(dino_model::ModelConfig::new(dino_model::BackboneConfig::Vit(other)));
+    let e = match wrong.vit(&wrong.vit_config(None).unwrap(), &Device::flex()) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("a deeper network must not accept these weights"),
     };

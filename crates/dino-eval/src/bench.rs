@@ -33,11 +33,11 @@ pub fn median_seconds(steps: usize, mut f: impl FnMut()) -> f64 {
 /// max(batch, 16) random `side`-pixel images, timed as `median_seconds`.
 pub fn bench_infer(model: &ModelConfig, batch: usize, side: usize, steps: usize, device: &Device) -> InferTiming {
     dino_model::init::seed(0);
-    let vit = DinoModel::new(model, device).backbone;
+    let backbone = dino_model::batch_norm::eval_mode(DinoModel::new(model, device).backbone);
     let bs = batch.max(16);
     let x = Tensor::<4>::random([bs, 3, side, side], Distribution::Normal(0.0, 1.0), device);
     let seconds = median_seconds(steps, || {
-        let _ = vit.forward(x.clone()).sum().into_scalar::<f32>();
+        let _ = backbone.forward(x.clone()).sum().into_scalar::<f32>();
     });
     InferTiming { infer_batch: bs, infer_img_per_s: bs as f64 / seconds }
 }

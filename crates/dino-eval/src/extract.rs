@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::{BadImage, Dataset, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, to_chw};
-use dino_model::VisionTransformer;
+use dino_model::Backbone;
 use dino_model::head::l2_normalize;
 use image::RgbImage;
 use npyz::WriterBuilder;
@@ -95,7 +95,7 @@ fn rows_of<T: Send>(
 /// cannot be decoded are left out (see [`DatasetFeatures`]) unless the dataset is strict.
 /// `progress` is called with the number of images done after each batch.
 pub fn dataset_features(
-    vit: &VisionTransformer,
+    backbone: &Backbone,
     dataset: &Dataset,
     count: usize,
     options: &ExtractOptions,
@@ -103,8 +103,8 @@ pub fn dataset_features(
     mut progress: impl FnMut(usize),
 ) -> Result<DatasetFeatures, EvalError> {
     let count = count.min(dataset.len());
-    let patch = vit.patch_size();
-    let dim = options.features.dim(vit.embed_dim());
+    let patch = backbone.input_multiple();
+    let dim = options.features.dim(backbone.embed_dim());
     let (mut values, mut index, mut skipped) = (Vec::with_capacity(count * dim), Vec::new(), Vec::new());
     let batch = options.batch_size.max(1);
     for first in (0..count).step_by(batch) {
@@ -127,7 +127,7 @@ pub fn dataset_features(
             let end = start + prepared[start..].iter().take_while(|(_, p)| (p.height, p.width) == (h, w)).count();
             let pixels: Vec<f32> = prepared[start..end].iter().flat_map(|(_, p)| p.chw.iter().copied()).collect();
             let batch = Tensor::<4>::from_data(TensorData::new(pixels, [end - start, 3, h, w]), device);
-            let mut feats = options.features.forward(vit, batch);
+            let mut feats = options.features.forward(backbone, batch);
             if options.l2_norm {
                 feats = l2_normalize(feats);
             }

@@ -1,7 +1,7 @@
 //! Frozen features of a backbone, as the official evaluation scripts compute them.
 
 use burn::tensor::Tensor;
-use dino_model::VisionTransformer;
+use dino_model::{Backbone, BackboneConfig};
 
 /// Which tokens make the feature vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,9 +21,14 @@ impl Default for FeatureSpec {
 }
 
 impl FeatureSpec {
-    /// The CLS tokens of the last `n_last_blocks` of a backbone with `depth` blocks (1 to depth),
-    /// with the mean patch token when `avgpool`.
-    pub fn new(n_last_blocks: usize, avgpool: bool, depth: usize) -> Result<Self, String> {
+    /// The CLS tokens of the last `n_last_blocks` of a ViT (1 to its depth), with the mean patch
+    /// token when `avgpool`. A ResNet has one feature, its pooled last stage, whatever is asked
+    /// (as `eval_linear.py` does for convnets).
+    pub fn new(n_last_blocks: usize, avgpool: bool, backbone: &BackboneConfig) -> Result<Self, String> {
+        let Some(vit) = backbone.vit() else {
+            return Ok(Self::default());
+        };
+        let depth = vit.depth;
         if n_last_blocks == 0 || n_last_blocks > depth {
             return Err(format!(
                 "n_last_blocks = {n_last_blocks}: it must be between 1 and the backbone's {depth} blocks"
@@ -32,7 +37,8 @@ impl FeatureSpec {
         Ok(Self { n_last_blocks, avgpool })
     }
 
-    /// Width of the feature vector for a backbone of width `embed_dim`.
+    /// Width of the feature vector for a backbone of width `embed_dim` (a ResNet: the default
+    /// spec).
     pub fn dim(&self, embed_dim: usize) -> usize {
         embed_dim * (self.n_last_blocks + self.avgpool as usize)
     }
@@ -43,7 +49,11 @@ impl FeatureSpec {
     /// (`cat((cls.unsqueeze(-1), avg.unsqueeze(-1)), -1).reshape(B, -1)`); we do the same. With
     /// several blocks and avgpool the official code fails on a shape mismatch; we append the
     /// pooled vector after the CLS tokens.
-    pub fn forward(&self, vit: &VisionTransformer, images: Tensor<4>) -> Tensor<2> {
+    pub fn forward(&self, backbone: &Backbone, images: Tensor<4>) -> Tensor<2> {
+        let Some(vit) = backbone.as_vit() else {
+            assert_eq!(*self, Self::default(), "a ResNet's only feature is its pooled map (see FeatureSpec::new)");
+            return backbone.forward(images);
+        };
         assert!(self.n_last_blocks >= 1, "FeatureSpec: n_last_blocks must be at least 1 (see FeatureSpec::new)");
         let layers = vit.intermediate_layers(images, self.n_last_blocks);
         let [b, n, d] = layers[0].dims();
@@ -68,10 +78,13 @@ mod tests {
 
     #[test]
     fn a_feature_spec_takes_between_one_block_and_all() {
-        assert_eq!(FeatureSpec::new(4, true, 12), Ok(FeatureSpec { n_last_blocks: 4, avgpool: true }));
-        assert!(FeatureSpec::new(12, false, 12).is_ok());
+        let vit = BackboneConfig::preset("vit_small", 16).unwrap();
+        assert_eq!(FeatureSpec::new(4, true, &vit), Ok(FeatureSpec { n_last_blocks: 4, avgpool: true }));
+        assert!(FeatureSpec::new(12, false, &vit).is_ok());
+        let resnet = BackboneConfig::preset("resnet50", 16).unwrap();
+        assert_eq!(FeatureSpec::new(4, true, &resnet), Ok(FeatureSpec::default()));
         for n in [0, 13] {
-            let e = FeatureSpec::new(n, false, 12).unwrap_err();
+            let e = FeatureSpec::new(n, false, &vit).unwrap_err();
             assert_eq!(e, format!("n_last_blocks = {n}: it must be between 1 and the backbone's 12 blocks"));
         }
     }

@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use dino_data::{Dataset, LinearTrainTransform};
-use dino_model::{VisionTransformer, init};
+use dino_model::{Backbone, init};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -197,7 +197,7 @@ pub enum LinearProgress {
 pub enum TrainFeatures<'a> {
     /// The official protocol: a new random-resized-crop + flip view of every image each epoch,
     /// through the frozen backbone.
-    Augmented { vit: &'a VisionTransformer, data: &'a Dataset, count: usize, transform: LinearTrainTransform },
+    Augmented { backbone: &'a Backbone, data: &'a Dataset, count: usize, transform: LinearTrainTransform },
     /// Features computed once (faster, not the official protocol), `[N, dim]` with labels.
     Fixed { features: &'a Tensor<2>, labels: &'a [u32] },
 }
@@ -229,8 +229,8 @@ pub fn train_linear(
         let (mut loss_sum, mut seen) = (0.0, 0);
         for batch in order.chunks(config.batch_size.max(1)) {
             let (x, used) = match &train {
-                TrainFeatures::Augmented { vit, data, transform, .. } => {
-                    augmented_features(vit, data, batch, *transform, config, epoch, device)?
+                TrainFeatures::Augmented { backbone, data, transform, .. } => {
+                    augmented_features(backbone, data, batch, *transform, config, epoch, device)?
                 }
                 TrainFeatures::Fixed { features, .. } => {
                     let idx: Vec<i64> = batch.iter().map(|&i| i as i64).collect();
@@ -263,7 +263,7 @@ pub fn train_linear(
 /// (`Dataset::image_or_next`), whose label then goes with the view. The view in slot `i` of
 /// epoch `e` depends only on (seed, e, i).
 fn augmented_features(
-    vit: &VisionTransformer,
+    backbone: &Backbone,
     data: &Dataset,
     batch: &[usize],
     transform: LinearTrainTransform,
@@ -282,7 +282,7 @@ fn augmented_features(
     let s = transform.size as usize;
     let (pixels, used): (Vec<Vec<f32>>, Vec<usize>) = views.into_iter().unzip();
     let images = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [batch.len(), 3, s, s]), device);
-    Ok((config.features.forward(vit, images), used))
+    Ok((config.features.forward(backbone, images), used))
 }
 
 #[cfg(test)]

@@ -2,9 +2,12 @@
 //!
 //! Defaults follow `vision_transformer.py` (facebookresearch/dino, commit 7c446df): ViT presets
 //! use `qkv_bias=True`, `mlp_ratio=4`, LayerNorm `eps=1e-6` and 12 blocks; `DINOHead` defaults to
-//! 3 layers, hidden 2048, bottleneck 256, no BatchNorm, `norm_last_layer=True`.
+//! 3 layers, hidden 2048, bottleneck 256, no BatchNorm, `norm_last_layer=True`. ResNet presets
+//! are torchvision's (`resnet18`, `resnet34`, `resnet50`), and the `_cifar` variants have the
+//! small-image stem of lightly and solo-learn (3x3 `conv1`, stride 1, no max-pool).
 
 use burn::config::Config;
+use serde::{Deserialize, Serialize};
 
 /// A Vision Transformer backbone: the architecture, not the weights.
 #[derive(Config, Debug, PartialEq)]
@@ -127,13 +130,175 @@ impl DinoHeadConfig {
     }
 }
 
+/// torchvision's residual block types.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    /// Two 3x3 convolutions (resnet18, resnet34).
+    Basic,
+    /// 1x1, 3x3, 1x1 with 4x wider output (resnet50 and up).
+    Bottleneck,
+}
+
+impl BlockKind {
+    /// Output width over the block's `planes`.
+    pub fn expansion(self) -> usize {
+        match self {
+            Self::Basic => 1,
+            Self::Bottleneck => 4,
+        }
+    }
+}
+
+/// The layers before the first stage.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stem {
+    /// torchvision's: 7x7 stride-2 `conv1`, then a 3x3 stride-2 max-pool (224 px images).
+    ImageNet,
+    /// For 32 px images: 3x3 stride-1 `conv1`, no max-pool.
+    Cifar,
+}
+
+/// A ResNet backbone: the architecture, not the weights.
+#[derive(Config, Debug, PartialEq)]
+pub struct ResNetConfig {
+    /// Blocks in each of the four stages ([2, 2, 2, 2] resnet18, [3, 4, 6, 3] resnet34/50).
+    pub layers: [usize; 4],
+    pub block: BlockKind,
+    #[config(default = "Stem::ImageNet")]
+    pub stem: Stem,
+    /// Channels of the stem and of the first stage's blocks, doubled at each stage (torchvision
+    /// 64; smaller only for tests).
+    #[config(default = 64)]
+    pub width: usize,
+}
+
+/// The named ResNet presets.
+pub const RESNET_ARCHS: [&str; 6] =
+    ["resnet18", "resnet34", "resnet50", "resnet18_cifar", "resnet34_cifar", "resnet50_cifar"];
+
+impl ResNetConfig {
+    /// torchvision's `name` (`resnet18`, `resnet34`, `resnet50`), or its `_cifar` variant, or
+    /// `None` for an unknown name.
+    pub fn preset(name: &str) -> Option<Self> {
+        let (base, stem) = match name.strip_suffix("_cifar") {
+            Some(base) => (base, Stem::Cifar),
+            None => (name, Stem::ImageNet),
+        };
+        let config = match base {
+            "resnet18" => Self::new([2, 2, 2, 2], BlockKind::Basic),
+            "resnet34" => Self::new([3, 4, 6, 3], BlockKind::Basic),
+            "resnet50" => Self::new([3, 4, 6, 3], BlockKind::Bottleneck),
+            _ => return None,
+        };
+        Some(config.with_stem(stem))
+    }
+
+    /// The preset name this config is, if any.
+    pub fn arch_name(&self) -> Option<&'static str> {
+        RESNET_ARCHS.into_iter().find(|name| Self::preset(name).as_ref() == Some(self))
+    }
+
+    /// Width of the pooled feature.
+    pub fn embed_dim(&self) -> usize {
+        self.width * 8 * self.block.expansion()
+    }
+
+    /// Checks the invariants the network relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.width == 0 || self.layers.contains(&0) {
+            return Err(format!("a ResNet needs a positive width and a block in every stage, not {self:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// The backbone of a DINO network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum BackboneConfig {
+    Vit(VitConfig),
+    ResNet(ResNetConfig),
+}
+
+impl BackboneConfig {
+    /// The backbone for an `--arch` name: a ViT preset with `patch_size`, or a ResNet preset.
+    pub fn preset(arch: &str, patch_size: usize) -> Option<Self> {
+        VitConfig::preset(arch, patch_size).map(Self::Vit).or_else(|| ResNetConfig::preset(arch).map(Self::ResNet))
+    }
+
+    /// Width of the feature the head reads.
+    pub fn embed_dim(&self) -> usize {
+        match self {
+            Self::Vit(c) => c.embed_dim,
+            Self::ResNet(c) => c.embed_dim(),
+        }
+    }
+
+    /// The image side the network is made for: a ViT's position-embedding resolution, 224 px for
+    /// a ResNet with the ImageNet stem, 32 px with the CIFAR one.
+    pub fn img_size(&self) -> usize {
+        match self {
+            Self::Vit(c) => c.img_size,
+            Self::ResNet(c) if c.stem == Stem::Cifar => 32,
+            Self::ResNet(_) => 224,
+        }
+    }
+
+    /// `vit_small/16`, `resnet50`, or a description of a custom network.
+    pub fn arch_name(&self) -> String {
+        match self {
+            Self::Vit(c) => {
+                c.arch_name().map_or(format!("a custom ViT/{}", c.patch_size), |a| format!("{a}/{}", c.patch_size))
+            }
+            Self::ResNet(c) => c.arch_name().map_or_else(|| format!("a custom ResNet {c:?}"), String::from),
+        }
+    }
+
+    /// The ViT's config, for the tools that need patch tokens or attention.
+    pub fn vit(&self) -> Option<&VitConfig> {
+        match self {
+            Self::Vit(c) => Some(c),
+            Self::ResNet(_) => None,
+        }
+    }
+
+    /// Checks the invariants the network relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Vit(c) => c.validate(),
+            Self::ResNet(c) => c.validate(),
+        }
+    }
+}
+
+/// Every `--arch` name.
+pub fn arch_names() -> String {
+    VIT_ARCHS.iter().chain(&RESNET_ARCHS).copied().collect::<Vec<_>>().join(", ")
+}
+
 /// What a weights file of ours says about the network it holds (stored as JSON metadata).
 #[derive(Config, Debug, PartialEq)]
 pub struct ModelConfig {
     /// The backbone.
-    pub vit: VitConfig,
+    pub backbone: BackboneConfig,
     /// The projection head, when the file holds one.
     pub head: Option<DinoHeadConfig>,
+}
+
+impl ModelConfig {
+    /// Reads the JSON of a file's header, also in the layout written before ResNets
+    /// (`{"vit": {...}, "head": ...}`).
+    pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct ViTOnly {
+            vit: VitConfig,
+            head: Option<DinoHeadConfig>,
+        }
+        serde_json::from_str(json).or_else(|e| {
+            serde_json::from_str::<ViTOnly>(json)
+                .map(|old| Self::new(BackboneConfig::Vit(old.vit)).with_head(old.head))
+                .map_err(|_| e)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +314,29 @@ mod tests {
         assert!(VitConfig::preset("vit_huge", 16).is_none());
         assert_eq!(s.arch_name(), Some("vit_small"));
         assert_eq!(s.grid_size(), 28);
+    }
+
+    #[test]
+    fn resnet_presets_are_torchvision_s() {
+        let r50 = ResNetConfig::preset("resnet50").unwrap();
+        assert_eq!(
+            (r50.layers, r50.block, r50.stem, r50.embed_dim()),
+            ([3, 4, 6, 3], BlockKind::Bottleneck, Stem::ImageNet, 2048)
+        );
+        let r18 = ResNetConfig::preset("resnet18_cifar").unwrap();
+        assert_eq!((r18.stem, r18.embed_dim(), r18.arch_name()), (Stem::Cifar, 512, Some("resnet18_cifar")));
+        assert_eq!(BackboneConfig::preset("resnet34", 16).unwrap().arch_name(), "resnet34");
+        assert_eq!(BackboneConfig::preset("vit_tiny", 8).unwrap().arch_name(), "vit_tiny/8");
+        assert!(ResNetConfig::preset("resnet101").is_none());
+    }
+
+    #[test]
+    fn configs_written_before_resnets_still_read() {
+        let vit = VitConfig::preset("vit_tiny", 16).unwrap();
+        let old = format!(r#"{{"vit":{},"head":null}}"#, serde_json::to_string(&vit).unwrap());
+        assert_eq!(ModelConfig::from_json(&old).unwrap(), ModelConfig::new(BackboneConfig::Vit(vit.clone())));
+        let new = ModelConfig::new(BackboneConfig::ResNet(ResNetConfig::preset("resnet18").unwrap()));
+        assert_eq!(ModelConfig::from_json(&serde_json::to_string(&new).unwrap()).unwrap(), new);
     }
 
     #[test]

@@ -3,15 +3,15 @@
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
+use crate::backbone::Backbone;
 use crate::config::ModelConfig;
 use crate::head::DinoHead;
-use crate::vit::VisionTransformer;
 
 /// The network trained by DINO: a backbone followed by the projection head.
 /// Checkpoint keys are `backbone.*` and `head.*`, as in the official wrapper.
 #[derive(Module, Debug)]
 pub struct DinoModel {
-    pub backbone: VisionTransformer,
+    pub backbone: Backbone,
     pub head: DinoHead,
 }
 
@@ -19,7 +19,7 @@ impl DinoModel {
     /// A randomly initialised model. Panics if `config.head` is `None`.
     pub fn new(config: &ModelConfig, device: &Device) -> Self {
         let head = config.head.as_ref().expect("a DinoModel needs a head config");
-        Self { backbone: VisionTransformer::new(&config.vit, device), head: DinoHead::new(head, device) }
+        Self { backbone: Backbone::new(&config.backbone, device), head: DinoHead::new(head, device) }
     }
 
     /// Crops in order (e.g. 2 globals then the locals), each `[B, 3, H_i, W_i]` ->

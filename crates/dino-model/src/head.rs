@@ -1,9 +1,10 @@
 //! The DINO projection head (`DINOHead` in `vision_transformer.py`).
 
 use burn::module::{Module, Param};
-use burn::nn::{BatchNorm, BatchNormConfig, Gelu, Linear};
+use burn::nn::{Gelu, Linear};
 use burn::tensor::{DType, Device, Tensor};
 
+use crate::batch_norm::BatchNorm;
 use crate::config::DinoHeadConfig;
 use crate::init::{linear, torch_default_uniform};
 
@@ -59,7 +60,7 @@ impl DinoHead {
         for _ in 1..config.nlayers {
             mlp.push(HeadLayer::Linear(linear(d_in, config.hidden_dim, true, device)));
             if config.use_bn {
-                mlp.push(HeadLayer::BatchNorm(BatchNormConfig::new(config.hidden_dim).init(device)));
+                mlp.push(HeadLayer::BatchNorm(BatchNorm::new(config.hidden_dim, device)));
             }
             mlp.push(HeadLayer::Gelu(Gelu::new()));
             d_in = config.hidden_dim;

@@ -1,6 +1,7 @@
 //! Weights in and out, under the official PyTorch key names.
 //!
-//! Reads the released backbone `.pth` files (a bare state_dict), full official `checkpoint.pth`
+//! Reads the released backbone `.pth` files (a bare state_dict: a ViT's, or a torchvision
+//! ResNet's without `fc`), full official `checkpoint.pth`
 //! files (`student` / `teacher` entries with `module.` and `backbone.` prefixes, a pickled
 //! `args` Namespace beside them) and safetensors files; writes safetensors that
 //! `torch`'s `load_state_dict(strict=True)` accepts, with our [`ModelConfig`] in the header so
@@ -20,9 +21,11 @@ use burn::module::Module;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge, burn_pack, pytorch_reader};
 use burn::tensor::{DType, TensorData};
 
-use crate::config::{DinoHeadConfig, ModelConfig, VitConfig};
+use crate::backbone::Backbone;
+use crate::config::{BackboneConfig, BlockKind, DinoHeadConfig, ModelConfig, ResNetConfig, Stem, VitConfig};
 use crate::dino::DinoModel;
 use crate::head::DinoHead;
+use crate::resnet::ResNet;
 use crate::vit::VisionTransformer;
 
 /// The safetensors header entry that carries our [`ModelConfig`] as JSON.
@@ -66,8 +69,10 @@ pub enum WeightsError {
     /// A full checkpoint without the requested network.
     #[error("{path}: this checkpoint has no '{key}' entry (top-level entries: {available})")]
     MissingEntry { path: PathBuf, key: String, available: String },
-    /// The file holds no ViT backbone.
-    #[error("{path}: no ViT backbone weights found (expected keys such as 'cls_token', 'blocks.0.attn.qkv.weight')")]
+    /// The file holds no backbone.
+    #[error(
+        "{path}: no backbone weights found (expected a ViT's 'cls_token', 'blocks.0.attn.qkv.weight', ... or a ResNet's 'conv1.weight', 'layer1.0.conv1.weight', ...)"
+    )]
     NoBackbone { path: PathBuf },
     /// The architecture cannot be read off the file.
     #[error("{path}: cannot infer the architecture: {reason}")]
@@ -142,7 +147,7 @@ impl Weights {
             let (tensors, metadata) = read_safetensors(path)?;
             let config = match metadata.get(CONFIG_METADATA_KEY) {
                 Some(json) => Some(
-                    serde_json::from_str(json)
+                    ModelConfig::from_json(json)
                         .map_err(|e| damaged(path, "safetensors", format!("bad model config in the header: {e}")))?,
                 ),
                 None => None,
@@ -163,9 +168,13 @@ impl Weights {
                 weights.backbone.insert(name.to_string(), data);
             }
         }
-        if !weights.backbone.contains_key("cls_token") && weights.head.is_empty() {
+        if weights.head.is_empty() && weights.backbone.contains_key("last_layer.weight_v") {
             // A bare head state_dict (`mlp.0.weight`, `last_layer.weight_v`, ...).
             weights.head = std::mem::take(&mut weights.backbone);
+        }
+        if weights.backbone.contains_key("conv1.weight") {
+            // torchvision's classifier; DINO replaces it by `nn.Identity()`.
+            weights.backbone.retain(|k, _| !k.starts_with("fc."));
         }
         // `nn.Sequential` vs a single `nn.Linear` when the head has one layer.
         for suffix in ["weight", "bias"] {
@@ -176,18 +185,54 @@ impl Weights {
         Ok(weights)
     }
 
-    /// The backbone's config: the stored one, else inferred from the tensor shapes. The number
-    /// of heads is not in the shapes; it is taken from the official preset of the same width,
-    /// or from `num_heads` when given.
-    pub fn vit_config(&self, num_heads: Option<usize>) -> Result<VitConfig> {
-        if let Some(config) = &self.config {
-            let mut vit = config.vit.clone();
-            if let Some(h) = num_heads {
-                vit.num_heads = h;
+    /// The backbone's config: the stored one, else inferred from the tensor shapes. A ViT's
+    /// number of heads is not in the shapes; it is taken from the official preset of the same
+    /// width, or from `num_heads` when given.
+    pub fn backbone_config(&self, num_heads: Option<usize>) -> Result<BackboneConfig> {
+        match self.config.as_ref().map(|c| c.backbone.clone()) {
+            Some(BackboneConfig::Vit(mut vit)) => {
+                if let Some(h) = num_heads {
+                    vit.num_heads = h;
+                }
+                Ok(BackboneConfig::Vit(vit))
             }
-            return Ok(vit);
+            Some(resnet) => Ok(resnet),
+            None if self.backbone.contains_key("conv1.weight") => self.inferred_resnet().map(BackboneConfig::ResNet),
+            None => self.inferred_vit(num_heads).map(BackboneConfig::Vit),
         }
-        self.inferred_vit(num_heads)
+    }
+
+    /// The ViT backbone's config (see [`Self::backbone_config`]); an error for a ResNet.
+    pub fn vit_config(&self, num_heads: Option<usize>) -> Result<VitConfig> {
+        match self.backbone_config(num_heads)? {
+            BackboneConfig::Vit(vit) => Ok(vit),
+            BackboneConfig::ResNet(resnet) => Err(WeightsError::UnknownArchitecture {
+                path: self.path.clone(),
+                reason: format!("it holds {}, and this needs a ViT", describe_resnet(&resnet)),
+            }),
+        }
+    }
+
+    /// A ResNet's config as read off the tensor shapes alone: the stem from `conv1`'s kernel,
+    /// the block type from `conv3`, the depth of each stage from its block indices.
+    fn inferred_resnet(&self) -> Result<ResNetConfig> {
+        let unknown = |reason: String| WeightsError::UnknownArchitecture { path: self.path.clone(), reason };
+        let conv1 = self.backbone.get("conv1.weight").ok_or(WeightsError::NoBackbone { path: self.path.clone() })?;
+        let stem = match conv1.shape().as_slice() {
+            [w, 3, 7, 7] if *w > 0 => Stem::ImageNet,
+            [w, 3, 3, 3] if *w > 0 => Stem::Cifar,
+            other => {
+                return Err(unknown(format!(
+                    "conv1.weight has shape {other:?}, not [width, 3, 7, 7] or [width, 3, 3, 3]"
+                )));
+            }
+        };
+        let block =
+            if self.backbone.contains_key("layer1.0.conv3.weight") { BlockKind::Bottleneck } else { BlockKind::Basic };
+        let layers = [1, 2, 3, 4].map(|stage| {
+            (0..).take_while(|b| self.backbone.contains_key(&format!("layer{stage}.{b}.conv1.weight"))).count()
+        });
+        Ok(ResNetConfig::new(layers, block).with_stem(stem).with_width(conv1.shape()[0]))
     }
 
     /// The backbone's config as read off the tensor shapes alone.
@@ -271,17 +316,42 @@ impl Weights {
     }
 
     /// A backbone built from `config` with these weights, checked strictly (head keys are not
-    /// the backbone's business and are ignored, as the official loaders do). Weights of
-    /// another shape of ViT are refused with both shapes named, before any key is compared.
-    pub fn backbone(&self, config: &VitConfig, device: &burn::tensor::Device) -> Result<VisionTransformer> {
-        if let Ok(found) = self.inferred_vit(Some(config.num_heads))
-            && describe_vit(&found) != describe_vit(config)
+    /// the backbone's business and are ignored, as the official loaders do), ready for
+    /// inference: BatchNorm in eval mode. Weights of another network are refused with both
+    /// named, before any key is compared.
+    pub fn backbone(&self, config: &BackboneConfig, device: &burn::tensor::Device) -> Result<Backbone> {
+        Ok(match config {
+            BackboneConfig::Vit(c) => Backbone::Vit(self.vit(c, device)?),
+            BackboneConfig::ResNet(c) => Backbone::ResNet(self.resnet(c, device)?),
+        })
+    }
+
+    /// The ViT backbone of [`Self::backbone`].
+    pub fn vit(&self, config: &VitConfig, device: &burn::tensor::Device) -> Result<VisionTransformer> {
+        let found = self.inferred_vit(Some(config.num_heads)).map(|c| describe_vit(&c));
+        let found = found.or_else(|_| self.inferred_resnet().map(|c| describe_resnet(&c)));
+        if let Ok(found) = found
+            && found != describe_vit(config)
         {
-            return Err(self.other_network(describe_vit(&found), describe_vit(config)));
+            return Err(self.other_network(found, describe_vit(config)));
         }
         let mut vit = VisionTransformer::new(config, device);
         apply_strict(&mut vit, &self.backbone, &self.path, &describe_vit(config))?;
         Ok(vit)
+    }
+
+    /// The ResNet backbone of [`Self::backbone`], in eval mode.
+    pub fn resnet(&self, config: &ResNetConfig, device: &burn::tensor::Device) -> Result<ResNet> {
+        let found = self.inferred_resnet().map(|c| describe_resnet(&c));
+        let found = found.or_else(|_| self.inferred_vit(None).map(|c| describe_vit(&c)));
+        if let Ok(found) = found
+            && found != describe_resnet(config)
+        {
+            return Err(self.other_network(found, describe_resnet(config)));
+        }
+        let mut resnet = ResNet::new(config, device);
+        apply_strict(&mut resnet, &self.backbone, &self.path, &describe_resnet(config))?;
+        Ok(crate::batch_norm::eval_mode(resnet))
     }
 
     /// The head built from `config` with these weights, checked strictly; a head of another
@@ -319,6 +389,20 @@ fn describe_vit(c: &VitConfig) -> String {
         (c.embed_dim as f64 * c.mlp_ratio).round(),
         if c.qkv_bias { "" } else { ", no qkv bias" }
     )
+}
+
+/// "resnet50 (bottleneck blocks [3, 4, 6, 3], width 64, ImageNet stem)".
+fn describe_resnet(c: &ResNetConfig) -> String {
+    format!(
+        "{} ({:?} blocks {:?}, width {}, {:?} stem)",
+        c.arch_name().unwrap_or("a ResNet"),
+        c.block,
+        c.layers,
+        c.width,
+        c.stem
+    )
+    .replace("Basic blocks", "basic blocks")
+    .replace("Bottleneck blocks", "bottleneck blocks")
 }
 
 /// "a DINO head 384 -> out_dim 65536 (3 layers, hidden 2048, bottleneck 256)".
@@ -596,8 +680,8 @@ fn official_head_names(tensors: &mut [(String, TensorData)], head: &DinoHead, pr
 }
 
 /// Saves a backbone as the released hub files hold it (bare keys), plus its config.
-pub fn save_backbone(vit: &VisionTransformer, config: &VitConfig, path: &Path) -> Result<()> {
-    write_safetensors(path, torch_tensors(vit, ""), config_metadata(&ModelConfig::new(config.clone())))
+pub fn save_backbone(backbone: &Backbone, config: &BackboneConfig, path: &Path) -> Result<()> {
+    write_safetensors(path, torch_tensors(backbone, ""), config_metadata(&ModelConfig::new(config.clone())))
 }
 
 /// Backbone and head under the official wrapper's keys (`{prefix}backbone.*`, `{prefix}head.*`).

@@ -8,13 +8,13 @@ use burn::tensor::Device;
 use dino_fixtures::fuzz::{PthParts, SafetensorsFile, fuzz};
 use dino_fixtures::pth::{Pickle, pth_tensors, write_malicious_pth, write_pth, write_pth_archive};
 use dino_model::weights::{CheckpointKey, Weights, read_pytorch_int, save_model, state_dict};
-use dino_model::{DinoHeadConfig, DinoModel, ModelConfig, VitConfig};
+use dino_model::{BackboneConfig, DinoHeadConfig, DinoModel, ModelConfig, VitConfig};
 use mutatis::mutators as m;
 
 fn tiny_model() -> (ModelConfig, DinoModel) {
     let vit = VitConfig::new(8, 1, 2).with_patch_size(4).with_img_size(8);
     let head = DinoHeadConfig::new(8, 16).with_hidden_dim(12).with_bottleneck_dim(4);
-    let config = ModelConfig::new(vit).with_head(Some(head));
+    let config = ModelConfig::new(BackboneConfig::Vit(vit)).with_head(Some(head));
     let model = DinoModel::new(&config, &Device::flex());
     (config, model)
 }
@@ -28,7 +28,7 @@ fn load(path: &Path) -> bool {
         if let Ok(config) = weights.vit_config(heads)
             && config.validate().is_ok()
         {
-            let _ = weights.backbone(&config, &device);
+            let _ = weights.vit(&config, &device);
         }
     }
     if let Some(head) = weights.head_config()

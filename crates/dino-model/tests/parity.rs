@@ -4,7 +4,7 @@
 use burn::tensor::{Device, Tensor};
 use dino_fixtures::*;
 use dino_model::weights::{CheckpointKey, Weights, official_shapes, save_model, state_dict};
-use dino_model::{DinoHead, DinoHeadConfig, DinoModel, ModelConfig, VitConfig};
+use dino_model::{BackboneConfig, DinoHead, DinoHeadConfig, DinoModel, ModelConfig, VitConfig};
 
 const FORWARD_TOL: f64 = 1e-4;
 
@@ -17,7 +17,7 @@ fn device() -> Device {
 fn fixture_backbone(file: &str) -> (VitConfig, dino_model::VisionTransformer) {
     let weights = Weights::read(&fixture_dir().join(file), CheckpointKey::Teacher).unwrap();
     let config = weights.vit_config(Some(manifest_usize("heads"))).unwrap();
-    let vit = weights.backbone(&config, &device()).unwrap();
+    let vit = weights.vit(&config, &device()).unwrap();
     (config, vit)
 }
 
@@ -101,7 +101,7 @@ fn multicrop_forward_groups_crops_like_the_official_wrapper() {
     let (g, l): (Tensor<4>, Tensor<4>) = (tensor(&io["x_global"], &device()), tensor(&io["x_local"], &device()));
     let crops = [g.clone(), g.clone(), l.clone()];
     let expected = head.forward(Tensor::cat(vec![vit.forward(g.clone()), vit.forward(g), vit.forward(l)], 0));
-    let model = DinoModel { backbone: vit, head };
+    let model = DinoModel { backbone: dino_model::Backbone::Vit(vit), head };
     let err = rel_err(model.forward_crops(&crops), &expected.into_data());
     assert!(err < 1e-6, "multi-crop rel err {err:e}");
     let _ = vit_config;
@@ -127,7 +127,7 @@ fn full_checkpoint_loads_teacher_and_student() {
         assert_eq!(compared, weights.backbone.len() + weights.head.len());
         // ... and they build the networks.
         let vit = weights.vit_config(Some(manifest_usize("heads"))).unwrap();
-        weights.backbone(&vit, &device()).unwrap();
+        weights.vit(&vit, &device()).unwrap();
         weights.dino_head(&weights.head_config().unwrap(), &device()).unwrap();
     }
 }
@@ -159,7 +159,7 @@ fn saved_models_reload_identically_with_their_config() {
         DinoHeadConfig::new(24, 10).with_nlayers(1).with_bottleneck_dim(8),
         DinoHeadConfig::new(24, 10).with_use_bn(true).with_hidden_dim(16).with_bottleneck_dim(8),
     ] {
-        let config = ModelConfig::new(vit.clone()).with_head(Some(head.clone()));
+        let config = ModelConfig::new(BackboneConfig::Vit(vit.clone())).with_head(Some(head.clone()));
         let model = DinoModel::new(&config, &device());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
@@ -169,7 +169,7 @@ fn saved_models_reload_identically_with_their_config() {
         if head.nlayers == 1 {
             assert!(weights.head.contains_key("mlp.0.weight"), "read back under our index");
         }
-        let back = weights.backbone(&weights.vit_config(None).unwrap(), &device()).unwrap();
+        let back = weights.vit(&weights.vit_config(None).unwrap(), &device()).unwrap();
         let back_head = weights.dino_head(&weights.head_config().unwrap(), &device()).unwrap();
         assert_eq!(state_dict(&back), state_dict(&model.backbone));
         assert_eq!(state_dict(&back_head), state_dict(&model.head));

@@ -11,7 +11,7 @@ use dino_fixtures::pth::{pth_tensors, write_malicious_pth, write_pth};
 use dino_model::weights::{
     CheckpointKey, IgnoredObject, Weights, WeightsError, describe_ignored, save_backbone, save_model, state_dict,
 };
-use dino_model::{DinoHeadConfig, DinoModel, ModelConfig, VisionTransformer, VitConfig};
+use dino_model::{Backbone, BackboneConfig, DinoHeadConfig, DinoModel, ModelConfig, VisionTransformer, VitConfig};
 
 fn tiny_vit() -> (VitConfig, VisionTransformer) {
     let config = VitConfig::new(16, 2, 2).with_patch_size(4).with_img_size(16);
@@ -71,7 +71,7 @@ fn a_malicious_pickle_runs_nothing_and_its_objects_are_named() {
     }
     assert!(weights.head.is_empty());
     let inferred = weights.vit_config(Some(config.num_heads)).unwrap();
-    let loaded = weights.backbone(&inferred, &Device::flex()).unwrap();
+    let loaded = weights.vit(&inferred, &Device::flex()).unwrap();
     assert_eq!(state_dict(&loaded), tensors);
     // Every planted object is named, with its key and Python type, and nothing else is.
     let mut expected: Vec<IgnoredObject> =
@@ -115,7 +115,7 @@ fn the_official_checkpoint_loads_and_its_args_namespace_is_named() {
         ]
     );
     let vit = weights.vit_config(Some(dino_fixtures::manifest_usize("heads"))).unwrap();
-    weights.backbone(&vit, &Device::flex()).unwrap();
+    weights.vit(&vit, &Device::flex()).unwrap();
     weights.dino_head(&weights.head_config().unwrap(), &Device::flex()).unwrap();
     // Released backbones are bare state_dicts: nothing to name.
     let hub = Weights::read(&fixture_dir().join("vit_backbone.pth"), CheckpointKey::Teacher).unwrap();
@@ -127,7 +127,7 @@ fn damaged_files_fail_with_one_line_naming_file_and_damage() {
     let dir = tempfile::tempdir().unwrap();
     let (config, vit) = tiny_vit();
     let st = dir.path().join("good.safetensors");
-    save_backbone(&vit, &config, &st).unwrap();
+    save_backbone(&Backbone::Vit(vit.clone()), &BackboneConfig::Vit(config), &st).unwrap();
     let pth = dir.path().join("good.pth");
     write_pth(&pth, &pth_tensors(&state_dict(&vit))).unwrap();
     let st_bytes = std::fs::read(&st).unwrap();
@@ -187,20 +187,20 @@ fn weights_of_another_network_are_refused_with_both_named() {
     let device = Device::flex();
     let (vit_config, _) = tiny_vit();
     let head = DinoHeadConfig::new(16, 32).with_hidden_dim(24).with_bottleneck_dim(8);
-    let model_config = ModelConfig::new(vit_config.clone()).with_head(Some(head.clone()));
+    let model_config = ModelConfig::new(BackboneConfig::Vit(vit_config.clone())).with_head(Some(head.clone()));
     let path = dir.path().join("model.safetensors");
     save_model(&DinoModel::new(&model_config, &device), &model_config, &path).unwrap();
     let weights = Weights::read(&path, CheckpointKey::Teacher).unwrap();
 
     let deeper = VitConfig { depth: 3, ..vit_config.clone() };
-    let e = one_line(weights.backbone(&deeper, &device).err().expect("a deeper ViT must not load"));
+    let e = one_line(weights.vit(&deeper, &device).err().expect("a deeper ViT must not load"));
     assert!(
         e.contains("model.safetensors: holds a ViT (embed dim 16, 2 blocks")
             && e.contains("not a ViT (embed dim 16, 3 blocks"),
         "{e}"
     );
     let bigger_images = VitConfig { img_size: 32, ..vit_config.clone() };
-    let e = one_line(weights.backbone(&bigger_images, &device).err().expect("another grid must not load"));
+    let e = one_line(weights.vit(&bigger_images, &device).err().expect("another grid must not load"));
     assert!(e.contains("16 px images") && e.contains("32 px images"), "{e}");
 
     let other_out = DinoHeadConfig { out_dim: 64, ..head.clone() };
@@ -210,6 +210,6 @@ fn weights_of_another_network_are_refused_with_both_named() {
     let e = one_line(weights.dino_head(&other_bottleneck, &device).err().expect("another bottleneck must not load"));
     assert!(e.contains("bottleneck 8") && e.contains("bottleneck 12"), "{e}");
     // The same network loads; norm_last_layer is not in the shapes and is not compared.
-    weights.backbone(&vit_config, &device).unwrap();
+    weights.vit(&vit_config, &device).unwrap();
     weights.dino_head(&DinoHeadConfig { norm_last_layer: false, ..head }, &device).unwrap();
 }

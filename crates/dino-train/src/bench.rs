@@ -151,10 +151,8 @@ mod tests {
             let config = preset.train_config();
             config.validate().unwrap();
             let model = config.model_config().unwrap();
-            assert_eq!(
-                (model.vit.embed_dim, model.vit.depth, model.vit.num_heads),
-                (preset.dim, preset.depth, preset.heads)
-            );
+            let vit = model.backbone.vit().unwrap();
+            assert_eq!((vit.embed_dim, vit.depth, vit.num_heads), (preset.dim, preset.depth, preset.heads));
             assert_eq!(config.crops.num_crops(), 2 + preset.n_local);
         }
         assert_eq!(BenchPreset::find("tiny32").unwrap().batch, 32);

@@ -153,7 +153,7 @@ fn read_network(
     let head_config = model_config.head.clone().expect("training configs have a head");
     let weights = Weights::read(path, key)?;
     Ok(DinoModel {
-        backbone: weights.backbone(&model_config.vit, device)?,
+        backbone: weights.backbone(&model_config.backbone, device)?,
         head: weights.dino_head(&head_config, device)?,
     })
 }

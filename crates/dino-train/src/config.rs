@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use dino_data::{ImagePolicy, MultiCropConfig};
-use dino_model::{DinoHeadConfig, ModelConfig, VitConfig};
+use dino_model::{BackboneConfig, DinoHeadConfig, ModelConfig, VitConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::OptimizerKind;
@@ -16,9 +16,10 @@ use crate::precision::Precision;
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     // ---- model ----
-    /// `--arch`: vit_tiny, vit_small or vit_base.
+    /// `--arch`: vit_tiny, vit_small, vit_base, or resnet18/34/50 (`_cifar`: the 32 px stem).
     pub arch: String,
-    /// `--patch_size` (official 16); 0 derives it from the images (`fit_to_images`).
+    /// `--patch_size` (official 16); 0 derives it from the images (`fit_to_images`). This and
+    /// the other ViT settings below (depth to img_size, drop_path_rate) do nothing for a ResNet.
     pub patch_size: usize,
     /// Blocks; the official presets have 12 (ours: a smaller depth for small data and CPUs).
     pub depth: usize,
@@ -355,23 +356,30 @@ impl TrainConfig {
     /// The network this config trains (student and teacher share it; only the student uses drop
     /// path).
     pub fn model_config(&self) -> Result<ModelConfig, String> {
-        let base = VitConfig::preset(&self.arch, self.patch_size).ok_or_else(|| {
-            format!("unknown arch '{}'; choose one of {}", self.arch, dino_model::config::VIT_ARCHS.join(", "))
-        })?;
-        let vit = VitConfig {
-            depth: self.depth,
-            embed_dim: if self.embed_dim > 0 { self.embed_dim } else { base.embed_dim },
-            num_heads: if self.num_heads > 0 { self.num_heads } else { base.num_heads },
-            img_size: self.img_size,
-            drop_path_rate: self.drop_path_rate,
-            ..base
+        let backbone = match BackboneConfig::preset(&self.arch, self.patch_size) {
+            Some(BackboneConfig::Vit(base)) => BackboneConfig::Vit(VitConfig {
+                depth: self.depth,
+                embed_dim: if self.embed_dim > 0 { self.embed_dim } else { base.embed_dim },
+                num_heads: if self.num_heads > 0 { self.num_heads } else { base.num_heads },
+                img_size: self.img_size,
+                drop_path_rate: self.drop_path_rate,
+                ..base
+            }),
+            Some(resnet) => resnet,
+            None => {
+                return Err(format!(
+                    "unknown arch '{}'; choose one of {}",
+                    self.arch,
+                    dino_model::config::arch_names()
+                ));
+            }
         };
-        let head = DinoHeadConfig::new(vit.embed_dim, self.out_dim)
+        let head = DinoHeadConfig::new(backbone.embed_dim(), self.out_dim)
             .with_use_bn(self.use_bn_in_head)
             .with_norm_last_layer(self.norm_last_layer)
             .with_hidden_dim(self.head_hidden_dim)
             .with_bottleneck_dim(self.head_bottleneck_dim);
-        Ok(ModelConfig::new(vit).with_head(Some(head)))
+        Ok(ModelConfig::new(backbone).with_head(Some(head)))
     }
 
     /// Checks everything that would otherwise fail later, with a message naming the setting.
@@ -409,7 +417,7 @@ impl TrainConfig {
             }
         }
         let model = self.model_config()?;
-        model.vit.validate()?;
+        model.backbone.validate()?;
         if let Some(head) = &model.head {
             head.validate()?;
         }

@@ -2,6 +2,7 @@
 
 use burn::tensor::{DType, Tensor};
 use dino_model::DinoModel;
+use dino_model::batch_norm::train_mode;
 
 use crate::ema::ema_update;
 use crate::health::{TargetEntropy, target_entropy};
@@ -18,6 +19,15 @@ pub struct TrainState {
     pub teacher: DinoModel,
     pub loss: DinoLoss,
     pub optimizer: Optimizer,
+}
+
+impl TrainState {
+    /// Student and teacher in PyTorch's train mode, as `main_dino.py` keeps them both (the
+    /// teacher is never put in eval mode): BatchNorm layers normalise with batch statistics and
+    /// update their own running ones.
+    pub fn train_mode(self) -> Self {
+        Self { student: train_mode(self.student), teacher: train_mode(self.teacher), ..self }
+    }
 }
 
 /// The scheduled values for one iteration.

@@ -14,6 +14,7 @@ use dino_data::loader::{epoch_batches, iterations_per_epoch};
 use dino_data::{BadImage, DataError, Dataset, EvalTransform, count_skips, describe_skips};
 use dino_eval::{DatasetFeatures, ExtractOptions, FeatureSpec, dataset_features, knn_classify, pixel_features};
 use dino_model::DinoModel;
+use dino_model::batch_norm::eval_mode;
 use dino_model::weights::{describe_ignored, save_backbone};
 use serde::{Deserialize, Serialize};
 
@@ -228,8 +229,9 @@ fn knn_accuracy(
     Ok(result[0].top1)
 }
 
-/// The teacher's k-NN top-1: its backbone's final-normed CLS on whole images.
+/// The teacher's k-NN top-1: its backbone's feature on whole images (BatchNorm in eval mode).
 fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &Device) -> Result<f64, TrainError> {
+    let backbone = eval_mode(model.backbone.clone());
     let options = ExtractOptions {
         transform: knn_transform(config),
         features: FeatureSpec::default(),
@@ -237,8 +239,8 @@ fn knn_top1(model: &DinoModel, config: &TrainConfig, data: &KnnData, device: &De
         batch_size: 256,
     };
     let (n_bank, n_queries) = knn_counts(config, data);
-    let bank = dataset_features(&model.backbone, &data.bank, n_bank, &options, device, |_| ())?;
-    let queries = dataset_features(&model.backbone, &data.queries, n_queries, &options, device, |_| ())?;
+    let bank = dataset_features(&backbone, &data.bank, n_bank, &options, device, |_| ())?;
+    let queries = dataset_features(&backbone, &data.queries, n_queries, &options, device, |_| ())?;
     knn_accuracy(config, data, bank, queries, device)
 }
 
@@ -272,8 +274,9 @@ pub fn train(
     crate::precision::check_support(config.precision, device).map_err(TrainError::Config)?;
     let run = RunDir::prepare(dir)?;
     let started = Instant::now();
-    let Restored { mut state, position: start, epoch_sums: mut resumed_sums, config, .. } =
+    let Restored { state, position: start, epoch_sums: mut resumed_sums, config, .. } =
         networks(config, &data, &run, device, resume, observer)?;
+    let mut state = state.train_mode();
     let start_epoch = start.epoch;
     fs::write(run.config(), config.to_toml()).map_err(io_err(&run.config()))?;
 
@@ -670,7 +673,7 @@ fn write_epoch(
         fs::copy(run.checkpoint(), run.kept_checkpoint(epoch)).map_err(io_err(&run.kept_checkpoint(epoch)))?;
     }
     let model_config = config.model_config().map_err(TrainError::Config)?;
-    save_backbone(&state.teacher.backbone, &model_config.vit, &run.teacher_backbone())?;
+    save_backbone(&state.teacher.backbone, &model_config.backbone, &run.teacher_backbone())?;
     if let Err(e) = plot_history(&run.log(), &run.plot()) {
         observer.note(&format!("could not draw {}: {e}", run.plot().display()));
     }

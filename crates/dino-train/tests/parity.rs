@@ -112,7 +112,10 @@ fn model_from(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Devic
         .with_hidden_dim(manifest_usize("hidden"))
         .with_bottleneck_dim(manifest_usize("bottleneck"))
         .with_norm_last_layer(manifest()["norm_last_layer"].as_bool().unwrap());
-    DinoModel { backbone: weights.backbone(&vit, device).unwrap(), head: weights.dino_head(&head, device).unwrap() }
+    DinoModel {
+        backbone: dino_model::Backbone::Vit(weights.vit(&vit, device).unwrap()),
+        head: weights.dino_head(&head, device).unwrap(),
+    }
 }
 
 /// The model's parameters under their official names.

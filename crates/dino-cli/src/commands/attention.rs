@@ -40,13 +40,20 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     }
     let (height, width) = (args.image_size[0], args.image_size[1]);
     let device = args.device.device()?;
-    let (config, vit) = args.weights.load(&device)?;
+    let (config, backbone) = args.weights.load(&device)?;
+    let (Some(config), Some(vit)) = (config.vit(), backbone.as_vit()) else {
+        bail!(
+            "{} holds {}: attention maps need a ViT (its CLS token's self-attention); a ResNet has none",
+            args.weights.weights.display(),
+            config.arch_name()
+        );
+    };
     let p = config.patch_size as u32;
     if height < p || width < p {
         bail!("--image-size {height} {width} is smaller than one {p} px patch");
     }
     let img = prepare_image(&load_rgb(&args.image, &Default::default())?, width, height, config.patch_size);
-    let maps = cls_attention(&vit, &img, &device);
+    let maps = cls_attention(vit, &img, &device);
     let rendered = render(&img, &maps, config.patch_size, args.threshold, &args.output)?;
     println!(
         "{} heads on a {}x{} patch grid: wrote {} files to {} (overview: {})",

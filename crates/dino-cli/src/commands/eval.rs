@@ -13,7 +13,7 @@ use dino_eval::{
     DatasetFeatures, ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures,
     dataset_features, knn_classify, pixel_features, read_labeled_features, train_linear, write_labeled_features,
 };
-use dino_model::VisionTransformer;
+use dino_model::Backbone;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
@@ -117,9 +117,9 @@ impl FeatureArgs {
             }
             FeatureSource::Backbone => {
                 let weights = self.weights.clone().context("--weights FILE is required (or use --features pixels)")?;
-                let (config, vit) = self.weight_file.load(&weights, device)?;
+                let (config, backbone) = self.weight_file.load(&weights, device)?;
                 let options = ExtractOptions {
-                    transform: self.size.transform(Some(config.img_size as u32)),
+                    transform: self.size.transform(Some(config.img_size() as u32)),
                     features: FeatureSpec::default(),
                     l2_norm: true,
                     batch_size: self.batch_size.max(1),
@@ -127,7 +127,7 @@ impl FeatureArgs {
                 let features = sets
                     .iter()
                     .map(|(data, count, name)| {
-                        Ok(labeled(backbone_features(&vit, data, *count, &options, device, name)?, data, name))
+                        Ok(labeled(backbone_features(&backbone, data, *count, &options, device, name)?, data, name))
                     })
                     .collect::<anyhow::Result<_>>()?;
                 Ok((features, format!("{} features", weights.display())))
@@ -311,7 +311,7 @@ fn labeled(spec: &str, policy: &ImagePolicy) -> anyhow::Result<(Dataset, Vec<u32
 
 /// Backbone features of the first `count` images of `data`, with a progress bar named `what`.
 fn backbone_features(
-    vit: &VisionTransformer,
+    backbone: &Backbone,
     data: &Dataset,
     count: usize,
     options: &ExtractOptions,
@@ -320,7 +320,7 @@ fn backbone_features(
 ) -> anyhow::Result<DatasetFeatures> {
     let count = count.min(data.len());
     let bar = bar(count, what);
-    let features = dataset_features(vit, data, count, options, device, |done| bar.set_position(done as u64))?;
+    let features = dataset_features(backbone, data, count, options, device, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     Ok(features)
 }
@@ -374,13 +374,13 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
         bail!("--lr must be positive");
     }
     let device = args.device.device()?;
-    let (model, vit) = args.weights.load(&device)?;
-    let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, model.depth)
+    let (model, backbone) = args.weights.load(&device)?;
+    let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, &model)
         .map_err(|e| anyhow::anyhow!("--n-last-blocks: {e}"))?;
     let policy = args.images.policy()?;
     let (train, train_labels) = labeled(&args.train, &policy)?;
     let (test, _) = labeled(&args.test, &policy)?;
-    let transform = args.size.transform(Some(model.img_size as u32));
+    let transform = args.size.transform(Some(model.img_size() as u32));
     let options = ExtractOptions { transform, features, l2_norm: false, batch_size: args.batch_size };
     let config = LinearConfig {
         epochs: args.epochs,
@@ -394,7 +394,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let log_path = args.output.join("log.txt");
     let mut log = std::fs::File::create(&log_path).with_context(|| format!("cannot write {}", log_path.display()))?;
 
-    let test_features = backbone_features(&vit, &test, limit(args.max_test), &options, &device, "test features")?;
+    let test_features = backbone_features(&backbone, &test, limit(args.max_test), &options, &device, "test features")?;
     warn_skipped("test features", &test_features.skipped, test.len());
     let test_labels = &test_features.labels(&test).expect("labeled");
     let to_tensor = |f: Features| Tensor::<2>::from_data(TensorData::new(f.values, [f.rows, f.dim]), &device);
@@ -402,7 +402,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let count = limit(args.max_train).min(train.len());
     let fixed = match args.no_augmentation {
         true => {
-            let f = backbone_features(&vit, &train, count, &options, &device, "train features")?;
+            let f = backbone_features(&backbone, &train, count, &options, &device, "train features")?;
             warn_skipped("train features", &f.skipped, train.len());
             let labels = f.labels(&train).expect("labeled");
             Some((to_tensor(f.features), labels))
@@ -412,17 +412,21 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let (source, labels) = if let Some((features, labels)) = &fixed {
         (TrainFeatures::Fixed { features, labels }, &labels[..])
     } else {
-        let size = transform.crop.unwrap_or(model.img_size as u32);
+        let size = transform.crop.unwrap_or(model.img_size() as u32);
         // All labels: an image that fails to decode is replaced by the next usable one, anywhere.
-        let augmented =
-            TrainFeatures::Augmented { vit: &vit, data: &train, count, transform: LinearTrainTransform { size } };
+        let augmented = TrainFeatures::Augmented {
+            backbone: &backbone,
+            data: &train,
+            count,
+            transform: LinearTrainTransform { size },
+        };
         (augmented, &train_labels[..])
     };
     println!(
         "linear probe on {} ({} x {} features, {}): {count} training images, {} test images, {} epochs",
         args.weights.weights.display(),
         features.n_last_blocks,
-        model.embed_dim,
+        model.embed_dim(),
         if args.no_augmentation { "fixed center crops" } else { "random-resized-crop + flip views" },
         test_labels.len(),
         args.epochs,

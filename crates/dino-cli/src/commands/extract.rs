@@ -71,11 +71,11 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
     }
     let policy = args.images.policy()?;
     let device = args.device.device()?;
-    let (config, vit) = args.weights.load(&device)?;
+    let (config, backbone) = args.weights.load(&device)?;
     let total = inputs.paths.len() + inputs.skipped.len();
     let data = Dataset::from_files("the input images", inputs, &policy)?;
     let mut skipped = data.skipped().to_vec();
-    let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, config.depth)
+    let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, &config)
         .map_err(|e| anyhow::anyhow!("--n-last-blocks: {e}"))?;
     let options = ExtractOptions {
         transform: EvalTransform {
@@ -91,7 +91,8 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let extracted = dataset_features(&vit, &data, data.len(), &options, &device, |done| bar.set_position(done as u64))?;
+    let extracted =
+        dataset_features(&backbone, &data, data.len(), &options, &device, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     skipped.extend(extracted.skipped.iter().cloned());
     warn_skipped("extract", &skipped, total);
@@ -110,12 +111,11 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         std::fs::remove_file(&skipped_list).with_context(|| format!("cannot remove {}", skipped_list.display()))?;
     }
     println!(
-        "wrote features [{}, {}] ({} {}/{}) to {} and the image paths to {}",
+        "wrote features [{}, {}] ({}, width {}) to {} and the image paths to {}",
         features.rows,
         features.dim,
-        config.arch_name().unwrap_or("vit"),
-        config.patch_size,
-        config.embed_dim,
+        config.arch_name(),
+        config.embed_dim(),
         args.output.display(),
         list.display()
     );
