@@ -67,6 +67,9 @@ impl BatchNorm {
             let old = state.value_sync();
             let batch = batch.without_autodiff().cast(old.dtype()).to_device(&old.device());
             state.update(old * (1.0 - m) + batch * m);
+            // burn keeps an update per thread until the next read syncs it; fold it in now, so
+            // that a checkpoint written after this forward holds it.
+            let _ = state.value_sync();
         };
         update(&self.running_mean, out.mean);
         update(&self.running_var, out.variance * unbiased);
