@@ -7,7 +7,7 @@
 //! update their own running buffers. Here the mode is a flag of the layer, set for a whole
 //! network with [`train_mode`] / [`eval_mode`], as `module.train()` / `module.eval()` do.
 
-use burn::module::{Flag, Module, ModuleMapper, Param, RunningState};
+use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param, RunningState};
 use burn::tensor::{Device, Tensor};
 
 /// The running-statistics buffers' field names: state, not parameters. The EMA teacher, the
@@ -15,9 +15,57 @@ use burn::tensor::{Device, Tensor};
 /// `parameters()` does.
 pub const BUFFERS: [&str; 2] = ["running_mean", "running_var"];
 
-/// Whether the innermost module path entry `field` names a buffer (see [`BUFFERS`]).
-pub fn is_buffer(field: Option<&String>) -> bool {
-    field.is_some_and(|f| BUFFERS.contains(&f.as_str()))
+/// Passes a module's parameters, not its BatchNorm buffers, to the visitor or mapper it wraps
+/// (PyTorch's `parameters()`); buffers pass through unchanged.
+struct Parameters<'a, T> {
+    inner: &'a mut T,
+    field: Vec<String>,
+}
+
+impl<T> Parameters<'_, T> {
+    fn is_buffer(&self) -> bool {
+        self.field.last().is_some_and(|f| BUFFERS.contains(&f.as_str()))
+    }
+}
+
+impl<V: ModuleVisitor> ModuleVisitor for Parameters<'_, V> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.field.push(name.to_string());
+        self.inner.enter_module(name, container_type);
+    }
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.field.pop();
+        self.inner.exit_module(name, container_type);
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !self.is_buffer() {
+            self.inner.visit_float(param);
+        }
+    }
+}
+
+impl<M: ModuleMapper> ModuleMapper for Parameters<'_, M> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.field.push(name.to_string());
+        self.inner.enter_module(name, container_type);
+    }
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.field.pop();
+        self.inner.exit_module(name, container_type);
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.is_buffer() { param } else { self.inner.map_float(param) }
+    }
+}
+
+/// `visitor` over every parameter of `module`, in order, skipping the BatchNorm buffers.
+pub fn visit_parameters<M: Module, V: ModuleVisitor>(module: &M, visitor: &mut V) {
+    module.visit(&mut Parameters { inner: visitor, field: Vec::new() });
+}
+
+/// `mapper` over every parameter of `module`, in order; the BatchNorm buffers are kept as they are.
+pub fn map_parameters<M: Module, T: ModuleMapper>(module: M, mapper: &mut T) -> M {
+    module.map(&mut Parameters { inner: mapper, field: Vec::new() })
 }
 
 /// Batch normalisation over dimension 1 of `[B, C, ...]`; `gamma`/`beta` are burn's names for

@@ -2,52 +2,26 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
-use dino_model::batch_norm::is_buffer;
+use dino_model::batch_norm::{map_parameters, visit_parameters};
 
-/// Every float parameter of a module (not the BatchNorm buffers), flattened, in visiting order.
-struct Collect {
-    path: Vec<String>,
-    params: Vec<Tensor<1>>,
-}
+/// Every float parameter of a module, flattened, in visiting order.
+struct Collect(Vec<Tensor<1>>);
 
 impl ModuleVisitor for Collect {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if is_buffer(self.path.last()) {
-            return;
-        }
         let t = param.val().without_autodiff();
         let n = t.shape().num_elements();
-        self.params.push(t.reshape([n]));
+        self.0.push(t.reshape([n]));
     }
 }
 
 struct Ema {
-    path: Vec<String>,
     student: std::vec::IntoIter<Tensor<1>>,
     momentum: f64,
 }
 
 impl ModuleMapper for Ema {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if is_buffer(self.path.last()) {
-            return param;
-        }
         let s = self.student.next().expect("teacher and student have the same structure");
         let m = self.momentum;
         param.map(|t| {
@@ -63,7 +37,7 @@ impl ModuleMapper for Ema {
 /// modules are matched by structure, not by parameter id, so a teacher restored from a
 /// checkpoint pairs up as well as one cloned from the student.
 pub fn ema_update<M: Module>(teacher: M, student: &M, momentum: f64) -> M {
-    let mut collect = Collect { path: Vec::new(), params: Vec::new() };
-    student.visit(&mut collect);
-    teacher.map(&mut Ema { path: Vec::new(), student: collect.params.into_iter(), momentum })
+    let mut collect = Collect(Vec::new());
+    visit_parameters(student, &mut collect);
+    map_parameters(teacher, &mut Ema { student: collect.0.into_iter(), momentum })
 }

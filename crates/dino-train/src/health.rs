@@ -35,26 +35,15 @@ pub fn target_entropy(q: &Tensor<2>) -> TargetEntropy {
 
 /// Every float parameter of a module, flattened into one host vector (buffers excluded).
 pub fn parameter_vector<M: Module>(module: &M) -> Vec<f32> {
-    struct Flatten {
-        path: Vec<String>,
-        values: Vec<f32>,
-    }
+    struct Flatten(Vec<f32>);
     impl ModuleVisitor for Flatten {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if !dino_model::batch_norm::is_buffer(self.path.last()) {
-                self.values.extend(param.val().without_autodiff().into_data().iter::<f32>());
-            }
+            self.0.extend(param.val().without_autodiff().into_data().iter::<f32>());
         }
     }
-    let mut flat = Flatten { path: Vec::new(), values: Vec::new() };
-    module.visit(&mut flat);
-    flat.values
+    let mut flat = Flatten(Vec::new());
+    dino_model::batch_norm::visit_parameters(module, &mut flat);
+    flat.0
 }
 
 /// ‖after − before‖ / ‖before‖.

@@ -70,25 +70,13 @@ pub fn check_support(precision: Precision, device: &burn::tensor::Device) -> Res
 /// running statistics stay f32 (a running variance underflows f16), and are shared with
 /// `module`, so the copy's forward passes update them.
 pub fn cast_params<M: Module>(module: &M, dtype: DType) -> M {
-    struct Cast {
-        dtype: DType,
-        path: Vec<String>,
-    }
+    struct Cast(DType);
     impl ModuleMapper for Cast {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if dino_model::batch_norm::is_buffer(self.path.last()) {
-                return param;
-            }
-            param.map(|t| t.cast(self.dtype))
+            param.map(|t| t.cast(self.0))
         }
     }
-    module.clone().map(&mut Cast { dtype, path: Vec::new() })
+    dino_model::batch_norm::map_parameters(module.clone(), &mut Cast(dtype))
 }
 
 /// Dynamic loss scaling with `GradScaler`'s defaults: start at 2^16; halve and skip the step when
