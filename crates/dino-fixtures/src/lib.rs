@@ -66,10 +66,40 @@ pub fn manifest_usize(key: &str) -> usize {
     manifest()[key].as_u64().unwrap_or_else(|| panic!("manifest.json: config.{key} is not an integer")) as usize
 }
 
+/// The torchvision and official-DINO ResNet fixtures (`scripts/make_resnet_fixtures.py`):
+/// `$DINO_RESNET_REFERENCE_DIR` when set, else the copy in this repository.
+pub fn resnet_fixture_dir() -> PathBuf {
+    let dir = match std::env::var_os("DINO_RESNET_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => sandbox::repo_root().join("fixtures/resnet-reference"),
+    };
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "ResNet fixtures not found at {} (set DINO_RESNET_REFERENCE_DIR to a fixture directory)",
+        dir.display()
+    );
+    dir
+}
+
+/// The ResNet fixtures' whole `manifest.json` (`nets`, `train`).
+pub fn resnet_manifest() -> serde_json::Value {
+    let path = resnet_fixture_dir().join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("manifest.json is JSON")
+}
+
 /// A fixture safetensors file: name -> data (as stored).
 pub fn read_fixture(file: &str) -> BTreeMap<String, TensorData> {
-    let path = fixture_dir().join(file);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    read_safetensors(&fixture_dir().join(file))
+}
+
+/// A ResNet fixture safetensors file: name -> data (as stored).
+pub fn read_resnet_fixture(file: &str) -> BTreeMap<String, TensorData> {
+    read_safetensors(&resnet_fixture_dir().join(file))
+}
+
+fn read_safetensors(path: &std::path::Path) -> BTreeMap<String, TensorData> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture is safetensors");
     st.tensors()
         .into_iter()

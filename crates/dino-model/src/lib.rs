@@ -16,7 +16,7 @@ pub mod vit;
 pub mod weights;
 
 pub use backbone::Backbone;
-pub use config::{BackboneConfig, DinoHeadConfig, ModelConfig, ResNetConfig, VitConfig};
+pub use config::{BackboneConfig, BlockKind, DinoHeadConfig, ModelConfig, ResNetConfig, Stem, VitConfig};
 pub use dino::DinoModel;
 pub use head::DinoHead;
 pub use resnet::ResNet;

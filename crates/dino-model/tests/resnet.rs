@@ -2,25 +2,15 @@
 //! update, and the key -> shape maps of resnet18/34/50, from `fixtures/resnet-reference/`
 //! (`scripts/make_resnet_fixtures.py`; `$DINO_RESNET_REFERENCE_DIR` overrides the directory).
 
-use std::path::PathBuf;
-
 use burn::tensor::Tensor;
-use dino_fixtures::{rel_err, tensor, test_device};
+use dino_fixtures::{
+    read_resnet_fixture, rel_err, resnet_fixture_dir as dir, resnet_manifest as manifest, tensor, test_device,
+};
 use dino_model::batch_norm::train_mode;
-use dino_model::weights::{CheckpointKey, Weights, official_shapes, read_safetensors, state_dict};
+use dino_model::weights::{CheckpointKey, Weights, official_shapes, state_dict};
 use dino_model::{BackboneConfig, ResNet, ResNetConfig};
 
 const TOL: f64 = 1e-4;
-
-fn dir() -> PathBuf {
-    std::env::var_os("DINO_RESNET_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| dino_fixtures::sandbox::repo_root().join("fixtures/resnet-reference"))
-}
-
-fn manifest() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
-}
 
 #[test]
 fn forward_and_running_statistics_match_torchvision() {
@@ -38,7 +28,7 @@ fn forward_and_running_statistics_match_torchvision() {
             let layers: Vec<usize> = serde_json::from_value(net["layers"].clone()).unwrap();
             assert_eq!(config.layers.to_vec(), layers, "{file}");
             assert_eq!(config.width, net["width"].as_u64().unwrap() as usize, "{file}");
-            let (io, _) = read_safetensors(&dir().join(format!("{name}_io.safetensors"))).unwrap();
+            let io = read_resnet_fixture(&format!("{name}_io.safetensors"));
             for i in 0.. {
                 let Some(x) = io.get(&format!("x{i}")) else { break };
                 let x: Tensor<4> = tensor(x, &device);

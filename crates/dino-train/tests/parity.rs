@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use dino_fixtures::*;
 use dino_model::weights::{Weights, state_dict};
-use dino_model::{DinoHeadConfig, DinoModel, VitConfig};
+use dino_model::{BlockKind, DinoHeadConfig, DinoModel, ResNetConfig, Stem, VitConfig};
 use dino_train::{
     DEFAULT_MIN_LR, DinoLoss, IterationParams, LossScaler, NonFinite, Optimizer, OptimizerKind, StepParams, StepReport,
     TrainState, cosine_schedule, teacher_temp_schedule, train_step, train_step_mixed,
@@ -89,22 +89,31 @@ fn loss_and_center_match_the_official_dino_loss() {
     }
 }
 
-/// `prefix` keys of the fixture (`init.backbone.*`, `init.head.*`) as a model on `device`.
-fn model_from(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Device) -> DinoModel {
+/// `prefix` keys of `steps` (`init.backbone.*`, `init.head.*`) as [`Weights`].
+fn weights_from(steps: &BTreeMap<String, TensorData>, prefix: &str) -> Weights {
     let mut weights = Weights {
-        path: fixture_dir().join("train_steps.safetensors"),
+        path: "train_steps.safetensors".into(),
         config: None,
         ignored: Vec::new(),
         backbone: Default::default(),
         head: Default::default(),
     };
     for (key, data) in steps.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k, v))) {
+        if !data.dtype().is_float() {
+            continue; // num_batches_tracked
+        }
         if let Some(k) = key.strip_prefix("backbone.") {
             weights.backbone.insert(k.into(), data.clone());
         } else if let Some(k) = key.strip_prefix("head.") {
             weights.head.insert(k.into(), data.clone());
         }
     }
+    weights
+}
+
+/// The ViT fixture's `prefix` keys as a model on `device`.
+fn vit_model(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Device) -> DinoModel {
+    let weights = weights_from(steps, prefix);
     let vit = VitConfig::new(manifest_usize("dim"), manifest_usize("depth"), manifest_usize("heads"))
         .with_patch_size(manifest_usize("patch"))
         .with_img_size(manifest_usize("img"));
@@ -118,12 +127,35 @@ fn model_from(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Devic
     }
 }
 
+/// The ResNet fixture's `prefix` keys as a model on `device`: the manifest's small ResNet and a
+/// head with `use_bn_in_head`.
+fn resnet_model(steps: &BTreeMap<String, TensorData>, prefix: &str, device: &Device) -> DinoModel {
+    let train = &resnet_manifest()["train"];
+    let n = |key: &str| train[key].as_u64().unwrap() as usize;
+    let config = ResNetConfig::new(serde_json::from_value(train["layers"].clone()).unwrap(), BlockKind::Basic)
+        .with_stem(if train["cifar"].as_bool().unwrap() { Stem::Cifar } else { Stem::ImageNet })
+        .with_width(n("width"));
+    assert_eq!(train["block"], "basic");
+    let head = DinoHeadConfig::new(config.embed_dim(), n("out_dim"))
+        .with_hidden_dim(n("hidden"))
+        .with_bottleneck_dim(n("bottleneck"))
+        .with_use_bn(train["use_bn_in_head"].as_bool().unwrap())
+        .with_norm_last_layer(train["norm_last_layer"].as_bool().unwrap());
+    let weights = weights_from(steps, prefix);
+    DinoModel {
+        backbone: dino_model::Backbone::ResNet(weights.resnet(&config, device).unwrap()),
+        head: weights.dino_head(&head, device).unwrap(),
+    }
+}
+
 /// The model's parameters under their official names.
 fn named_params(model: &DinoModel, steps: &BTreeMap<String, TensorData>, prefix: &str) -> Vec<(String, TensorData)> {
     let mut ours =
         state_dict(&model.backbone).into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect::<Vec<_>>();
     ours.extend(state_dict(&model.head).into_iter().map(|(k, v)| (format!("head.{k}"), v)));
-    assert_eq!(ours.len(), steps.keys().filter(|k| k.starts_with(prefix)).count(), "{prefix}: parameter count");
+    // Every float tensor: parameters and BatchNorm's running statistics.
+    let theirs = steps.iter().filter(|(k, v)| k.starts_with(prefix) && v.dtype().is_float()).count();
+    assert_eq!(ours.len(), theirs, "{prefix}: tensor count");
     ours
 }
 
@@ -143,11 +175,18 @@ fn update_err(model: &DinoModel, steps: &BTreeMap<String, TensorData>, prefix: &
     (diff / moved).sqrt()
 }
 
-/// Max over parameters of the relative error against the fixture's `prefix` keys.
+/// Max over parameters of the relative error against the fixture's `prefix` keys, ‖ours −
+/// official‖ / max(‖official‖, 1e-5). The floor keeps rounding noise from counting as an
+/// error: a bias followed by BatchNorm starts at 0 and has zero gradient, so both runs move it by
+/// float noise alone (~1e-10 in the ResNet fixture's head).
 fn worst_param_err(model: &DinoModel, steps: &BTreeMap<String, TensorData>, prefix: &str) -> (f64, String) {
     named_params(model, steps, prefix)
         .iter()
-        .map(|(k, v)| (rel_err_vec(&to_f64(v), &to_f64(&steps[&format!("{prefix}{k}")])), k.clone()))
+        .map(|(k, v)| {
+            let (ours, official) = (to_f64(v), to_f64(&steps[&format!("{prefix}{k}")]));
+            let norm = official.iter().map(|x| x * x).sum::<f64>().sqrt();
+            (rel_err_vec(&ours, &official) * norm / norm.max(1e-5), k.clone())
+        })
         .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a })
 }
 
@@ -162,7 +201,16 @@ struct Tolerances {
 
 #[test]
 fn training_iterations_match_the_official_loop() {
-    fixture_iterations(Tolerances { forward: FORWARD_TOL, params: Some(PARAM_TOL), update: PARAM_TOL }, train_step);
+    let tol = Tolerances { forward: FORWARD_TOL, params: Some(PARAM_TOL), update: PARAM_TOL };
+    fixture_iterations(OfficialRun::vit(), tol, train_step);
+}
+
+/// A ResNet with BatchNorm in backbone and head, SGD: both networks in train mode (batch
+/// statistics, each its own running buffers), the EMA over parameters only.
+#[test]
+fn resnet_training_iterations_match_the_official_loop() {
+    let tol = Tolerances { forward: FORWARD_TOL, params: Some(PARAM_TOL), update: PARAM_TOL };
+    fixture_iterations(OfficialRun::resnet(), tol, train_step);
 }
 
 /// f16 (10-bit mantissa) forward and backward passes on f32 master weights, loss scaled: loss,
@@ -174,7 +222,7 @@ fn training_iterations_match_the_official_loop() {
 fn f16_mixed_precision_iterations_stay_near_the_official_f32_ones() {
     let mut scaler = LossScaler { scale: 256.0, good_steps: 0 };
     let tol = Tolerances { forward: 1e-2, params: None, update: 3e-2 };
-    fixture_iterations(tol, |state, crops, params| {
+    fixture_iterations(OfficialRun::vit(), tol, |state, crops, params| {
         train_step_mixed(state, crops, params, DType::F16, Some(&mut scaler))
     });
     assert_eq!(scaler, LossScaler { scale: 256.0, good_steps: 4 }, "no step skipped");
@@ -192,7 +240,9 @@ fn bf16_mixed_precision_iterations_stay_near_the_official_f32_ones() {
         return;
     }
     let tol = Tolerances { forward: 1e-1, params: None, update: 1e-1 };
-    fixture_iterations(tol, |state, crops, params| train_step_mixed(state, crops, params, DType::BF16, None));
+    fixture_iterations(OfficialRun::vit(), tol, |state, crops, params| {
+        train_step_mixed(state, crops, params, DType::BF16, None)
+    });
 }
 
 /// A loss scale so large that the f16 gradients overflow: the step is skipped (student and
@@ -201,12 +251,12 @@ fn bf16_mixed_precision_iterations_stay_near_the_official_f32_ones() {
 fn an_f16_overflow_skips_the_step_and_halves_the_scale() {
     let steps = read_fixture("train_steps.safetensors");
     let device = test_device();
-    let student = model_from(&steps, "init.", &device.clone().autodiff());
+    let student = vit_model(&steps, "init.", &device.clone().autodiff());
     let before = worst_param_err(&student, &steps, "init.").0;
     assert!(before < 1e-7);
     let state = TrainState {
         student,
-        teacher: model_from(&steps, "init.", &device),
+        teacher: vit_model(&steps, "init.", &device),
         loss: DinoLoss::new(manifest_usize("out_dim"), 2 + manifest_usize("ncrops_local"), &device),
         optimizer: Optimizer::new(OptimizerKind::Adamw),
     };
@@ -227,51 +277,127 @@ fn an_f16_overflow_skips_the_step_and_halves_the_scale() {
     assert!(state.loss.center.abs().sum().into_scalar::<f64>() > 0.0, "the center still updates");
 }
 
-/// The fixture's iterations through `step`, each compared with the official results.
+/// A training run recorded from the official loop: its tensors, its networks and optimizer, and
+/// each iteration's scheduled values.
+struct OfficialRun {
+    steps: BTreeMap<String, TensorData>,
+    /// The networks under a prefix of `steps` (`init.`, `iterN.student.`).
+    model: fn(&BTreeMap<String, TensorData>, &str, &Device) -> DinoModel,
+    optimizer: OptimizerKind,
+    out_dim: usize,
+    ncrops: usize,
+    iterations: Vec<IterationParams>,
+}
+
+impl OfficialRun {
+    /// `fixtures/dino-reference`: a ViT trained with AdamW, every setting from its manifest.
+    fn vit() -> Self {
+        let steps = read_fixture("train_steps.safetensors");
+        let s = schedules();
+        let iters_per_epoch = manifest_usize("iters_per_epoch");
+        let count = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count();
+        let iterations = (0..count)
+            .map(|it| {
+                let epoch = it / iters_per_epoch;
+                IterationParams {
+                    step: StepParams {
+                        lr: s.lr[it],
+                        weight_decay: s.wd[it],
+                        clip_grad: f64_of("clip"),
+                        freeze_last_layer: epoch < manifest_usize("freeze_last_layer"),
+                    },
+                    momentum: s.momentum[it],
+                    teacher_temp: s.teacher_temp[epoch],
+                }
+            })
+            .collect();
+        OfficialRun {
+            steps,
+            model: vit_model,
+            optimizer: OptimizerKind::Adamw,
+            out_dim: manifest_usize("out_dim"),
+            ncrops: 2 + manifest_usize("ncrops_local"),
+            iterations,
+        }
+    }
+
+    /// `fixtures/resnet-reference`: a small ResNet with a BatchNorm head, trained with SGD as the
+    /// official RN50 recipe is. Our schedules must give the values the official loop recorded.
+    fn resnet() -> Self {
+        let steps = read_resnet_fixture("train_steps.safetensors");
+        let train = &resnet_manifest()["train"];
+        let (f, n) = (|key: &str| train[key].as_f64().unwrap(), |key: &str| train[key].as_u64().unwrap() as usize);
+        let (epochs, iters_per_epoch) = (n("epochs"), n("iters_per_epoch"));
+        let lr = cosine_schedule(f("lr"), f("min_lr"), epochs, iters_per_epoch, n("warmup_epochs"), 0.0);
+        let momentum = cosine_schedule(f("momentum"), 1.0, epochs, iters_per_epoch, 0, 0.0);
+        let teacher_temp = teacher_temp_schedule(f("warmup_tt"), f("tt"), n("warmup_tt_epochs"), epochs);
+        let count = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count();
+        let iterations = (0..count)
+            .map(|it| {
+                let epoch = it / iters_per_epoch;
+                let params = IterationParams {
+                    step: StepParams {
+                        lr: lr[it],
+                        weight_decay: f("wd"),
+                        clip_grad: f("clip"),
+                        freeze_last_layer: epoch < n("freeze_last_layer"),
+                    },
+                    momentum: momentum[it],
+                    teacher_temp: teacher_temp[epoch],
+                };
+                let recorded = |key: &str| to_f64(&steps[&format!("iter{it}.{key}")])[0];
+                for (key, ours) in [
+                    ("lr", params.step.lr),
+                    ("wd", params.step.weight_decay),
+                    ("momentum", params.momentum),
+                    ("teacher_temp", params.teacher_temp),
+                ] {
+                    assert!((ours - recorded(key)).abs() <= 1e-12 * recorded(key).abs(), "iter {it}: {key} {ours}");
+                }
+                params
+            })
+            .collect();
+        OfficialRun {
+            steps,
+            model: resnet_model,
+            optimizer: OptimizerKind::Sgd,
+            out_dim: n("out_dim"),
+            ncrops: 2 + n("ncrops_local"),
+            iterations,
+        }
+    }
+}
+
+/// The run's iterations through `step`, each compared with the official results: loss, gradient
+/// norms, center, and every parameter and BatchNorm running statistic of student and teacher.
 fn fixture_iterations(
+    run: OfficialRun,
     tol: Tolerances,
     mut step: impl FnMut(TrainState, &[Tensor<4>], &IterationParams) -> Result<(TrainState, StepReport), NonFinite>,
 ) {
-    let steps = read_fixture("train_steps.safetensors");
+    let steps = &run.steps;
     let device = test_device();
-    let student = model_from(&steps, "init.", &device.clone().autodiff());
-    let teacher = model_from(&steps, "init.", &device);
-    let out_dim = manifest_usize("out_dim");
-    let ncrops = 2 + manifest_usize("ncrops_local");
     let mut state = TrainState {
-        student,
-        teacher,
-        loss: DinoLoss::new(out_dim, ncrops, &device),
-        optimizer: Optimizer::new(OptimizerKind::Adamw),
-    };
-    let s = schedules();
-    let iters_per_epoch = manifest_usize("iters_per_epoch");
-    let iterations = (0..).take_while(|i| steps.contains_key(&format!("iter{i}.loss"))).count();
-    assert!(iterations >= 2, "the fixture holds several iterations");
-    for it in 0..iterations {
-        let epoch = it / iters_per_epoch;
+        student: (run.model)(steps, "init.", &device.clone().autodiff()),
+        teacher: (run.model)(steps, "init.", &device),
+        loss: DinoLoss::new(run.out_dim, run.ncrops, &device),
+        optimizer: Optimizer::new(run.optimizer),
+    }
+    .train_mode();
+    assert!(run.iterations.len() >= 2, "the fixture holds several iterations");
+    for (it, params) in run.iterations.iter().enumerate() {
         let crops: Vec<Tensor<4>> =
-            (0..ncrops).map(|c| tensor(&steps[&format!("iter{it}.crop{c}")], &device)).collect();
-        let params = IterationParams {
-            step: StepParams {
-                lr: s.lr[it],
-                weight_decay: s.wd[it],
-                clip_grad: f64_of("clip"),
-                freeze_last_layer: epoch < manifest_usize("freeze_last_layer"),
-            },
-            momentum: s.momentum[it],
-            teacher_temp: s.teacher_temp[epoch],
-        };
-        let (next, report) = step(state, &crops, &params).unwrap();
+            (0..run.ncrops).map(|c| tensor(&steps[&format!("iter{it}.crop{c}")], &device)).collect();
+        let (next, report) = step(state, &crops, params).unwrap();
         state = next;
 
         let loss_err = rel_err_vec(&[report.loss], &to_f64(&steps[&format!("iter{it}.loss")]));
         let norms_err = rel_err_vec(&report.grad_norms, &to_f64(&steps[&format!("iter{it}.grad_norms_before_clip")]));
         let center_err = rel_err(state.loss.center.clone(), &steps[&format!("iter{it}.center_after")]);
-        let (student_err, worst_s) = worst_param_err(&state.student, &steps, &format!("iter{it}.student."));
-        let (teacher_err, worst_t) = worst_param_err(&state.teacher, &steps, &format!("iter{it}.teacher."));
-        let student_update = update_err(&state.student, &steps, &format!("iter{it}.student."));
-        let teacher_update = update_err(&state.teacher, &steps, &format!("iter{it}.teacher."));
+        let (student_err, worst_s) = worst_param_err(&state.student, steps, &format!("iter{it}.student."));
+        let (teacher_err, worst_t) = worst_param_err(&state.teacher, steps, &format!("iter{it}.teacher."));
+        let student_update = update_err(&state.student, steps, &format!("iter{it}.student."));
+        let teacher_update = update_err(&state.teacher, steps, &format!("iter{it}.teacher."));
         println!(
             "iter {it}: loss {loss_err:.1e}, grad norms {norms_err:.1e}, center {center_err:.1e}, \
              student {student_err:.1e} ({worst_s}), teacher {teacher_err:.1e} ({worst_t}), \
@@ -284,8 +410,9 @@ fn fixture_iterations(
             assert!(student_err < params, "iter {it}: student {worst_s} rel err {student_err:e}");
             assert!(teacher_err < params, "iter {it}: teacher {worst_t} rel err {teacher_err:e}");
         }
-        if it > 0 {
-            // Iteration 0 moves nothing but the teacher's EMA of an unchanged student (lr 0).
+        if params.step.lr > 0.0 {
+            // At lr 0 (a warm-up's first iteration) nothing moves: the teacher's EMA is of an
+            // unchanged student.
             assert!(student_update < tol.update, "iter {it}: student update rel err {student_update:e}");
             assert!(teacher_update < tol.update, "iter {it}: teacher update rel err {teacher_update:e}");
         }
