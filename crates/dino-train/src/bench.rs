@@ -19,6 +19,9 @@ use crate::step::{IterationParams, TrainState, train_step_in};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BenchPreset {
     pub preset: &'static str,
+    /// `vit_tiny` with the widths below, or a ResNet (`dim` is then its feature width and
+    /// `depth`, `heads`, `patch` are unused).
+    pub arch: &'static str,
     pub dim: usize,
     pub depth: usize,
     pub heads: usize,
@@ -31,9 +34,10 @@ pub struct BenchPreset {
 }
 
 /// The reference script's presets, field for field.
-pub const BENCH_PRESETS: [BenchPreset; 3] = [
+pub const BENCH_PRESETS: [BenchPreset; 4] = [
     BenchPreset {
         preset: "small28",
+        arch: "vit_tiny",
         dim: 192,
         depth: 6,
         heads: 3,
@@ -46,6 +50,7 @@ pub const BENCH_PRESETS: [BenchPreset; 3] = [
     },
     BenchPreset {
         preset: "tiny32",
+        arch: "vit_tiny",
         dim: 192,
         depth: 12,
         heads: 3,
@@ -58,6 +63,7 @@ pub const BENCH_PRESETS: [BenchPreset; 3] = [
     },
     BenchPreset {
         preset: "official_s16",
+        arch: "vit_tiny",
         dim: 384,
         depth: 12,
         heads: 6,
@@ -67,6 +73,20 @@ pub const BENCH_PRESETS: [BenchPreset; 3] = [
         n_local: 8,
         out_dim: 65536,
         batch: 4,
+    },
+    // torchvision resnet18 with the CIFAR stem; BatchNorm in train mode in both networks.
+    BenchPreset {
+        preset: "resnet18_32",
+        arch: "resnet18_cifar",
+        dim: 512,
+        depth: 0,
+        heads: 0,
+        patch: 0,
+        global_px: 32,
+        local_px: 16,
+        n_local: 4,
+        out_dim: 4096,
+        batch: 64,
     },
 ];
 
@@ -79,7 +99,7 @@ impl BenchPreset {
     /// its head is the official one: hidden 2048, bottleneck 256, frozen weight norm).
     pub fn train_config(&self) -> TrainConfig {
         TrainConfig {
-            arch: "vit_tiny".into(),
+            arch: self.arch.into(),
             embed_dim: self.dim,
             depth: self.depth,
             num_heads: self.heads,
@@ -121,7 +141,8 @@ pub fn bench_train(preset: &BenchPreset, steps: usize, precision: Precision, dev
         student,
         loss: DinoLoss::new(preset.out_dim, config.crops.num_crops(), device),
         optimizer: Optimizer::new(OptimizerKind::Adamw),
-    };
+    }
+    .train_mode();
     let crop = |s: usize| Tensor::<4>::random([preset.batch, 3, s, s], Distribution::Normal(0.0, 1.0), device);
     let crops: Vec<Tensor<4>> =
         (0..2).map(|_| crop(preset.global_px)).chain((0..preset.n_local).map(|_| crop(preset.local_px))).collect();
@@ -151,8 +172,10 @@ mod tests {
             let config = preset.train_config();
             config.validate().unwrap();
             let model = config.model_config().unwrap();
-            let vit = model.backbone.vit().unwrap();
-            assert_eq!((vit.embed_dim, vit.depth, vit.num_heads), (preset.dim, preset.depth, preset.heads));
+            assert_eq!(model.backbone.embed_dim(), preset.dim);
+            if let Some(vit) = model.backbone.vit() {
+                assert_eq!((vit.depth, vit.num_heads), (preset.depth, preset.heads));
+            }
             assert_eq!(config.crops.num_crops(), 2 + preset.n_local);
         }
         assert_eq!(BenchPreset::find("tiny32").unwrap().batch, 32);

@@ -198,10 +198,11 @@ impl std::fmt::Display for Accepts {
 }
 
 /// Names of the built-in presets.
-pub const PRESETS: [&str; 5] = ["official", "small", "small28", "fashion", "quick"];
+pub const PRESETS: [&str; 6] = ["official", "official_rn50", "small", "small28", "fashion", "quick"];
 
 impl TrainConfig {
-    /// A named preset: `official` (main_dino.py's ViT-S/16 defaults), `small28` (28-32 px images
+    /// A named preset: `official` (main_dino.py's ViT-S/16 defaults), `official_rn50` (the
+    /// README's ResNet-50 command), `small28` (28-32 px images
     /// such as Fashion-MNIST, after the small-data recipe in `docs/fashion-mnist-anchors.md`),
     /// `fashion` (our Fashion-MNIST recipe for 2 CPU cores, BENCHMARKS.md) or
     /// `quick` (a few minutes on 2 CPU cores with the built-in synthetic dataset: small batches,
@@ -210,6 +211,18 @@ impl TrainConfig {
         let official = Self::default();
         match name {
             "official" => Some(official),
+            // The official README's ResNet-50 run: `--arch resnet50 --optimizer sgd --lr 0.03
+            // --weight_decay 1e-4 --weight_decay_end 1e-4 --global_crops_scale 0.14 1
+            // --local_crops_scale 0.05 0.14`, main_dino.py's defaults otherwise.
+            "official_rn50" => Some(Self {
+                arch: "resnet50".into(),
+                optimizer: OptimizerKind::Sgd,
+                lr: 0.03,
+                weight_decay: 1e-4,
+                weight_decay_end: 1e-4,
+                crops: MultiCropConfig { global_scale: (0.14, 1.0), local_scale: (0.05, 0.14), ..official.crops },
+                ..official
+            }),
             // Small images (28-96 px), chosen by the sweep on a Fashion-MNIST validation split
             // (BENCHMARKS.md, section 1): sizes from the data, a teacher that follows the student
             // within a few hundred iterations, no frozen last layer, K = 512. Batch 64 at the

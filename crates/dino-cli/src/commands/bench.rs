@@ -16,7 +16,7 @@ use crate::device::DeviceArg;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Network, crops and batch: small28, tiny32 or official_s16 (as the reference script).
+    /// Network, crops and batch: small28, tiny32, official_s16 or resnet18_32 (as the reference script).
     #[arg(long, value_name = "NAME", required_unless_present = "augment")]
     preset: Option<String>,
     /// Threads (default: all cores).
