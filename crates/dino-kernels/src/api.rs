@@ -100,6 +100,35 @@ fn is_patch_conv(conv: &Conv2d) -> bool {
         && matches!(conv.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0))
 }
 
+/// A Conv2d: x `[B, C, H, W]` -> `[B, O, H', W']`. On flex a bias-free conv with groups 1,
+/// dilation 1 and the same padding on both sides of each axis (every ResNet conv) runs as
+/// chunked im2col products with closed-form backward passes; any other runs as burn's.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let weight = conv.weight.val();
+    match symmetric_padding(conv) {
+        Some(padding)
+            if conv.bias.is_none() && conv.dilation == [1, 1] && conv.groups == 1 && runs_fused!(x, weight) =>
+        {
+            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_conv2d(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                conv.stride,
+                padding,
+            ))
+        }
+        _ => conv.forward(x),
+    }
+}
+
+/// The conv's padding as (rows, columns) when each is the same on both sides.
+fn symmetric_padding(conv: &Conv2d) -> Option<[usize; 2]> {
+    match conv.padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => Some([top, left]),
+        _ => None,
+    }
+}
+
 /// Exact (erf) GELU, elementwise: `[...]` -> `[...]`.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !runs_fused!(x) {

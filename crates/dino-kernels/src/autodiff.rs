@@ -10,7 +10,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, TensorMetadata};
 
 use crate::ops::{FusedBackward, FusedOps};
-use crate::shapes::{self, AttentionDims, LinearDims, LossDims, PatchDims};
+use crate::shapes::{self, AttentionDims, ConvDims, LinearDims, LossDims, PatchDims};
 
 /// One op recorded on the graph: when some operand needs a gradient, `tracked` runs the forward
 /// that also returns the state `op`'s backward reads; otherwise `untracked` runs the plain one.
@@ -144,6 +144,25 @@ impl<B: FusedBackward> Backward<B, 3> for PatchEmbedBackward {
             let (dw, db) = B::patch_embed_backward_params(patches.clone(), dy, *d);
             register::<B, _, _>(&ops, grads, 1, dw);
             register::<B, _, _>(&ops, grads, 2, db);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conv2dBackward;
+
+impl<B: FusedBackward> Backward<B, 2> for Conv2dBackward {
+    /// The input x, the weight and the sizes.
+    type State = (FloatTensor<B>, FloatTensor<B>, ConvDims);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, weight, d) = &ops.state;
+        if tracked(&ops, 0) {
+            register::<B, _, _>(&ops, grads, 0, B::conv2d_backward_input(weight.clone(), dy.clone(), *d));
+        }
+        if tracked(&ops, 1) {
+            register::<B, _, _>(&ops, grads, 1, B::conv2d_backward_weight(x.clone(), dy, *d));
         }
     }
 }
@@ -287,6 +306,23 @@ impl<B: FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 (y, (w, patches, d))
             },
             |(i, w, b)| B::fused_patch_embed(i, w, b),
+        )
+    }
+
+    fn fused_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        let ((x, xn), (w, wn)) = (x.into_parts(), weight.into_parts());
+        let d = shapes::conv2d(&x.shape(), &w.shape(), stride, padding);
+        record::<B, C, _, _, 2>(
+            Conv2dBackward,
+            [xn, wn],
+            (x, w),
+            |(x, w)| (B::fused_conv2d(x.clone(), w.clone(), stride, padding), (x, w, d)),
+            |(x, w)| B::fused_conv2d(x, w, stride, padding),
         )
     }
 

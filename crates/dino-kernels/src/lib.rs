@@ -28,4 +28,4 @@ pub use api::*;
 pub use composed::{merge_heads, split_heads};
 pub use cpu::AdamwScalars;
 pub use ops::{FusedBackward, FusedOps};
-pub use shapes::{AttentionDims, LinearDims, LossDims, PatchDims};
+pub use shapes::{AttentionDims, ConvDims, LinearDims, LossDims, PatchDims};

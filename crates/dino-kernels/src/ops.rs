@@ -10,7 +10,7 @@
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 
-use crate::shapes::{AttentionDims, LinearDims, LossDims, PatchDims};
+use crate::shapes::{AttentionDims, ConvDims, LinearDims, LossDims, PatchDims};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -35,6 +35,14 @@ pub trait FusedOps: Backend {
         images: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// A bias-free Conv2d (groups 1, dilation 1, zero padding `padding` on each side): x
+    /// `[B, C, H, W]`, weight `[O, C, kh, kw]` -> `[B, O, H', W']`.
+    fn fused_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
     ) -> FloatTensor<Self>;
     /// Exact GELU, elementwise.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -108,6 +116,10 @@ pub trait FusedBackward: FusedOps {
         dy: FloatTensor<Self>,
         d: PatchDims,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// dx `[B, C, H, W]` of a Conv2d from its weight and dy `[B, O, H', W']`.
+    fn conv2d_backward_input(weight: FloatTensor<Self>, dy: FloatTensor<Self>, d: ConvDims) -> FloatTensor<Self>;
+    /// dweight `[O, C, kh, kw]` of a Conv2d from its input x and dy.
+    fn conv2d_backward_weight(x: FloatTensor<Self>, dy: FloatTensor<Self>, d: ConvDims) -> FloatTensor<Self>;
     /// (y `[..., C]`, per-row (mean, 1/σ) `[rows, 2]`).
     fn layer_norm_saving(
         x: FloatTensor<Self>,

@@ -183,3 +183,70 @@ pub fn dino_loss(student: &Shape, teacher_probs: &Shape, views: usize) -> LossDi
     );
     LossDims { views, batch: q[0] / 2, classes: s[1] }
 }
+
+/// A Conv2d without bias, groups 1, dilation 1 and zero padding on each side: x `[B, C, H, W]`,
+/// weight `[O, C, kh, kw]`, output `[B, O, H', W']`, H' = (H + 2·pad − kh) / stride + 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvDims {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+}
+
+impl ConvDims {
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding[0] - self.kernel[0]) / self.stride[0] + 1
+    }
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding[1] - self.kernel[1]) / self.stride[1] + 1
+    }
+    /// C·H·W, one input image.
+    pub fn in_pixels(&self) -> usize {
+        self.in_channels * self.height * self.width
+    }
+    /// H'·W', the pixels of one output plane.
+    pub fn out_pixels(&self) -> usize {
+        self.out_height() * self.out_width()
+    }
+    /// C·kh·kw, the length of one im2col column (a row of the weight).
+    pub fn col_len(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+    pub fn input(&self) -> Shape {
+        Shape::new([self.batch, self.in_channels, self.height, self.width])
+    }
+    pub fn weight(&self) -> Shape {
+        Shape::new([self.out_channels, self.in_channels, self.kernel[0], self.kernel[1]])
+    }
+    pub fn output(&self) -> Shape {
+        Shape::new([self.batch, self.out_channels, self.out_height(), self.out_width()])
+    }
+}
+
+pub fn conv2d(x: &Shape, weight: &Shape, stride: [usize; 2], padding: [usize; 2]) -> ConvDims {
+    let (i, w) = (x, weight);
+    assert!(
+        i.num_dims() == 4
+            && w.num_dims() == 4
+            && i[1] == w[1]
+            && stride.iter().all(|&s| s > 0)
+            && i[2] + 2 * padding[0] >= w[2]
+            && i[3] + 2 * padding[1] >= w[3],
+        "conv2d: input {i} does not match weight {w} with stride {stride:?} and padding {padding:?}"
+    );
+    ConvDims {
+        batch: i[0],
+        in_channels: i[1],
+        height: i[2],
+        width: i[3],
+        out_channels: w[0],
+        kernel: [w[2], w[3]],
+        stride,
+        padding,
+    }
+}

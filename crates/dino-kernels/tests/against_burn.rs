@@ -7,7 +7,9 @@ use burn::tensor::activation;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
-use dino_kernels::{gelu, layer_norm, linear, linear_add, linear_gelu, merge_heads, self_attention, split_heads};
+use dino_kernels::{
+    conv2d, gelu, layer_norm, linear, linear_add, linear_gelu, merge_heads, self_attention, split_heads,
+};
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar()
@@ -239,4 +241,36 @@ fn dino_cross_entropy_matches_burn() {
     let d = max_diff(ga[0].clone(), ge[0].clone());
     let scale: f32 = ge[0].clone().abs().max().into_scalar();
     assert!(d < 1e-5 * scale, "gradients differ by {d} (largest {scale})");
+}
+
+/// ResNet's convolutions (3x3 stride 1 and 2, 1x1 stride 2, the 7x7 stem) through the autodiff
+/// glue: output and the gradients of input and weight equal burn's conv.
+#[test]
+fn conv2d_matches_burn() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    let device = Device::flex().autodiff();
+    for (k, stride, pad, side) in [(3, 1, 1, 9), (3, 2, 1, 8), (1, 2, 0, 8), (7, 2, 3, 13)] {
+        let x = random([3, 5, side, side + 2], &device);
+        let weight = random([6, 5, k, k], &device) * 0.2;
+        let out_h = (side + 2 * pad - k) / stride + 1;
+        let out_w = (side + 2 + 2 * pad - k) / stride + 1;
+        let w = random([3, 6, out_h, out_w], &device);
+        let layer = |weight: Tensor<4>| {
+            let mut conv = Conv2dConfig::new([5, 6], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .with_bias(false)
+                .init(&device);
+            conv.weight = Param::from_tensor(weight);
+            conv
+        };
+        let (ours, g1) = run(&[x.clone(), weight.clone()], &w, |v| conv2d(&layer(v[1].clone()), v[0].clone()));
+        let (burn, g2) = run(&[x, weight], &w, |v| layer(v[1].clone()).forward(v[0].clone()));
+        assert!(max_diff(ours, burn) < 1e-4, "kernel {k} stride {stride}: output");
+        for (name, (a, b)) in ["x", "weight"].iter().zip(g1.into_iter().zip(g2)) {
+            let d = max_diff(a, b);
+            assert!(d < 1e-4, "kernel {k} stride {stride}: d{name} differs by {d}");
+        }
+    }
 }

@@ -86,12 +86,14 @@ impl Block {
     /// `[B, C_in, H, W]` -> `[B, C_out, H / stride, W / stride]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = self.downsample.iter().fold(x.clone(), |y, layer| match layer {
-            DownsampleLayer::Conv(c) => c.forward(y),
+            DownsampleLayer::Conv(c) => dino_kernels::conv2d(c, y),
             DownsampleLayer::BatchNorm(bn) => bn.forward(y),
         });
-        let mut out = self.bn2.forward(self.conv2.forward(relu(self.bn1.forward(self.conv1.forward(x)))));
+        let mut out = self
+            .bn2
+            .forward(dino_kernels::conv2d(&self.conv2, relu(self.bn1.forward(dino_kernels::conv2d(&self.conv1, x)))));
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(conv3.forward(relu(out)));
+            out = bn3.forward(dino_kernels::conv2d(conv3, relu(out)));
         }
         relu(out + identity)
     }
@@ -143,7 +145,7 @@ impl ResNet {
     /// Images `[B, 3, H, W]` -> the last stage's feature map `[B, D, H / 32, W / 32]` (the CIFAR
     /// stem: `H / 8`).
     pub fn forward_features(&self, images: Tensor<4>) -> Tensor<4> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(images)));
+        let mut x = relu(self.bn1.forward(dino_kernels::conv2d(&self.conv1, images)));
         if self.max_pool {
             x = max_pool2d(x, MaxPoolOptions::new([3, 3]).with_stride([2, 2]).with_padding([1, 1]));
         }

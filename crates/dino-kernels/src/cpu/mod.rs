@@ -3,6 +3,7 @@
 
 mod attention;
 mod buffer;
+mod conv;
 mod dino_loss;
 mod gelu;
 mod layer_norm;
@@ -21,7 +22,7 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{Shape, TensorData};
 
 use crate::ops::{FusedBackward, FusedOps};
-use crate::shapes::{self, AttentionDims, LinearDims, LossDims, PatchDims};
+use crate::shapes::{self, AttentionDims, ConvDims, LinearDims, LossDims, PatchDims};
 
 /// Elements per parallel task of the memory-bound passes: 64 KiB of f32 amortises a rayon task
 /// and still gives every thread many tasks.
@@ -85,6 +86,12 @@ impl FusedOps for Flex {
 
     fn fused_patch_embed(images: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
         Self::patch_embed_saving(images, weight, bias).0
+    }
+
+    fn fused_conv2d(x: FlexTensor, weight: FlexTensor, stride: [usize; 2], padding: [usize; 2]) -> FlexTensor {
+        let (x, w) = (dense(x), dense(weight));
+        let d = shapes::conv2d(&shape(&x), &shape(&w), stride, padding);
+        tensor(conv::forward(values(&x), values(&w), d), d.output())
     }
 
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
@@ -179,6 +186,16 @@ impl FusedBackward for Flex {
         let (p, dy) = (dense(patches), dense(dy));
         let (dw, db) = patch_embed::backward_params(values(&p), values(&dy), d);
         (tensor(dw, d.weight()), tensor(db, Shape::new([d.dim])))
+    }
+
+    fn conv2d_backward_input(weight: FlexTensor, dy: FlexTensor, d: ConvDims) -> FlexTensor {
+        let (w, dy) = (dense(weight), dense(dy));
+        tensor(conv::backward_input(values(&w), values(&dy), d), d.input())
+    }
+
+    fn conv2d_backward_weight(x: FlexTensor, dy: FlexTensor, d: ConvDims) -> FlexTensor {
+        let (x, dy) = (dense(x), dense(dy));
+        tensor(conv::backward_weight(values(&x), values(&dy), d), d.weight())
     }
 
     fn layer_norm_saving(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> (FlexTensor, FlexTensor) {

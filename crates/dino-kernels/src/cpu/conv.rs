@@ -1,0 +1,326 @@
+//! Conv2d without bias (groups 1, dilation 1, zero padding) on NCHW buffers, as im2col products
+//! over chunks of whole images: the columns of a chunk, `[C·kh·kw, nb·h'·w']`, form one product
+//! with the weight `[O, C·kh·kw]`, so the late stages of a ResNet (a 4x4 or 2x2 grid per image)
+//! still give the matrix kernel hundreds of columns and pack the weight once per chunk. burn-flex
+//! runs one product per image tile there, with a handful of rows, and its weight gradient on
+//! one thread. Chunks run in parallel; each product runs on its chunk's thread.
+
+use rayon::prelude::*;
+
+use super::matmul::gemm;
+use crate::shapes::ConvDims as Dims;
+
+/// Columns of one chunk at most: `[C·kh·kw, n]` stays within 16 MiB of f32.
+const MAX_CHUNK_FLOATS: usize = 1 << 22;
+
+/// Images per chunk: as many as fit [`MAX_CHUNK_FLOATS`] (at least one), and no more than an
+/// even share of the batch over twice the threads, so every thread gets work.
+fn images_per_chunk(d: Dims) -> usize {
+    let per_image = d.col_len() * d.out_pixels();
+    let fit = (MAX_CHUNK_FLOATS / per_image.max(1)).max(1);
+    let share = d.batch.div_ceil(2 * rayon::current_num_threads()).max(1);
+    fit.min(share)
+}
+
+/// The product's own parallelism: none when the chunks already spread over the threads.
+fn parallelism(d: Dims, nb: usize) -> gemm::Parallelism {
+    if d.batch.div_ceil(nb) >= rayon::current_num_threads() {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(0)
+    }
+}
+
+/// The output columns `ox` whose input column `ox·stride + k − pad` lies in `0..width`.
+fn valid_columns(out_width: usize, width: usize, k: usize, stride: usize, pad: usize) -> std::ops::Range<usize> {
+    let lo = pad.saturating_sub(k).div_ceil(stride);
+    let hi = (width + pad).saturating_sub(k).div_ceil(stride).min(out_width);
+    lo..hi.max(lo)
+}
+
+/// Two scratch buffers of at least `a` and `b` elements, kept per thread between calls (their
+/// contents are stale: callers overwrite what they read). A call nested in another on the same
+/// thread (rayon runs a waiting thread's tasks) gets fresh ones.
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let (x, y) = &mut *bufs;
+            for (v, n) in [(&mut *x, a), (&mut *y, b)] {
+                if v.len() < n {
+                    v.resize(n, 0.0);
+                }
+            }
+            f(&mut x[..a], &mut y[..b])
+        }
+        Err(_) => f(&mut vec![0.0; a], &mut vec![0.0; b]),
+    })
+}
+
+/// im2col of images `x` (`nb` whole images, NCHW): `cols[r, i·h'w' + q]` for patch row
+/// r = (c, ky, kx) and output pixel q of image i; zero where the kernel overhangs the padding.
+fn im2col(x: &[f32], nb: usize, d: Dims, cols: &mut [f32]) {
+    let (oh, ow) = (d.out_height(), d.out_width());
+    let n = nb * oh * ow;
+    for c in 0..d.in_channels {
+        for ky in 0..d.kernel[0] {
+            for kx in 0..d.kernel[1] {
+                let r = (c * d.kernel[0] + ky) * d.kernel[1] + kx;
+                let row = &mut cols[r * n..(r + 1) * n];
+                for i in 0..nb {
+                    let plane = &x[(i * d.in_channels + c) * d.height * d.width..][..d.height * d.width];
+                    for oy in 0..oh {
+                        let out = &mut row[(i * oh + oy) * ow..][..ow];
+                        let Some(iy) = (oy * d.stride[0] + ky).checked_sub(d.padding[0]).filter(|&y| y < d.height)
+                        else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let line = &plane[iy * d.width..][..d.width];
+                        let cols = valid_columns(ow, d.width, kx, d.stride[1], d.padding[1]);
+                        out[..cols.start].fill(0.0);
+                        out[cols.end..].fill(0.0);
+                        if cols.is_empty() {
+                            continue;
+                        }
+                        let first = cols.start * d.stride[1] + kx - d.padding[1];
+                        if d.stride[1] == 1 {
+                            out[cols.clone()].copy_from_slice(&line[first..first + cols.len()]);
+                        } else {
+                            for (o, v) in out[cols].iter_mut().zip(line[first..].iter().step_by(d.stride[1])) {
+                                *o = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds `cols` back onto the pixels they were read from.
+fn col2im(cols: &[f32], nb: usize, d: Dims, x: &mut [f32]) {
+    let (oh, ow) = (d.out_height(), d.out_width());
+    let n = nb * oh * ow;
+    for c in 0..d.in_channels {
+        for ky in 0..d.kernel[0] {
+            for kx in 0..d.kernel[1] {
+                let r = (c * d.kernel[0] + ky) * d.kernel[1] + kx;
+                let row = &cols[r * n..(r + 1) * n];
+                for i in 0..nb {
+                    let plane = &mut x[(i * d.in_channels + c) * d.height * d.width..][..d.height * d.width];
+                    for oy in 0..oh {
+                        let Some(iy) = (oy * d.stride[0] + ky).checked_sub(d.padding[0]).filter(|&y| y < d.height)
+                        else {
+                            continue;
+                        };
+                        let line = &mut plane[iy * d.width..][..d.width];
+                        let cols = valid_columns(ow, d.width, kx, d.stride[1], d.padding[1]);
+                        if cols.is_empty() {
+                            continue;
+                        }
+                        let first = cols.start * d.stride[1] + kx - d.padding[1];
+                        let src = &row[(i * oh + oy) * ow..][cols];
+                        for (x, v) in line[first..].iter_mut().step_by(d.stride[1]).zip(src) {
+                            *x += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// NCHW `[nb, O, q]` <-> channel-major `[O, nb·q]`, `q` pixels per image.
+fn to_channel_major(src: &[f32], nb: usize, channels: usize, q: usize, dst: &mut [f32]) {
+    for i in 0..nb {
+        for o in 0..channels {
+            dst[(o * nb + i) * q..][..q].copy_from_slice(&src[(i * channels + o) * q..][..q]);
+        }
+    }
+}
+
+fn from_channel_major(src: &[f32], nb: usize, channels: usize, q: usize, dst: &mut [f32]) {
+    for i in 0..nb {
+        for o in 0..channels {
+            dst[(i * channels + o) * q..][..q].copy_from_slice(&src[(o * nb + i) * q..][..q]);
+        }
+    }
+}
+
+/// x `[B, C, H, W]`, weight `[O, C, kh, kw]` -> `[B, O, H', W']`.
+pub fn forward(x: &[f32], weight: &[f32], d: Dims) -> Vec<f32> {
+    assert_eq!(x.len(), d.batch * d.in_channels * d.height * d.width, "conv2d: input is not {d:?}");
+    assert_eq!(weight.len(), d.out_channels * d.col_len(), "conv2d: weight is not {d:?}");
+    let (q, k, o) = (d.out_pixels(), d.col_len(), d.out_channels);
+    let nb = images_per_chunk(d);
+    let par = parallelism(d, nb);
+    let mut out = vec![0.0; d.batch * o * q];
+    out.par_chunks_mut(nb * o * q).zip(x.par_chunks(nb * d.in_pixels())).for_each(|(out, x)| {
+        let nb = out.len() / (o * q);
+        let n = nb * q;
+        with_scratch(k * n, o * n, |cols, y| {
+            im2col(x, nb, d, cols);
+            // SAFETY: weight [O, K], cols [K, n] and y [O, n] are dense with the strides given.
+            unsafe {
+                gemm(
+                    [o, n, k],
+                    (y.as_mut_ptr(), n),
+                    false,
+                    (weight.as_ptr(), [k, 1]),
+                    (cols.as_ptr(), [n, 1]),
+                    1.0,
+                    par,
+                )
+            };
+            from_channel_major(y, nb, o, q, out);
+        });
+    });
+    out
+}
+
+/// Gradient of the input `[B, C, H, W]` from weight `[O, C, kh, kw]` and dy `[B, O, H', W']`.
+pub fn backward_input(weight: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
+    let (q, k, o) = (d.out_pixels(), d.col_len(), d.out_channels);
+    assert_eq!(dy.len(), d.batch * o * q, "conv2d backward: dy is not {d:?}");
+    let nb = images_per_chunk(d);
+    let par = parallelism(d, nb);
+    let mut dx = vec![0.0; d.batch * d.in_pixels()];
+    dx.par_chunks_mut(nb * d.in_pixels()).zip(dy.par_chunks(nb * o * q)).for_each(|(dx, dy)| {
+        let nb = dy.len() / (o * q);
+        let n = nb * q;
+        with_scratch(k * n, o * n, |dcols, g| {
+            to_channel_major(dy, nb, o, q, g);
+            // SAFETY: Wᵀ is weight [O, K] read with strides (1, K); g [O, n], dcols [K, n] dense.
+            unsafe {
+                gemm(
+                    [k, n, o],
+                    (dcols.as_mut_ptr(), n),
+                    false,
+                    (weight.as_ptr(), [1, k]),
+                    (g.as_ptr(), [n, 1]),
+                    1.0,
+                    par,
+                )
+            };
+            col2im(dcols, nb, d, dx);
+        });
+    });
+    dx
+}
+
+/// Gradient of the weight `[O, C, kh, kw]` from x `[B, C, H, W]` and dy `[B, O, H', W']`: each
+/// thread sums its chunks' products, then the partial sums are added.
+pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
+    let (q, k, o) = (d.out_pixels(), d.col_len(), d.out_channels);
+    assert_eq!(dy.len(), d.batch * o * q, "conv2d backward: dy is not {d:?}");
+    let nb = images_per_chunk(d);
+    let par = parallelism(d, nb);
+    x.par_chunks(nb * d.in_pixels())
+        .zip(dy.par_chunks(nb * o * q))
+        .fold(
+            || vec![0.0; o * k],
+            |mut dw, (x, dy)| {
+                let nb = dy.len() / (o * q);
+                let n = nb * q;
+                with_scratch(k * n, o * n, |cols, g| {
+                    im2col(x, nb, d, cols);
+                    to_channel_major(dy, nb, o, q, g);
+                    // SAFETY: g [O, n] dense; colsᵀ is cols [K, n] read with strides (1, n); dw [O, K].
+                    unsafe {
+                        gemm(
+                            [o, k, n],
+                            (dw.as_mut_ptr(), k),
+                            true,
+                            (g.as_ptr(), [n, 1]),
+                            (cols.as_ptr(), [1, n]),
+                            1.0,
+                            par,
+                        )
+                    };
+                });
+                dw
+            },
+        )
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0.0; o * k])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The convolution and, for an output gradient g, the gradients of x and w, by the
+    /// definition in f64.
+    fn reference(x: &[f32], w: &[f32], g: &[f32], d: Dims) -> [Vec<f64>; 3] {
+        let (oh, ow) = (d.out_height(), d.out_width());
+        let (mut out, mut dx, mut dw) = (vec![0.0; g.len()], vec![0.0; x.len()], vec![0.0; w.len()]);
+        for b in 0..d.batch {
+            for o in 0..d.out_channels {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let at = ((b * d.out_channels + o) * oh + oy) * ow + ox;
+                        for c in 0..d.in_channels {
+                            for ky in 0..d.kernel[0] {
+                                for kx in 0..d.kernel[1] {
+                                    let iy = (oy * d.stride[0] + ky) as isize - d.padding[0] as isize;
+                                    let ix = (ox * d.stride[1] + kx) as isize - d.padding[1] as isize;
+                                    if !(0..d.height as isize).contains(&iy) || !(0..d.width as isize).contains(&ix) {
+                                        continue;
+                                    }
+                                    let xi = ((b * d.in_channels + c) * d.height + iy as usize) * d.width + ix as usize;
+                                    let wi = ((o * d.in_channels + c) * d.kernel[0] + ky) * d.kernel[1] + kx;
+                                    out[at] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += g[at] as f64 * w[wi] as f64;
+                                    dw[wi] += g[at] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [out, dx, dw]
+    }
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
+    }
+
+    fn max_err(ours: &[f32], reference: &[f64]) -> f64 {
+        assert_eq!(ours.len(), reference.len());
+        ours.iter().zip(reference).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)
+    }
+
+    /// Forward and both gradients against the definition: 3x3, 1x1 and 7x7 kernels, strides 1
+    /// and 2, odd and non-square sizes, chunks of several images.
+    #[test]
+    fn conv_and_its_gradients_match_the_definition() {
+        for (kernel, stride, padding, height, width) in
+            [(3, 1, 1, 7, 5), (3, 2, 1, 7, 6), (1, 2, 0, 5, 5), (1, 1, 0, 4, 3), (7, 2, 3, 9, 11)]
+        {
+            let d = Dims {
+                batch: 5,
+                in_channels: 3,
+                height,
+                width,
+                out_channels: 4,
+                kernel: [kernel, kernel],
+                stride: [stride, stride],
+                padding: [padding, padding],
+            };
+            let x = noise(d.batch * d.in_pixels(), 1);
+            let w = noise(d.out_channels * d.col_len(), 2);
+            let g = noise(d.batch * d.out_channels * d.out_pixels(), 3);
+            let [out, dx, dw] = reference(&x, &w, &g, d);
+            assert!(max_err(&forward(&x, &w, d), &out) < 1e-5, "{d:?}: forward");
+            assert!(max_err(&backward_input(&w, &g, d), &dx) < 1e-5, "{d:?}: input gradient");
+            assert!(max_err(&backward_weight(&x, &g, d), &dw) < 1e-4, "{d:?}: weight gradient");
+        }
+    }
+}
