@@ -59,40 +59,26 @@ fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) ->
     })
 }
 
-/// im2col of images `x` (`nb` whole images, NCHW): `cols[r, i·h'w' + q]` for patch row
-/// r = (c, ky, kx) and output pixel q of image i; zero where the kernel overhangs the padding.
-fn im2col(x: &[f32], nb: usize, d: Dims, cols: &mut [f32]) {
+/// Every output row of a chunk's columns `[C·kh·kw, nb·h'·w']`: `f(col, pixel, valid)` with
+/// `col` the offset of its `w'` columns, `valid` those that read inside the image, and `pixel`
+/// the input offset the first valid one reads (`None` when the kernel row lies in the padding).
+/// Valid column j reads pixel + (j − valid.start)·stride.
+fn for_each_output_row(nb: usize, d: Dims, mut f: impl FnMut(usize, Option<usize>, std::ops::Range<usize>)) {
     let (oh, ow) = (d.out_height(), d.out_width());
-    let n = nb * oh * ow;
     for c in 0..d.in_channels {
         for ky in 0..d.kernel[0] {
             for kx in 0..d.kernel[1] {
                 let r = (c * d.kernel[0] + ky) * d.kernel[1] + kx;
-                let row = &mut cols[r * n..(r + 1) * n];
+                let valid = valid_columns(ow, d.width, kx, d.stride[1], d.padding[1]);
                 for i in 0..nb {
-                    let plane = &x[(i * d.in_channels + c) * d.height * d.width..][..d.height * d.width];
                     for oy in 0..oh {
-                        let out = &mut row[(i * oh + oy) * ow..][..ow];
-                        let Some(iy) = (oy * d.stride[0] + ky).checked_sub(d.padding[0]).filter(|&y| y < d.height)
-                        else {
-                            out.fill(0.0);
-                            continue;
-                        };
-                        let line = &plane[iy * d.width..][..d.width];
-                        let cols = valid_columns(ow, d.width, kx, d.stride[1], d.padding[1]);
-                        out[..cols.start].fill(0.0);
-                        out[cols.end..].fill(0.0);
-                        if cols.is_empty() {
-                            continue;
-                        }
-                        let first = cols.start * d.stride[1] + kx - d.padding[1];
-                        if d.stride[1] == 1 {
-                            out[cols.clone()].copy_from_slice(&line[first..first + cols.len()]);
-                        } else {
-                            for (o, v) in out[cols].iter_mut().zip(line[first..].iter().step_by(d.stride[1])) {
-                                *o = *v;
-                            }
-                        }
+                        let col = (r * nb + i) * oh * ow + oy * ow;
+                        let iy = (oy * d.stride[0] + ky).checked_sub(d.padding[0]).filter(|&y| y < d.height);
+                        let pixel = iy.filter(|_| !valid.is_empty()).map(|iy| {
+                            ((i * d.in_channels + c) * d.height + iy) * d.width + valid.start * d.stride[1] + kx
+                                - d.padding[1]
+                        });
+                        f(col, pixel, valid.clone());
                     }
                 }
             }
@@ -100,37 +86,38 @@ fn im2col(x: &[f32], nb: usize, d: Dims, cols: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: adds `cols` back onto the pixels they were read from.
-fn col2im(cols: &[f32], nb: usize, d: Dims, x: &mut [f32]) {
-    let (oh, ow) = (d.out_height(), d.out_width());
-    let n = nb * oh * ow;
-    for c in 0..d.in_channels {
-        for ky in 0..d.kernel[0] {
-            for kx in 0..d.kernel[1] {
-                let r = (c * d.kernel[0] + ky) * d.kernel[1] + kx;
-                let row = &cols[r * n..(r + 1) * n];
-                for i in 0..nb {
-                    let plane = &mut x[(i * d.in_channels + c) * d.height * d.width..][..d.height * d.width];
-                    for oy in 0..oh {
-                        let Some(iy) = (oy * d.stride[0] + ky).checked_sub(d.padding[0]).filter(|&y| y < d.height)
-                        else {
-                            continue;
-                        };
-                        let line = &mut plane[iy * d.width..][..d.width];
-                        let cols = valid_columns(ow, d.width, kx, d.stride[1], d.padding[1]);
-                        if cols.is_empty() {
-                            continue;
-                        }
-                        let first = cols.start * d.stride[1] + kx - d.padding[1];
-                        let src = &row[(i * oh + oy) * ow..][cols];
-                        for (x, v) in line[first..].iter_mut().step_by(d.stride[1]).zip(src) {
-                            *x += v;
-                        }
-                    }
-                }
+/// im2col of `nb` whole images `x` (NCHW): `cols[r, i·h'w' + q]` for patch row r = (c, ky, kx)
+/// and output pixel q of image i; zero where the kernel overhangs the padding.
+fn im2col(x: &[f32], nb: usize, d: Dims, cols: &mut [f32]) {
+    let (ow, stride) = (d.out_width(), d.stride[1]);
+    for_each_output_row(nb, d, |col, pixel, valid| {
+        let out = &mut cols[col..col + ow];
+        let Some(pixel) = pixel else {
+            out.fill(0.0);
+            return;
+        };
+        out[..valid.start].fill(0.0);
+        out[valid.end..].fill(0.0);
+        if stride == 1 {
+            out[valid.clone()].copy_from_slice(&x[pixel..pixel + valid.len()]);
+        } else {
+            for (o, v) in out[valid].iter_mut().zip(x[pixel..].iter().step_by(stride)) {
+                *o = *v;
             }
         }
-    }
+    });
+}
+
+/// The adjoint of [`im2col`]: adds `cols` back onto the pixels they were read from.
+fn col2im(cols: &[f32], nb: usize, d: Dims, x: &mut [f32]) {
+    let (ow, stride) = (d.out_width(), d.stride[1]);
+    for_each_output_row(nb, d, |col, pixel, valid| {
+        if let Some(pixel) = pixel {
+            for (x, v) in x[pixel..].iter_mut().step_by(stride).zip(&cols[col..col + ow][valid]) {
+                *x += v;
+            }
+        }
+    });
 }
 
 /// NCHW `[nb, O, q]` <-> channel-major `[O, nb·q]`, `q` pixels per image.
