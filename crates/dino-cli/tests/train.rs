@@ -292,3 +292,91 @@ fn a_failed_checkpoint_write_keeps_the_previous_checkpoint() {
     assert_eq!(std::fs::read(&checkpoint).unwrap(), before, "the previous checkpoint is unchanged");
     assert!(!run.join("checkpoint.safetensors.tmp").exists(), "no temporary file is left behind");
 }
+
+#[test]
+fn trains_a_resnet_and_every_tool_reads_its_checkpoint() {
+    let fashion = fashion_mnist_subset();
+    let fashion = fashion.to_str().expect("a UTF-8 checkout path");
+    let test = format!("{fashion}#test");
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = dino(&[
+        "train",
+        "--data",
+        fashion,
+        "--val",
+        &test,
+        "--preset",
+        "small28",
+        "--arch",
+        "resnet18_cifar",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.03",
+        "--epochs",
+        "1",
+        "--max-images",
+        "64",
+        "--batch-size",
+        "32",
+        "--out-dim",
+        "256",
+        "--local-crops-number",
+        "0",
+        "--set",
+        "head_hidden_dim=128",
+        "--set",
+        "knn_train_images=64",
+        "--set",
+        "knn_test_images=40",
+        "--output",
+        run.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(run.join("log.txt")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    let loss = line["train_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0 && loss < 2.0 * (256f64).ln(), "{line}");
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("arch = \"resnet18_cifar\"") && config.contains("optimizer = \"sgd\""), "{config}");
+
+    // The exported teacher: extract gives the 512-wide pooled feature, k-NN and the linear probe
+    // run on it, and attention (ViT-only) says so in one line.
+    let teacher = run.join("teacher_backbone.safetensors");
+    let teacher = teacher.to_str().unwrap();
+    let features = dir.path().join("f.safetensors");
+    let image = run.join("training.png");
+    let image = image.to_str().unwrap();
+    let args = ["extract", "--weights", teacher, "--image", image, "--resize", "28", "--crop", "28"];
+    let out = dino(&[&args[..], &["--output", features.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&features).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, view) = file.tensors().into_iter().next().unwrap();
+    assert_eq!(view.shape(), [1, 512]);
+
+    let json = dir.path().join("knn.json");
+    let sizes = ["--max-train", "64", "--max-test", "40", "--k", "10", "--json", json.to_str().unwrap()];
+    let out = dino(&[&["eval", "knn", "--train", fashion, "--test", &test, "--weights", teacher][..], &sizes].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let knn: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // 10 classes, 64 neighbours to choose from: above chance, not a learning-quality bar.
+    let top1 = knn["results"][0]["top1"].as_f64().unwrap();
+    assert!((15.0..=100.0).contains(&top1), "{knn}");
+
+    let linear = dir.path().join("linear");
+    let args = ["eval", "linear", "--train", fashion, "--test", &test, "--weights", teacher];
+    let sizes = ["--max-train", "64", "--max-test", "40", "--epochs", "1", "--output", linear.to_str().unwrap()];
+    let out = dino(&[&args[..], &sizes].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let classifier = std::fs::read(linear.join("linear.safetensors")).unwrap();
+    let classifier = safetensors::SafeTensors::deserialize(&classifier).unwrap();
+    assert_eq!(classifier.tensor("linear.weight").unwrap().shape(), [10, 512]);
+
+    let out = dino(&["attention", "--weights", teacher, "--image", image, "--output", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.trim().lines().count() == 1, "{stderr}");
+    assert!(stderr.contains("ViT"), "{stderr}");
+}

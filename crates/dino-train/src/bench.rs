@@ -15,17 +15,13 @@ use crate::optim::{Optimizer, OptimizerKind, StepParams};
 use crate::precision::{LossScaler, Precision};
 use crate::step::{IterationParams, TrainState, train_step_in};
 
-/// A benchmark setting: backbone, head, crops and batch, as `PRESETS` of the reference script.
+/// A benchmark setting: backbone, head, crops and batch, as `PRESETS` of the reference script
+/// (and printed with its field names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BenchPreset {
     pub preset: &'static str,
-    /// `vit_tiny` with the widths below, or a ResNet (`dim` is then its feature width and
-    /// `depth`, `heads`, `patch` are unused).
-    pub arch: &'static str,
-    pub dim: usize,
-    pub depth: usize,
-    pub heads: usize,
-    pub patch: usize,
+    #[serde(flatten)]
+    pub net: BenchNet,
     pub global_px: usize,
     pub local_px: usize,
     pub n_local: usize,
@@ -33,15 +29,21 @@ pub struct BenchPreset {
     pub batch: usize,
 }
 
+/// The backbone of a benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum BenchNet {
+    /// `vit_tiny`'s layout with these widths.
+    Vit { dim: usize, depth: usize, heads: usize, patch: usize },
+    /// A ResNet preset (an `--arch` name) and its feature width.
+    ResNet { arch: &'static str, dim: usize },
+}
+
 /// The reference script's presets, field for field.
 pub const BENCH_PRESETS: [BenchPreset; 4] = [
     BenchPreset {
         preset: "small28",
-        arch: "vit_tiny",
-        dim: 192,
-        depth: 6,
-        heads: 3,
-        patch: 4,
+        net: BenchNet::Vit { dim: 192, depth: 6, heads: 3, patch: 4 },
         global_px: 28,
         local_px: 12,
         n_local: 4,
@@ -50,11 +52,7 @@ pub const BENCH_PRESETS: [BenchPreset; 4] = [
     },
     BenchPreset {
         preset: "tiny32",
-        arch: "vit_tiny",
-        dim: 192,
-        depth: 12,
-        heads: 3,
-        patch: 4,
+        net: BenchNet::Vit { dim: 192, depth: 12, heads: 3, patch: 4 },
         global_px: 32,
         local_px: 16,
         n_local: 6,
@@ -63,11 +61,7 @@ pub const BENCH_PRESETS: [BenchPreset; 4] = [
     },
     BenchPreset {
         preset: "official_s16",
-        arch: "vit_tiny",
-        dim: 384,
-        depth: 12,
-        heads: 6,
-        patch: 16,
+        net: BenchNet::Vit { dim: 384, depth: 12, heads: 6, patch: 16 },
         global_px: 224,
         local_px: 96,
         n_local: 8,
@@ -77,11 +71,7 @@ pub const BENCH_PRESETS: [BenchPreset; 4] = [
     // torchvision resnet18 with the CIFAR stem; BatchNorm in train mode in both networks.
     BenchPreset {
         preset: "resnet18_32",
-        arch: "resnet18_cifar",
-        dim: 512,
-        depth: 0,
-        heads: 0,
-        patch: 0,
+        net: BenchNet::ResNet { arch: "resnet18_cifar", dim: 512 },
         global_px: 32,
         local_px: 16,
         n_local: 4,
@@ -98,12 +88,7 @@ impl BenchPreset {
     /// The training config with this network and these crops (the reference has no drop path;
     /// its head is the official one: hidden 2048, bottleneck 256, frozen weight norm).
     pub fn train_config(&self) -> TrainConfig {
-        TrainConfig {
-            arch: self.arch.into(),
-            embed_dim: self.dim,
-            depth: self.depth,
-            num_heads: self.heads,
-            patch_size: self.patch,
+        let config = TrainConfig {
             img_size: self.global_px,
             out_dim: self.out_dim,
             drop_path_rate: 0.0,
@@ -115,6 +100,17 @@ impl BenchPreset {
                 ..MultiCropConfig::default()
             },
             ..TrainConfig::default()
+        };
+        match self.net {
+            BenchNet::Vit { dim, depth, heads, patch } => TrainConfig {
+                arch: "vit_tiny".into(),
+                embed_dim: dim,
+                depth,
+                num_heads: heads,
+                patch_size: patch,
+                ..config
+            },
+            BenchNet::ResNet { arch, .. } => TrainConfig { arch: arch.into(), ..config },
         }
     }
 }
@@ -172,9 +168,14 @@ mod tests {
             let config = preset.train_config();
             config.validate().unwrap();
             let model = config.model_config().unwrap();
-            assert_eq!(model.backbone.embed_dim(), preset.dim);
-            if let Some(vit) = model.backbone.vit() {
-                assert_eq!((vit.depth, vit.num_heads), (preset.depth, preset.heads));
+            match (preset.net, model.backbone.vit()) {
+                (BenchNet::Vit { dim, depth, heads, patch }, Some(vit)) => {
+                    assert_eq!((vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size), (dim, depth, heads, patch));
+                }
+                (BenchNet::ResNet { arch, dim }, None) => {
+                    assert_eq!((model.backbone.arch_name(), model.backbone.embed_dim()), (arch.to_string(), dim));
+                }
+                (net, _) => panic!("{net:?} built {:?}", model.backbone),
             }
             assert_eq!(config.crops.num_crops(), 2 + preset.n_local);
         }

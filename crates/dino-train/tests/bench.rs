@@ -3,16 +3,13 @@
 
 use burn::tensor::Device;
 use dino_eval::bench::bench_infer;
-use dino_train::bench::{BenchPreset, bench_train};
+use dino_train::bench::{BenchNet, BenchPreset, bench_train};
 
 #[test]
 fn a_small_measurement_reports_positive_rates() {
     let preset = BenchPreset {
         preset: "test",
-        dim: 32,
-        depth: 1,
-        heads: 2,
-        patch: 4,
+        net: BenchNet::Vit { dim: 32, depth: 1, heads: 2, patch: 4 },
         global_px: 8,
         local_px: 4,
         n_local: 1,
