@@ -129,6 +129,105 @@ fn symmetric_padding(conv: &Conv2d) -> Option<[usize; 2]> {
     }
 }
 
+/// Train-mode BatchNorm (`torch.nn.BatchNorm*d` in `train()`): x `[B, C, ...]` normalised by
+/// its own per-channel statistics over every dimension but 1, then gamma, beta `[C]` ->
+/// (y `[B, C, ...]`, the batch statistics `[2, C]`: means, then biased variances, without
+/// gradient, for the running statistics). On flex: one pass for the statistics, one for y, and
+/// a closed-form backward.
+pub fn batch_norm_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> (Tensor<D>, Tensor<2>) {
+    batch_norm_train_then(x, gamma, beta, eps, false)
+}
+
+/// ReLU of [`batch_norm_train`]'s output, in the same pass on flex.
+pub fn batch_norm_train_relu<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> (Tensor<D>, Tensor<2>) {
+    batch_norm_train_then(x, gamma, beta, eps, true)
+}
+
+fn batch_norm_train_then<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+    relu: bool,
+) -> (Tensor<D>, Tensor<2>) {
+    shapes::channels(&x.shape(), &[&gamma.shape(), &beta.shape()]);
+    if !runs_fused!(x, gamma, beta) {
+        let (y, stats) = composed::batch_norm_train(x, gamma, beta, eps);
+        return (if relu { composed::relu(y) } else { y }, stats);
+    }
+    let stats = Tensor::<2>::from_dispatch(<Dispatch as FusedOps>::fused_channel_stats(x.clone().into_dispatch()));
+    let y = Tensor::from_dispatch(<Dispatch as FusedOps>::fused_batch_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        stats.clone().into_dispatch(),
+        eps,
+        relu,
+    ));
+    (y, stats.without_autodiff())
+}
+
+/// Eval-mode BatchNorm (`eval()`): x `[B, C, ...]` normalised by the running `mean` and `var`
+/// `[C]`, then gamma, beta `[C]` -> `[B, C, ...]`. On flex one pass of x · scale + shift per
+/// channel, with a backward for x, gamma and beta.
+pub fn batch_norm_eval<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    batch_norm_eval_then(x, gamma, beta, mean, var, eps, false)
+}
+
+/// ReLU of [`batch_norm_eval`]'s output, in the same pass on flex.
+pub fn batch_norm_eval_relu<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    batch_norm_eval_then(x, gamma, beta, mean, var, eps, true)
+}
+
+fn batch_norm_eval_then<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    eps: f64,
+    relu: bool,
+) -> Tensor<D> {
+    shapes::channels(&x.shape(), &[&gamma.shape(), &beta.shape(), &mean.shape(), &var.shape()]);
+    if !runs_fused!(x, gamma, beta, mean, var) {
+        let y = burn::tensor::module::batch_norm(x, gamma, beta, mean, var, eps);
+        return if relu { composed::relu(y) } else { y };
+    }
+    // [C]-sized composed ops, so that gamma and beta get their gradients through scale and shift.
+    let scale = gamma / (var + eps).sqrt();
+    let shift = beta - mean * scale.clone();
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_channel_affine(
+        x.into_dispatch(),
+        scale.into_dispatch(),
+        shift.into_dispatch(),
+        relu,
+    ))
+}
+
 /// Exact (erf) GELU, elementwise: `[...]` -> `[...]`.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if !runs_fused!(x) {

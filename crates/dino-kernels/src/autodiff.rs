@@ -168,6 +168,40 @@ impl<B: FusedBackward> Backward<B, 2> for Conv2dBackward {
 }
 
 #[derive(Debug)]
+struct BatchNormBackward;
+
+impl<B: FusedBackward> Backward<B, 3> for BatchNormBackward {
+    /// x, gamma, beta, the channel statistics of x, eps and whether a ReLU follows.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f64, bool);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, gamma, beta, stats, eps, relu) = ops.state.clone();
+        let (dx, dgamma, dbeta) = B::batch_norm_backward(x, gamma, beta, stats, dy, eps, relu);
+        register::<B, _, _>(&ops, grads, 0, dx);
+        register::<B, _, _>(&ops, grads, 1, dgamma);
+        register::<B, _, _>(&ops, grads, 2, dbeta);
+    }
+}
+
+#[derive(Debug)]
+struct ChannelAffineBackward;
+
+impl<B: FusedBackward> Backward<B, 3> for ChannelAffineBackward {
+    /// x, scale, shift and whether a ReLU follows.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, scale, shift, relu) = ops.state.clone();
+        let (dx, dscale, dshift) = B::channel_affine_backward(x, scale, shift, dy, relu);
+        register::<B, _, _>(&ops, grads, 0, dx);
+        register::<B, _, _>(&ops, grads, 1, dscale);
+        register::<B, _, _>(&ops, grads, 2, dshift);
+    }
+}
+
+#[derive(Debug)]
 struct GeluBackward;
 
 impl<B: FusedBackward> Backward<B, 1> for GeluBackward {
@@ -323,6 +357,49 @@ impl<B: FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             (x, w),
             |(x, w)| (B::fused_conv2d(x.clone(), w.clone(), stride, padding), (x, w, d)),
             |(x, w)| B::fused_conv2d(x, w, stride, padding),
+        )
+    }
+
+    fn fused_channel_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::fused_channel_stats(Self::inner(x)))
+    }
+
+    fn fused_batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        eps: f64,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let ((x, xn), (g, gn), (b, bn)) = (x.into_parts(), gamma.into_parts(), beta.into_parts());
+        // The statistics are functions of x, which the backward differentiates in closed form.
+        let stats = Self::inner(stats);
+        record::<B, C, _, _, 3>(
+            BatchNormBackward,
+            [xn, gn, bn],
+            (x, g, b, stats),
+            |(x, g, b, s)| {
+                let y = B::fused_batch_norm(x.clone(), g.clone(), b.clone(), s.clone(), eps, relu);
+                (y, (x, g, b, s, eps, relu))
+            },
+            |(x, g, b, s)| B::fused_batch_norm(x, g, b, s, eps, relu),
+        )
+    }
+
+    fn fused_channel_affine(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let ((x, xn), (a, an), (b, bn)) = (x.into_parts(), scale.into_parts(), shift.into_parts());
+        record::<B, C, _, _, 3>(
+            ChannelAffineBackward,
+            [xn, an, bn],
+            (x, a, b),
+            |(x, a, b)| (B::fused_channel_affine(x.clone(), a.clone(), b.clone(), relu), (x, a, b, relu)),
+            |(x, a, b)| B::fused_channel_affine(x, a, b, relu),
         )
     }
 

@@ -24,6 +24,23 @@ pub fn linear<const D: usize>(weight: Tensor<2>, bias: Option<Tensor<1>>, x: Ten
     y.reshape(dims)
 }
 
+/// burn's train-mode BatchNorm: (y, the statistics `[2, C]`, means then biased variances, without
+/// gradient).
+pub fn batch_norm_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> (Tensor<D>, Tensor<2>) {
+    let out = burn::tensor::module::batch_norm_train(x, gamma, beta, eps);
+    let stats = Tensor::stack::<2>(vec![out.mean, out.variance], 0).without_autodiff();
+    (out.output, stats)
+}
+
+pub fn relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    activation::relu(x)
+}
+
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     activation::gelu(x)
 }

@@ -1,5 +1,5 @@
 //! Fused CPU kernels for the DINO training step, with closed-form backward passes: linear layers
-//! (with GELU or residual epilogues), exact GELU, LayerNorm, multi-head self-attention read
+//! (with GELU or residual epilogues), convolutions, BatchNorm (with ReLU), exact GELU, LayerNorm, multi-head self-attention read
 //! straight from the qkv projection, the weight-normalised last layer and the DINO loss; and the
 //! parameter updates (AdamW, gradient norm, teacher EMA).
 //!
@@ -28,4 +28,4 @@ pub use api::*;
 pub use composed::{merge_heads, split_heads};
 pub use cpu::AdamwScalars;
 pub use ops::{FusedBackward, FusedOps};
-pub use shapes::{AttentionDims, ConvDims, LinearDims, LossDims, PatchDims};
+pub use shapes::{AttentionDims, ChannelDims, ConvDims, LinearDims, LossDims, PatchDims};

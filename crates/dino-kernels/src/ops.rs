@@ -44,6 +44,29 @@ pub trait FusedOps: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
+    /// Per-channel (mean, biased variance) of x `[B, C, ...]` over every dimension but 1, as
+    /// `[2, C]`: the means, then the variances. Not tracked by autodiff.
+    fn fused_channel_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Train-mode BatchNorm, then ReLU when `relu`: x `[B, C, ...]` normalised per channel by
+    /// `stats` `[2, C]`, which must be `fused_channel_stats(x)` (a constant operand: the backward
+    /// differentiates through the statistics as functions of x), scaled by gamma and shifted by
+    /// beta `[C]` -> `[B, C, ...]`.
+    fn fused_batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        eps: f64,
+        relu: bool,
+    ) -> FloatTensor<Self>;
+    /// x · scale_c + shift_c per channel (eval-mode BatchNorm), then ReLU when `relu`: x
+    /// `[B, C, ...]`, scale and shift `[C]`.
+    fn fused_channel_affine(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        relu: bool,
+    ) -> FloatTensor<Self>;
     /// Exact GELU, elementwise.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// LayerNorm over the last dimension: x `[..., C]`, gamma and beta `[C]`.
@@ -133,6 +156,25 @@ pub trait FusedBackward: FusedOps {
         gamma: FloatTensor<Self>,
         stats: FloatTensor<Self>,
         dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// (dx, dgamma `[C]`, dbeta `[C]`) of `fused_batch_norm` from its operands and dy.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        eps: f64,
+        relu: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// (dx, dscale `[C]`, dshift `[C]`) of `fused_channel_affine` from its operands and dy.
+    fn channel_affine_backward(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        relu: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// (`[B, N, D]`, the softmax attention `[B, heads, N, N]`).
     fn self_attention_saving(qkv: FloatTensor<Self>, d: AttentionDims) -> (FloatTensor<Self>, FloatTensor<Self>);

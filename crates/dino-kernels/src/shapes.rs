@@ -250,3 +250,40 @@ pub fn conv2d(x: &Shape, weight: &Shape, stride: [usize; 2], padding: [usize; 2]
         padding,
     }
 }
+
+/// Per-channel normalisation of x `[B, C, ...]` over every dimension but 1 (BatchNorm): the
+/// input seen as B · C planes of `spatial` contiguous elements (H·W, or 1 for `[B, C]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelDims {
+    pub batch: usize,
+    pub channels: usize,
+    pub spatial: usize,
+}
+
+impl ChannelDims {
+    /// B · spatial, the elements of one channel.
+    pub fn per_channel(&self) -> usize {
+        self.batch * self.spatial
+    }
+}
+
+/// x `[B, C, ...]` with per-channel vectors (each `[C]`).
+pub fn channels(x: &Shape, per_channel: &[&Shape]) -> ChannelDims {
+    assert!(x.num_dims() >= 2, "batch norm: input {x} has no channel dimension");
+    let channels = x[1];
+    assert!(
+        per_channel.iter().all(|v| v.num_elements() == channels),
+        "batch norm: input {x} with per-channel operands {per_channel:?}"
+    );
+    ChannelDims { batch: x[0], channels, spatial: x.num_elements() / (x[0] * channels).max(1) }
+}
+
+/// Channel statistics `[2, C]` (means, then variances) for x `[B, C, ...]`.
+pub fn channel_stats(x: &Shape, stats: &Shape) -> ChannelDims {
+    let d = channels(x, &[]);
+    assert!(
+        stats.num_dims() == 2 && stats[0] == 2 && stats[1] == d.channels,
+        "batch norm: statistics {stats} for input {x}"
+    );
+    d
+}

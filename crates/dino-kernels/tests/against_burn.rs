@@ -8,7 +8,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 use dino_kernels::{
-    conv2d, gelu, layer_norm, linear, linear_add, linear_gelu, merge_heads, self_attention, split_heads,
+    batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu, conv2d, gelu, layer_norm, linear,
+    linear_add, linear_gelu, merge_heads, self_attention, split_heads,
 };
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -273,4 +274,71 @@ fn conv2d_matches_burn() {
             assert!(d < 1e-4, "kernel {k} stride {stride}: d{name} differs by {d}");
         }
     }
+}
+
+type Affine<const D: usize> = dyn Fn(Tensor<D>, Tensor<1>, Tensor<1>) -> Tensor<D>;
+
+/// The output and the gradients of x, gamma and beta of Σ f(x, gamma, beta) · w.
+fn bn_grads<const D: usize>(
+    f: &Affine<D>,
+    x: &Tensor<D>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    w: &Tensor<D>,
+) -> (Tensor<D>, Tensor<D>, Tensor<1>, Tensor<1>) {
+    let (x, gamma, beta) = (x.clone().require_grad(), gamma.clone().require_grad(), beta.clone().require_grad());
+    let out = f(x.clone(), gamma.clone(), beta.clone());
+    let grads = (out.clone() * w.clone()).sum().backward();
+    (out.inner(), x.grad(&grads).unwrap(), gamma.grad(&grads).unwrap(), beta.grad(&grads).unwrap())
+}
+
+/// Train mode (batch statistics, through which the gradient flows too) and eval mode (running
+/// statistics), each with and without ReLU, on `[B, C, H, W]` and `[B, C]`: the outputs, the
+/// statistics and the gradients of x, gamma and beta equal burn's batch_norm_train and
+/// batch_norm followed by relu.
+#[test]
+fn batch_norm_matches_burn() {
+    fn check<const D: usize>(shape: [usize; D]) {
+        let device = Device::flex().autodiff();
+        let c = shape[1];
+        // An offset mean, as activations have, and non-trivial gamma, beta and running statistics.
+        let x = random(shape, &device) * 2.0 + 0.5;
+        let (gamma, beta) = (random([c], &device) + 1.0, random([c], &device));
+        let (mean, var) = (random([c], &device) * 0.3, random([c], &device).abs() + 0.5);
+        let w = random(shape, &device);
+        let relu = |y: Tensor<D>, on: bool| if on { activation::relu(y) } else { y };
+        for on in [false, true] {
+            let ours: Box<Affine<D>> =
+                Box::new(
+                    move |x, g, b| {
+                        if on { batch_norm_train_relu(x, g, b, 1e-5).0 } else { batch_norm_train(x, g, b, 1e-5).0 }
+                    },
+                );
+            let theirs: Box<Affine<D>> =
+                Box::new(move |x, g, b| relu(burn::tensor::module::batch_norm_train(x, g, b, 1e-5).output, on));
+            let (m, v) = (mean.clone(), var.clone());
+            let ours_eval: Box<Affine<D>> = Box::new(move |x, g, b| {
+                let (m, v) = (m.clone(), v.clone());
+                if on { batch_norm_eval_relu(x, g, b, m, v, 1e-5) } else { batch_norm_eval(x, g, b, m, v, 1e-5) }
+            });
+            let (m, v) = (mean.clone(), var.clone());
+            let theirs_eval: Box<Affine<D>> = Box::new(move |x, g, b| {
+                relu(burn::tensor::module::batch_norm(x, g, b, m.clone(), v.clone(), 1e-5), on)
+            });
+            for (mode, a, b) in [("train", &ours, &theirs), ("eval", &ours_eval, &theirs_eval)] {
+                let (ya, dxa, dga, dba) = bn_grads(a.as_ref(), &x, &gamma, &beta, &w);
+                let (yb, dxb, dgb, dbb) = bn_grads(b.as_ref(), &x, &gamma, &beta, &w);
+                let at = format!("{mode} {shape:?} relu {on}");
+                assert!(max_diff(ya, yb) < 1e-4, "{at}: output");
+                assert!(max_diff(dxa, dxb) < 1e-4, "{at}: dx");
+                assert!(max_diff(dga, dgb) < 1e-3 && max_diff(dba, dbb) < 1e-3, "{at}: dgamma, dbeta");
+            }
+        }
+        let (_, stats) = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        let burn = burn::tensor::module::batch_norm_train(x, gamma, beta, 1e-5);
+        let expected = Tensor::stack::<2>(vec![burn.mean, burn.variance], 0).inner();
+        assert!(max_diff(stats.inner(), expected) < 1e-5, "{shape:?}: statistics");
+    }
+    check([4, 6, 5, 7]);
+    check([9, 20]);
 }

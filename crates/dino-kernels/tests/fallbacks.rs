@@ -77,6 +77,29 @@ fn elementwise_norm_and_attention_fallbacks_match() {
 }
 
 #[test]
+fn batch_norm_fallbacks_match() {
+    let device = Device::flex().autodiff();
+    let x = random([3, 5, 4, 4], &device) * 2.0 + 0.5;
+    let w = random([3, 5, 4, 4], &device);
+    let per_channel = |v: &Tensor<4>| v.clone().reshape([5]);
+    let inputs = [x, random([1, 5, 1, 1], &device) + 1.0, random([1, 5, 1, 1], &device)];
+    fused_matches_fallback("batch_norm_train", &inputs, &w, 1e-4, |v| {
+        dino_kernels::batch_norm_train(v[0].clone(), per_channel(&v[1]), per_channel(&v[2]), 1e-5).0
+    });
+    fused_matches_fallback("batch_norm_train_relu", &inputs, &w, 1e-4, |v| {
+        let (y, stats) =
+            dino_kernels::batch_norm_train_relu(v[0].clone(), per_channel(&v[1]), per_channel(&v[2]), 1e-5);
+        assert_eq!(stats.dims(), [2, 5]);
+        y
+    });
+    let (mean, var) = (random([5], &device) * 0.3, random([5], &device).abs() + 0.5);
+    fused_matches_fallback("batch_norm_eval_relu", &inputs, &w, 1e-4, |v| {
+        let (m, var) = (mean.clone().cast(v[0].dtype()), var.clone().cast(v[0].dtype()));
+        dino_kernels::batch_norm_eval_relu(v[0].clone(), per_channel(&v[1]), per_channel(&v[2]), m, var, 1e-5)
+    });
+}
+
+#[test]
 fn linear_fallbacks_match() {
     let device = Device::flex().autodiff();
     for tokens in [5, 700] {

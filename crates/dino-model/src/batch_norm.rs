@@ -99,30 +99,59 @@ impl BatchNorm {
 
     /// `[B, C, ...]` -> `[B, C, ...]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let device = x.device();
         if !self.training.is_enabled() {
-            let mean = self.running_mean.value().to_device(&device).cast(x.dtype());
-            let var = self.running_var.value().to_device(&device).cast(x.dtype());
-            return burn::tensor::module::batch_norm(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
+            let (mean, var) = self.running_for(&x);
+            return dino_kernels::batch_norm_eval(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
         }
-        let dims = x.dims();
-        let per_channel = dims.iter().product::<usize>() / dims[1];
-        let out = burn::tensor::module::batch_norm_train(x, self.gamma.val(), self.beta.val(), self.epsilon);
+        let per_channel = per_channel(&x);
+        let (y, stats) = dino_kernels::batch_norm_train(x, self.gamma.val(), self.beta.val(), self.epsilon);
+        self.update_running(stats, per_channel);
+        y
+    }
+
+    /// `relu(self.forward(x))`, in one pass on the CPU: `[B, C, ...]` -> `[B, C, ...]`.
+    pub fn forward_relu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if !self.training.is_enabled() {
+            let (mean, var) = self.running_for(&x);
+            return dino_kernels::batch_norm_eval_relu(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
+        }
+        let per_channel = per_channel(&x);
+        let (y, stats) = dino_kernels::batch_norm_train_relu(x, self.gamma.val(), self.beta.val(), self.epsilon);
+        self.update_running(stats, per_channel);
+        y
+    }
+
+    /// The running mean and variance on x's device, in x's dtype.
+    fn running_for<const D: usize>(&self, x: &Tensor<D>) -> (Tensor<1>, Tensor<1>) {
+        let (device, dtype) = (x.device(), x.dtype());
+        let get = |state: &RunningState<Tensor<1>>| state.value().to_device(&device).cast(dtype);
+        (get(&self.running_mean), get(&self.running_var))
+    }
+
+    /// PyTorch's update from the batch statistics `[2, C]` (means, biased variances): momentum
+    /// 0.1 towards the mean and the unbiased variance.
+    fn update_running(&self, stats: Tensor<2>, per_channel: usize) {
+        let [_, channels] = stats.dims();
         // PyTorch keeps the unbiased variance; a single value per channel has none.
         let unbiased = per_channel as f64 / (per_channel.max(2) - 1) as f64;
         let m = self.momentum;
         let update = |state: &RunningState<Tensor<1>>, batch: Tensor<1>| {
             let old = state.value_sync();
-            let batch = batch.without_autodiff().cast(old.dtype()).to_device(&old.device());
+            let batch = batch.cast(old.dtype()).to_device(&old.device());
             state.update(old * (1.0 - m) + batch * m);
             // burn keeps an update per thread until the next read syncs it; fold it in now, so
             // that a checkpoint written after this forward holds it.
             let _ = state.value_sync();
         };
-        update(&self.running_mean, out.mean);
-        update(&self.running_var, out.variance * unbiased);
-        out.output
+        update(&self.running_mean, stats.clone().slice([0..1, 0..channels]).reshape([channels]));
+        update(&self.running_var, stats.slice([1..2, 0..channels]).reshape([channels]) * unbiased);
     }
+}
+
+/// Elements per channel of `[B, C, ...]`.
+fn per_channel<const D: usize>(x: &Tensor<D>) -> usize {
+    let dims = x.dims();
+    dims.iter().product::<usize>() / dims[1].max(1)
 }
 
 /// Sets the mode of every [`BatchNorm`] in `module`.

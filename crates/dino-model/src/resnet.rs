@@ -89,12 +89,12 @@ impl Block {
             DownsampleLayer::Conv(c) => dino_kernels::conv2d(c, y),
             DownsampleLayer::BatchNorm(bn) => bn.forward(y),
         });
-        let mut out = self
-            .bn2
-            .forward(dino_kernels::conv2d(&self.conv2, relu(self.bn1.forward(dino_kernels::conv2d(&self.conv1, x)))));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            out = bn3.forward(dino_kernels::conv2d(conv3, relu(out)));
-        }
+        let first = self.bn1.forward_relu(dino_kernels::conv2d(&self.conv1, x));
+        let second = dino_kernels::conv2d(&self.conv2, first);
+        let out = match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => bn3.forward(dino_kernels::conv2d(conv3, self.bn2.forward_relu(second))),
+            _ => self.bn2.forward(second),
+        };
         relu(out + identity)
     }
 }
@@ -145,7 +145,7 @@ impl ResNet {
     /// Images `[B, 3, H, W]` -> the last stage's feature map `[B, D, H / 32, W / 32]` (the CIFAR
     /// stem: `H / 8`).
     pub fn forward_features(&self, images: Tensor<4>) -> Tensor<4> {
-        let mut x = relu(self.bn1.forward(dino_kernels::conv2d(&self.conv1, images)));
+        let mut x = self.bn1.forward_relu(dino_kernels::conv2d(&self.conv1, images));
         if self.max_pool {
             x = max_pool2d(x, MaxPoolOptions::new([3, 3]).with_stride([2, 2]).with_padding([1, 1]));
         }

@@ -255,6 +255,11 @@ fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// Whether `config` trains a ViT (patch size and depth mean nothing to a ResNet).
+fn is_vit(config: &TrainConfig) -> anyhow::Result<bool> {
+    Ok(config.model_config().map_err(anyhow::Error::msg)?.backbone.vit().is_some())
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let checkpoint = RunDir(args.output.clone()).checkpoint();
     let config =
@@ -263,9 +268,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = if config.sizes_from_images() {
         let side = data.typical_side()?;
         let fitted = config.fit_to_images(side);
+        let patch = if is_vit(&fitted)? { format!(", patch {}", fitted.patch_size) } else { String::new() };
         println!(
-            "sizes for {side} px images: global crops {} px, local crops {} px, patch {} (recorded in config.toml)",
-            fitted.crops.global_size, fitted.crops.local_size, fitted.patch_size
+            "sizes for {side} px images: global crops {} px, local crops {} px{patch} (recorded in config.toml)",
+            fitted.crops.global_size, fitted.crops.local_size
         );
         fitted
     } else {
@@ -283,11 +289,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => None,
     };
     let device = args.device.device()?;
+    let vit =
+        if is_vit(&config)? { format!("patch {}, depth {}, ", config.patch_size, config.depth) } else { String::new() };
     println!(
-        "training {} (patch {}, depth {}, K = {}) on {} ({} images), {} epoch{}, batch {}, into {}",
+        "training {} ({vit}K = {}) on {} ({} images), {} epoch{}, batch {}, into {}",
         config.arch,
-        config.patch_size,
-        config.depth,
         config.out_dim,
         data.name,
         data.len(),

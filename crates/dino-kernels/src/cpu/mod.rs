@@ -2,6 +2,7 @@
 //! parallel, vectorised pass over dense row-major buffers (one module per op family).
 
 mod attention;
+mod batch_norm;
 mod buffer;
 mod conv;
 mod dino_loss;
@@ -92,6 +93,33 @@ impl FusedOps for Flex {
         let (x, w) = (dense(x), dense(weight));
         let d = shapes::conv2d(&shape(&x), &shape(&w), stride, padding);
         tensor(conv::forward(values(&x), values(&w), d), d.output())
+    }
+
+    fn fused_channel_stats(x: FlexTensor) -> FlexTensor {
+        let x = dense(x);
+        let d = shapes::channels(&shape(&x), &[]);
+        tensor(batch_norm::channel_stats(values(&x), d), Shape::new([2, d.channels]))
+    }
+
+    fn fused_batch_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        eps: f64,
+        relu: bool,
+    ) -> FlexTensor {
+        let (x, g, b, stats) = (dense(x), dense(gamma), dense(beta), dense(stats));
+        let d = shapes::channels(&shape(&x), &[&shape(&g), &shape(&b)]);
+        shapes::channel_stats(&shape(&x), &shape(&stats));
+        let y = batch_norm::forward(values(&x), values(&g), values(&b), values(&stats), eps as f32, relu, d);
+        tensor(y, shape(&x))
+    }
+
+    fn fused_channel_affine(x: FlexTensor, scale: FlexTensor, shift: FlexTensor, relu: bool) -> FlexTensor {
+        let (x, a, b) = (dense(x), dense(scale), dense(shift));
+        let d = shapes::channels(&shape(&x), &[&shape(&a), &shape(&b)]);
+        tensor(batch_norm::forward_affine(values(&x), values(&a), values(&b), relu, d), shape(&x))
     }
 
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
@@ -215,6 +243,35 @@ impl FusedBackward for Flex {
         let (x, g, stats, dy) = (dense(x), dense(gamma), dense(stats), dense(dy));
         let (dx, dgamma, dbeta) = layer_norm::backward(values(&x), values(&g), values(&stats), values(&dy));
         (tensor(dx, shape(&x)), tensor(dgamma, shape(&g)), tensor(dbeta, shape(&g)))
+    }
+
+    fn batch_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        dy: FlexTensor,
+        eps: f64,
+        relu: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, g, b, stats, dy) = (dense(x), dense(gamma), dense(beta), dense(stats), dense(dy));
+        let d = shapes::channels(&shape(&x), &[&shape(&g), &shape(&b)]);
+        let (dx, dg, db) =
+            batch_norm::backward(values(&x), values(&g), values(&b), values(&stats), values(&dy), eps as f32, relu, d);
+        (tensor(dx, shape(&x)), tensor(dg, shape(&g)), tensor(db, shape(&g)))
+    }
+
+    fn channel_affine_backward(
+        x: FlexTensor,
+        scale: FlexTensor,
+        shift: FlexTensor,
+        dy: FlexTensor,
+        relu: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, a, b, dy) = (dense(x), dense(scale), dense(shift), dense(dy));
+        let d = shapes::channels(&shape(&x), &[&shape(&a), &shape(&b)]);
+        let (dx, da, db) = batch_norm::backward_affine(values(&x), values(&a), values(&b), values(&dy), relu, d);
+        (tensor(dx, shape(&x)), tensor(da, shape(&a)), tensor(db, shape(&a)))
     }
 
     fn self_attention_saving(qkv: FlexTensor, d: AttentionDims) -> (FlexTensor, FlexTensor) {
