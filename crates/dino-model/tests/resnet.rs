@@ -7,8 +7,8 @@ use dino_fixtures::{
     read_resnet_fixture, rel_err, resnet_fixture_dir as dir, resnet_manifest as manifest, tensor, test_device,
 };
 use dino_model::batch_norm::train_mode;
-use dino_model::weights::{CheckpointKey, Weights, official_shapes, state_dict};
-use dino_model::{BackboneConfig, ResNet, ResNetConfig};
+use dino_model::weights::{CheckpointKey, Weights, official_shapes, save_backbone, state_dict};
+use dino_model::{Backbone, BackboneConfig, ResNet, ResNetConfig};
 
 const TOL: f64 = 1e-4;
 
@@ -58,19 +58,31 @@ fn forward_and_running_statistics_match_torchvision() {
     }
 }
 
+/// What `dino` exports for each architecture is torchvision's state_dict without `fc`, key for
+/// key and shape for shape, `num_batches_tracked` included: what `load_state_dict(strict=True)`
+/// checks once `fc` is `nn.Identity()` (scripts/check_torchvision_load.py does that load).
 #[test]
-fn resnet_keys_and_shapes_are_torchvision_s() {
+fn resnet_exports_have_torchvision_s_keys_and_shapes() {
     let text = std::fs::read_to_string(dir().join("resnet_shapes.json")).unwrap();
     let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let out = tempfile::tempdir().unwrap();
     for arch in ["resnet18", "resnet34", "resnet50"] {
-        let ours = official_shapes(&ResNet::new(&ResNetConfig::preset(arch).unwrap(), &test_device()));
+        let config = BackboneConfig::preset(arch, 16).unwrap();
+        let path = out.path().join(format!("{arch}.safetensors"));
+        save_backbone(&Backbone::new(&config, &test_device()), &config, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ours: std::collections::BTreeMap<String, Vec<usize>> =
+            file.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect();
         let theirs: std::collections::BTreeMap<String, Vec<usize>> = reference[arch]
             .as_object()
             .unwrap()
             .iter()
-            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
             .map(|(k, v)| (k.clone(), serde_json::from_value(v.clone()).unwrap()))
             .collect();
         assert_eq!(ours, theirs, "{arch}");
+        // The in-memory map the loaders use agrees too (float tensors only).
+        let floats = official_shapes(&ResNet::new(&ResNetConfig::preset(arch).unwrap(), &test_device()));
+        assert!(floats.len() < ours.len() && floats.iter().all(|(k, v)| ours.get(k) == Some(v)), "{arch}");
     }
 }
