@@ -99,24 +99,23 @@ impl BatchNorm {
 
     /// `[B, C, ...]` -> `[B, C, ...]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if !self.training.is_enabled() {
-            let (mean, var) = self.running_for(&x);
-            return dino_kernels::batch_norm_eval(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
-        }
-        let per_channel = per_channel(&x);
-        let (y, stats) = dino_kernels::batch_norm_train(x, self.gamma.val(), self.beta.val(), self.epsilon);
-        self.update_running(stats, per_channel);
-        y
+        self.normalise(x, dino_kernels::batch_norm_eval, dino_kernels::batch_norm_train)
     }
 
     /// `relu(self.forward(x))`, in one pass on the CPU: `[B, C, ...]` -> `[B, C, ...]`.
     pub fn forward_relu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.normalise(x, dino_kernels::batch_norm_eval_relu, dino_kernels::batch_norm_train_relu)
+    }
+
+    /// x through `eval` (running statistics) or `train` (batch statistics, which then update the
+    /// running ones), by the layer's mode.
+    fn normalise<const D: usize>(&self, x: Tensor<D>, eval: EvalNorm<D>, train: TrainNorm<D>) -> Tensor<D> {
         if !self.training.is_enabled() {
             let (mean, var) = self.running_for(&x);
-            return dino_kernels::batch_norm_eval_relu(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
+            return eval(x, self.gamma.val(), self.beta.val(), mean, var, self.epsilon);
         }
         let per_channel = per_channel(&x);
-        let (y, stats) = dino_kernels::batch_norm_train_relu(x, self.gamma.val(), self.beta.val(), self.epsilon);
+        let (y, stats) = train(x, self.gamma.val(), self.beta.val(), self.epsilon);
         self.update_running(stats, per_channel);
         y
     }
@@ -147,6 +146,11 @@ impl BatchNorm {
         update(&self.running_var, stats.slice([1..2, 0..channels]).reshape([channels]) * unbiased);
     }
 }
+
+/// `dino_kernels::batch_norm_eval(_relu)`: x, gamma, beta, running mean and variance, eps.
+type EvalNorm<const D: usize> = fn(Tensor<D>, Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>, f64) -> Tensor<D>;
+/// `dino_kernels::batch_norm_train(_relu)`: x, gamma, beta, eps -> (y, batch statistics).
+type TrainNorm<const D: usize> = fn(Tensor<D>, Tensor<1>, Tensor<1>, f64) -> (Tensor<D>, Tensor<2>);
 
 /// Elements per channel of `[B, C, ...]`.
 fn per_channel<const D: usize>(x: &Tensor<D>) -> usize {
