@@ -186,6 +186,15 @@ def train_fixture(out, gen, dino):
         fx.update(state(student, f"iter{it}.student."))
         fx.update(state(teacher, f"iter{it}.teacher."))
     save_file({k: v.contiguous() for k, v in fx.items()}, os.path.join(out, "train_steps.safetensors"))
+    # The checkpoint main_dino.py writes after the last iteration: both networks are
+    # DistributedDataParallel there (a ResNet has BatchNorm), so every key starts with `module.`;
+    # `args` is its argparse Namespace.
+    ddp = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}  # noqa: E731
+    args = argparse.Namespace(arch="resnet18", optimizer="sgd", use_bn_in_head=True, out_dim=c["out_dim"],
+                              lr=c["lr"], batch_size_per_gpu=c["batch"], epochs=c["epochs"])
+    torch.save({"student": ddp(student), "teacher": ddp(teacher), "optimizer": optimizer.state_dict(),
+                "epoch": c["epochs"], "args": args, "dino_loss": dino_loss.state_dict()},
+               os.path.join(out, "checkpoint.pth"))
 
 
 def main():
@@ -216,6 +225,10 @@ def main():
                                     "mode; x<i>.after_train.<buffer> = that copy's buffers after the one "
                                     "forward (momentum 0.1, unbiased variance)",
             "resnet_shapes.json": "key -> shape of torchvision resnet18/34/50 with fc = Identity",
+            "checkpoint.pth": "main_dino.py's save_dict after the last iteration: student and teacher "
+                              "state_dicts with DDP's module. prefix, optimizer, epoch, args (a Namespace), "
+                              "dino_loss (the center); the networks equal the last iteration's in "
+                              "train_steps.safetensors",
             "train_steps.safetensors": "init.<key>: student = teacher start (MultiCropWrapper keys, buffers "
                                        "included); per iteration: crops, loss, grad_norms_before_clip "
                                        "(named_parameters order), center_after, the schedules' lr/wd/momentum/"

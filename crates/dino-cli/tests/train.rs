@@ -375,6 +375,12 @@ fn trains_a_resnet_and_every_tool_reads_its_checkpoint() {
     let classifier = safetensors::SafeTensors::deserialize(&classifier).unwrap();
     assert_eq!(classifier.tensor("linear.weight").unwrap().shape(), [10, 512]);
 
+    let picture = dir.path().join("embedding.png");
+    let args = ["eval", "embedding", "--data", &test, "--weights", teacher, "--max-images", "40"];
+    let out = dino(&[&args[..], &["--output", picture.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(image::image_dimensions(&picture).unwrap(), (900, 800));
+
     let out = dino(&["attention", "--weights", teacher, "--image", image, "--output", dir.path().to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.trim().lines().count() == 1, "{stderr}");

@@ -86,3 +86,30 @@ fn resnet_exports_have_torchvision_s_keys_and_shapes() {
         assert!(floats.len() < ours.len() && floats.iter().all(|(k, v)| ours.get(k) == Some(v)), "{arch}");
     }
 }
+
+/// main_dino.py's own checkpoint of a ResNet run (DDP's `module.` prefix on both networks, the
+/// optimizer, the center, a pickled `args` Namespace) reads as either network, each equal to
+/// the official loop's state after its last iteration, running statistics included.
+#[test]
+fn an_official_resnet_checkpoint_reads_as_student_or_teacher() {
+    let path = dir().join("checkpoint.pth");
+    let steps = read_resnet_fixture("train_steps.safetensors");
+    let train = &manifest()["train"];
+    let last = train["epochs"].as_u64().unwrap() * train["iters_per_epoch"].as_u64().unwrap() - 1;
+    let ignored = dino_model::weights::ignored_objects(&path).unwrap();
+    assert!(ignored.iter().any(|o| o.to_string().contains("args")), "{ignored:?}");
+    for (key, name) in [(CheckpointKey::Teacher, "teacher"), (CheckpointKey::Student, "student")] {
+        let weights = Weights::read(&path, key).unwrap();
+        let BackboneConfig::ResNet(config) = weights.backbone_config(None).unwrap() else {
+            panic!("{name}: not read as a ResNet");
+        };
+        let net = weights.resnet(&config, &test_device()).unwrap();
+        let tensors = state_dict(&net);
+        assert!(tensors.len() > 30, "{name}: {} tensors", tensors.len());
+        for (k, ours) in tensors {
+            let reference = &steps[&format!("iter{last}.{name}.backbone.{k}")];
+            let err = dino_fixtures::rel_err_vec(&dino_fixtures::to_f64(&ours), &dino_fixtures::to_f64(reference));
+            assert!(err < 1e-6, "{name} {k}: {err:e}");
+        }
+    }
+}
