@@ -43,6 +43,7 @@ if [[ -f "$here/dino" ]]; then
     dino="$here/dino"
     parity=("$here"/parity-*)
     export DINO_REFERENCE_DIR="$here/fixtures/dino-reference"
+    export DINO_RESNET_REFERENCE_DIR="$here/fixtures/resnet-reference"
 else
     root="$(cd "$here/.." && pwd)"
     cd "$root"
@@ -65,7 +66,7 @@ if [[ -n "$bundle" ]]; then
     for t in "${parity[@]}"; do
         strip -o "$pack/$(basename "$t")" "$t"
     done
-    cp -r "$root/fixtures/dino-reference" "$pack/fixtures/"
+    cp -r "$root/fixtures/dino-reference" "$root/fixtures/resnet-reference" "$pack/fixtures/"
     cp "$root/scripts/gpu-check.sh" "$pack/"
     for r in "$root/shared/bench/torch_reference.py" "$root/../shared/bench/torch_reference.py"; do
         [[ -f "$r" ]] && cp "$r" "$pack/" && break

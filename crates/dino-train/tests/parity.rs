@@ -207,9 +207,20 @@ fn training_iterations_match_the_official_loop() {
 
 /// A ResNet with BatchNorm in backbone and head, SGD: both networks in train mode (batch
 /// statistics, each its own running buffers), the EMA over parameters only.
+///
+/// On a GPU the gradients are looser: the fixture's batch statistics cover few values (layer4
+/// sees 4x4 and 2x2 maps of 4 images), so the backward through them divides rounding by small
+/// variances, and the GPU sums in another order.
+/// Measured on lavapipe (wgpu), two iterations: gradient norms 1.3e-4 and 3.1e-5, the worst
+/// tensor 7.8e-4 and 8.7e-4 (BatchNorm biases a step or two from zero), the updates 5.1e-7 and
+/// 3.9e-7.
 #[test]
 fn resnet_training_iterations_match_the_official_loop() {
-    let tol = Tolerances { forward: FORWARD_TOL, params: Some(PARAM_TOL), update: PARAM_TOL };
+    let on_gpu = std::env::var("DINO_TEST_DEVICE").is_ok_and(|d| d != "cpu");
+    let tol = match on_gpu {
+        false => Tolerances { forward: FORWARD_TOL, params: Some(PARAM_TOL), update: PARAM_TOL },
+        true => Tolerances { forward: 1e-3, params: Some(5e-3), update: PARAM_TOL },
+    };
     fixture_iterations(OfficialRun::resnet(), tol, train_step);
 }
 
