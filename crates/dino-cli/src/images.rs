@@ -1,8 +1,12 @@
 //! The image-file flags every command that reads a dataset shares, and how skipped files are
 //! reported.
 
+use burn::tensor::Device;
 use clap::Args;
 use dino_data::{BadImage, Dataset, ImagePolicy, describe_skips};
+use dino_eval::{DatasetFeatures, ExtractOptions, dataset_features};
+use dino_model::Backbone;
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Decoding limits and strictness (`ImagePolicy`); the defaults are `ImagePolicy`'s.
 #[derive(Debug, Args)]
@@ -74,4 +78,31 @@ pub fn warn_skipped(what: &str, skipped: &[BadImage], total: usize) {
     if skipped.len() > LISTED {
         eprintln!("  ... and {} more", skipped.len() - LISTED);
     }
+}
+
+/// Backbone features of the first `count` images of `data`, with a progress bar named `what`.
+pub fn backbone_features(
+    backbone: &Backbone,
+    data: &Dataset,
+    count: usize,
+    options: &ExtractOptions,
+    device: &Device,
+    what: &str,
+) -> anyhow::Result<DatasetFeatures> {
+    let count = count.min(data.len());
+    let bar = bar(count, what);
+    let features = dataset_features(backbone, data, count, options, device, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    Ok(features)
+}
+
+/// A progress bar over `len` images, named `prefix`.
+pub fn bar(len: usize, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
 }

@@ -30,6 +30,8 @@ enum Command {
     Train(Box<commands::train::TrainArgs>),
     /// Extract one feature vector per image with a trained backbone.
     Extract(commands::extract::ExtractArgs),
+    /// Index a collection of images and list each query image's nearest neighbours.
+    Retrieve(commands::retrieve::RetrieveArgs),
     /// Draw the last block's per-head self-attention maps for an image.
     Attention(commands::attention::AttentionArgs),
     /// Evaluate frozen features: `dino eval knn`.
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => commands::train::run(*args),
         Command::Extract(args) => commands::extract::run(args),
+        Command::Retrieve(args) => commands::retrieve::run(args),
         Command::Attention(args) => commands::attention::run(args),
         Command::Eval(command) => commands::eval::run(command),
         Command::Bench(args) => commands::bench::run(args),

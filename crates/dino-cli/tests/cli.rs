@@ -478,3 +478,71 @@ fn bench_prints_comparable_json() {
     assert!(augment["augment_img_per_s_all_threads"].as_f64().unwrap() > 0.0);
     assert!(fails(&["bench", "--preset", "huge"]).contains("small28, tiny32, official_s16"));
 }
+
+#[test]
+fn retrieve_ranks_the_collection_updates_its_index_and_draws_sheets() {
+    let ws = Workspace::new();
+    let out = ws.path("retrieval");
+    let query = ws.path("images/cats/0.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "retrieve",
+            "--weights",
+            &ws.s("backbone.safetensors") as &str,
+            "--data",
+            &ws.s("images"),
+            "--query",
+            query.to_str().unwrap(),
+            "--top-k",
+            "3",
+            "--resize",
+            "0",
+            "--crop",
+            "32",
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let first = run(&[]);
+    assert!(first.contains("4 images (0 reused, 4 new, 0 removed)"), "{first}");
+    // The query is in the collection: it comes back first, with cosine similarity 1.
+    let ranks: Vec<&str> = first.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).collect();
+    assert_eq!(ranks.len(), 3, "{first}");
+    assert!(ranks[0].ends_with("cats/0.png") && ranks[0].contains("1.0000"), "{first}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let neighbours = results[0]["neighbours"].as_array().unwrap();
+    assert_eq!(neighbours.len(), 3);
+    let scores: Vec<f64> = neighbours.iter().map(|n| n["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    let sheet = image::open(results[0]["contact_sheet"].as_str().unwrap()).unwrap().to_rgb8();
+    assert!(sheet.width() >= 4 * 160 && sheet.height() >= 160, "query and three neighbours in one row");
+
+    // The index is reused; an added image is the only one computed; approximate search agrees.
+    let second = run(&["--search", "exact"]);
+    assert!(second.contains("4 images (4 reused, 0 new, 0 removed)"), "{second}");
+    std::fs::copy(&query, ws.path("images/dogs/copy.png")).unwrap();
+    let third = run(&["--search", "approximate"]);
+    assert!(third.contains("5 images (4 reused, 1 new, 0 removed)"), "{third}");
+    assert!(third.contains("HNSW graph of 5 images"), "{third}");
+    let top2: Vec<&str> = third.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).take(2).collect();
+    assert!(top2.iter().all(|l| l.contains("1.0000")), "the query and its copy: {third}");
+
+    let missing = fails(&[
+        "retrieve",
+        "--weights",
+        &ws.s("backbone.safetensors"),
+        "--data",
+        &ws.s("images"),
+        "--query",
+        &ws.s("nowhere.png"),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(missing.contains("nowhere.png"), "{missing}");
+}

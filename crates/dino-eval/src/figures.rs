@@ -1,5 +1,5 @@
 //! Figures: `training.png` (the loss and the k-NN top-1 per epoch, read from a run's
-//! `log.txt`) and the 2-D embedding of labeled features.
+//! `log.txt`), the 2-D embedding of labeled features, and retrieval contact sheets.
 //!
 //! Text (titles, axis labels, tick values) needs a TrueType font: plotters' `ab_glyph` renderer
 //! draws it without a system font library, from the first font file found in `$DINO_FONT` or
@@ -231,6 +231,72 @@ pub fn plot_embedding(
     Ok(())
 }
 
+/// Side of a contact-sheet cell, and columns before a row wraps.
+const THUMB: u32 = 160;
+const SHEET_COLUMNS: u32 = 6;
+
+/// One image of a contact sheet and its caption.
+pub struct SheetImage<'a> {
+    pub image: &'a image::RgbImage,
+    pub caption: String,
+}
+
+/// A contact sheet: `query` framed in blue, then each neighbour in rank order, each scaled to fit
+/// a 160 px cell, captioned underneath when a font is available, six to a row.
+pub fn contact_sheet(
+    query: SheetImage<'_>,
+    neighbours: &[SheetImage<'_>],
+    out: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let text = font_available();
+    let (pad, caption) = (8u32, if text { 22u32 } else { 0 });
+    let cells = 1 + neighbours.len() as u32;
+    let (columns, rows) = (cells.min(SHEET_COLUMNS), cells.div_ceil(SHEET_COLUMNS));
+    let (cell_w, cell_h) = (THUMB + pad, THUMB + caption + pad);
+    let (width, height) = (pad + columns * cell_w, pad + rows * cell_h);
+    let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let origin = |i: u32| (pad + (i % SHEET_COLUMNS) * cell_w, pad + (i / SHEET_COLUMNS) * cell_h);
+    for (i, item) in std::iter::once(&query).chain(neighbours).enumerate() {
+        let (x0, y0) = origin(i as u32);
+        let frame = if i == 0 { image::Rgb([31, 119, 180]) } else { image::Rgb([200, 200, 200]) };
+        let border = if i == 0 { 4 } else { 1 };
+        for y in y0..y0 + THUMB {
+            for x in x0..x0 + THUMB {
+                let edge = x < x0 + border || y < y0 + border || x >= x0 + THUMB - border || y >= y0 + THUMB - border;
+                canvas.put_pixel(x, y, if edge { frame } else { image::Rgb([240, 240, 240]) });
+            }
+        }
+        let inner = THUMB - 2 * border;
+        let (w, h) = item.image.dimensions();
+        let scale = (inner as f32 / w.max(1) as f32).min(inner as f32 / h.max(1) as f32);
+        let (tw, th) =
+            (((w as f32 * scale).round() as u32).clamp(1, inner), ((h as f32 * scale).round() as u32).clamp(1, inner));
+        let thumb = dino_data::resize_exact(item.image, tw, th, dino_data::Filter::Bilinear);
+        image::imageops::replace(
+            &mut canvas,
+            &thumb,
+            (x0 + border + (inner - tw) / 2) as i64,
+            (y0 + border + (inner - th) / 2) as i64,
+        );
+    }
+    if text {
+        let (buffer_w, buffer_h) = canvas.dimensions();
+        let mut raw = canvas.into_raw();
+        {
+            let root = BitMapBackend::with_buffer(&mut raw, (buffer_w, buffer_h)).into_drawing_area();
+            let style = TextStyle::from((FONT, 15).into_font()).color(&BLACK);
+            for (i, item) in std::iter::once(&query).chain(neighbours).enumerate() {
+                let (x0, y0) = origin(i as u32);
+                root.draw_text(&item.caption, &style, (x0 as i32 + 2, (y0 + THUMB + 4) as i32))?;
+            }
+            root.present()?;
+        }
+        canvas = image::RgbImage::from_raw(buffer_w, buffer_h, raw).expect("the buffer keeps its size");
+    }
+    canvas.save(out)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +357,24 @@ mod tests {
         if font_available() {
             assert!(dark_pixels[1] > dark_pixels[0] + 500, "titles and labels are drawn: {dark_pixels:?}");
         }
+    }
+    #[test]
+    fn a_contact_sheet_shows_the_query_framed_and_its_neighbours_in_rows_of_six() {
+        let dir = tempfile::tempdir().unwrap();
+        let red = image::RgbImage::from_pixel(40, 20, image::Rgb([230, 10, 10]));
+        let green = image::RgbImage::from_pixel(10, 30, image::Rgb([10, 230, 10]));
+        let neighbours: Vec<SheetImage> =
+            (0..7).map(|i| SheetImage { image: &green, caption: format!("{} 0.{}", i + 1, 9 - i) }).collect();
+        let png = dir.path().join("sheet.png");
+        contact_sheet(SheetImage { image: &red, caption: "query".into() }, &neighbours, &png).unwrap();
+        let img = image::open(&png).unwrap().to_rgb8();
+        let caption = if font_available() { 22 } else { 0 };
+        assert_eq!(img.dimensions(), (8 + 6 * 168, 8 + 2 * (168 + caption)));
+        assert_eq!(img.get_pixel(8, 8).0, [31, 119, 180], "the query's frame");
+        assert_eq!(img.get_pixel(8 + 80, 8 + 80).0, [230, 10, 10], "the query, centred in its cell");
+        assert_eq!(img.get_pixel(8 + 168 + 80, 8 + 80).0, [10, 230, 10], "the first neighbour");
+        let second_row = 8 + 168 + caption + 80;
+        assert_eq!(img.get_pixel(8 + 80, second_row).0, [10, 230, 10], "the sixth neighbour wraps");
+        assert_eq!(img.get_pixel(8 + 2 * 168 + 80, second_row).0, [255, 255, 255], "no eighth cell");
     }
 }

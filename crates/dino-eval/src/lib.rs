@@ -8,6 +8,7 @@ pub mod features;
 pub mod figures;
 pub mod knn;
 pub mod linear;
+pub mod retrieval;
 
 pub use extract::{
     DatasetFeatures, ExtractOptions, Features, dataset_features, pixel_features, read_labeled_features, write_features,
@@ -31,6 +32,9 @@ pub enum EvalError {
     /// A features file (`--load-features`) that is not what `--dump-features` writes.
     #[error("{path}: {problem}")]
     FeaturesFile { path: PathBuf, problem: String },
+    /// A retrieval index file that cannot be read or written.
+    #[error("{path}: {problem}")]
+    Index { path: PathBuf, problem: String },
     /// The linear probe's loss became NaN or infinite.
     #[error("the linear classifier diverged in epoch {epoch} (lr {lr}); lower --lr")]
     Diverged { epoch: usize, lr: f64 },

@@ -637,7 +637,8 @@ pub fn write_safetensors(
             let dtype = match data.dtype() {
                 DType::I64 => safetensors::Dtype::I64,
                 DType::F32 => safetensors::Dtype::F32,
-                other => panic!("tensor '{name}' is {other:?}; only f32 and i64 are written"),
+                DType::U8 => safetensors::Dtype::U8,
+                other => panic!("tensor '{name}' is {other:?}; only f32, i64 and u8 are written"),
             };
             let view = safetensors::tensor::TensorView::new(dtype, data.shape().to_vec(), data.as_bytes())
                 .expect("shape and byte length agree");

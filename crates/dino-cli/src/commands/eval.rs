@@ -10,11 +10,9 @@ use dino_data::{Dataset, EvalTransform, ImagePolicy, LinearTrainTransform};
 use dino_eval::embedding::pca_2d;
 use dino_eval::figures::plot_embedding;
 use dino_eval::{
-    DatasetFeatures, ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures,
-    dataset_features, knn_classify, pixel_features, read_labeled_features, train_linear, write_labeled_features,
+    DatasetFeatures, ExtractOptions, FeatureSpec, Features, LinearConfig, LinearProgress, TrainFeatures, knn_classify,
+    pixel_features, read_labeled_features, train_linear, write_labeled_features,
 };
-use dino_model::Backbone;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceArg;
 use crate::images::{self, ImageArgs, warn_skipped};
@@ -127,7 +125,11 @@ impl FeatureArgs {
                 let features = sets
                     .iter()
                     .map(|(data, count, name)| {
-                        Ok(labeled(backbone_features(&backbone, data, *count, &options, device, name)?, data, name))
+                        Ok(labeled(
+                            images::backbone_features(&backbone, data, *count, &options, device, name)?,
+                            data,
+                            name,
+                        ))
                     })
                     .collect::<anyhow::Result<_>>()?;
                 Ok((features, format!("{} features", weights.display())))
@@ -309,32 +311,6 @@ fn labeled(spec: &str, policy: &ImagePolicy) -> anyhow::Result<(Dataset, Vec<u32
     Ok((data, labels))
 }
 
-/// Backbone features of the first `count` images of `data`, with a progress bar named `what`.
-fn backbone_features(
-    backbone: &Backbone,
-    data: &Dataset,
-    count: usize,
-    options: &ExtractOptions,
-    device: &Device,
-    what: &str,
-) -> anyhow::Result<DatasetFeatures> {
-    let count = count.min(data.len());
-    let bar = bar(count, what);
-    let features = dataset_features(backbone, data, count, options, device, |done| bar.set_position(done as u64))?;
-    bar.finish_and_clear();
-    Ok(features)
-}
-
-fn bar(len: usize, prefix: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64).with_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} images, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(prefix.to_string());
-    bar
-}
-
 /// Bank and test features with their labels, from images.
 fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)> {
     let policy = args.source.images.policy()?;
@@ -394,7 +370,8 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let log_path = args.output.join("log.txt");
     let mut log = std::fs::File::create(&log_path).with_context(|| format!("cannot write {}", log_path.display()))?;
 
-    let test_features = backbone_features(&backbone, &test, limit(args.max_test), &options, &device, "test features")?;
+    let test_features =
+        images::backbone_features(&backbone, &test, limit(args.max_test), &options, &device, "test features")?;
     warn_skipped("test features", &test_features.skipped, test.len());
     let test_labels = &test_features.labels(&test).expect("labeled");
     let to_tensor = |f: Features| Tensor::<2>::from_data(TensorData::new(f.values, [f.rows, f.dim]), &device);
@@ -402,7 +379,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     let count = limit(args.max_train).min(train.len());
     let fixed = match args.no_augmentation {
         true => {
-            let f = backbone_features(&backbone, &train, count, &options, &device, "train features")?;
+            let f = images::backbone_features(&backbone, &train, count, &options, &device, "train features")?;
             warn_skipped("train features", &f.skipped, train.len());
             let labels = f.labels(&train).expect("labeled");
             Some((to_tensor(f.features), labels))
@@ -431,7 +408,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
         test_labels.len(),
         args.epochs,
     );
-    let bar = bar(count, "epoch 1");
+    let bar = images::bar(count, "epoch 1");
     let mut log_error = None;
     let (classifier, history) =
         train_linear(&config, source, labels, (&test_features, test_labels), &device, |p| match p {

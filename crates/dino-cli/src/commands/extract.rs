@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 use dino_data::{Dataset, EvalTransform, Listing, list_images, read_image_list};
-use dino_eval::{ExtractOptions, FeatureSpec, dataset_features, write_features};
-use indicatif::{ProgressBar, ProgressStyle};
+use dino_eval::{ExtractOptions, FeatureSpec, write_features};
 
 use crate::device::DeviceArg;
-use crate::images::{ImageArgs, warn_skipped};
+use crate::images::{self, ImageArgs, warn_skipped};
 use crate::load::WeightArgs;
 
 #[derive(Debug, Args)]
@@ -86,14 +85,7 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         l2_norm: args.l2_norm,
         batch_size: args.batch_size,
     };
-    let bar = ProgressBar::new(data.len() as u64).with_style(
-        ProgressStyle::with_template("{spinner} extracting [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    let extracted =
-        dataset_features(&backbone, &data, data.len(), &options, &device, |done| bar.set_position(done as u64))?;
-    bar.finish_and_clear();
+    let extracted = images::backbone_features(&backbone, &data, data.len(), &options, &device, "extracting")?;
     skipped.extend(extracted.skipped.iter().cloned());
     warn_skipped("extract", &skipped, total);
     let (features, paths) = (&extracted.features, extracted.paths(&data));

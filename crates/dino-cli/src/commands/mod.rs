@@ -2,4 +2,5 @@ pub mod attention;
 pub mod bench;
 pub mod eval;
 pub mod extract;
+pub mod retrieve;
 pub mod train;
