@@ -102,6 +102,12 @@ pub fn run(args: RetrieveArgs) -> anyhow::Result<()> {
     collection.paths.sort();
     collection.paths.dedup();
     let policy = args.images.policy()?;
+    // A bad query is an error before any indexing work.
+    let queries = Dataset::from_files(
+        "the query images",
+        Listing { paths: args.query.clone(), skipped: Vec::new() },
+        &ImagePolicy { strict: true, ..policy },
+    )?;
     let device = args.device.device()?;
     let (config, backbone) = args.weights.load(&device)?;
     // The official retrieval and copy-detection features: the final-normed CLS token, L2-normalised.
@@ -125,11 +131,6 @@ pub fn run(args: RetrieveArgs) -> anyhow::Result<()> {
         bail!("no image of {} could be indexed", describe_dirs(&args.data));
     }
 
-    let queries = Dataset::from_files(
-        "the query images",
-        Listing { paths: args.query.clone(), skipped: Vec::new() },
-        &ImagePolicy { strict: true, ..policy },
-    )?;
     let query_features = images::backbone_features(&backbone, &queries, queries.len(), &options, &device, "queries")?;
     let search = Search::new(args.search, &index);
     let mut results = Vec::new();
