@@ -62,11 +62,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => err.exit(), // --help, --version
         Err(err) => {
-            // clap's message, on one line like every other error: "error: invalid value '-1'
-            // for '--epochs <EPOCHS>': invalid digit found in string; see --help".
+            // clap's message, its first paragraph on one line like every other error: "error:
+            // invalid value '-1' for '--epochs <EPOCHS>': invalid digit found in string; see
+            // --help", or "error: the following required arguments were not provided: --image
+            // <FILE>|--frames <DIR|FILE>; see --help".
             let message = err.to_string();
-            let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ");
-            eprintln!("error: {first}; see --help");
+            let first: Vec<&str> = message.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+            let first = first.join(" ");
+            eprintln!("error: {}; see --help", first.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };

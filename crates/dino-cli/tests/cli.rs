@@ -231,6 +231,221 @@ fn attention_writes_maps_masks_and_tensors() {
     }
 }
 
+/// A moving square as an animated GIF (3 frames, 80 ms each) and as a folder of PNG frames.
+fn write_clip(ws: &Workspace) {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let frame = |i: u32| {
+        RgbImage::from_fn(40, 32, |x, y| {
+            let inside = x >= 6 + 8 * i && x < 18 + 8 * i && (10..22).contains(&y);
+            if inside { Rgb([240, 200, 40]) } else { Rgb([20, 40, 90]) }
+        })
+    };
+    let mut gif = GifEncoder::new(std::fs::File::create(ws.path("clip.gif")).unwrap());
+    gif.set_repeat(Repeat::Infinite).unwrap();
+    std::fs::create_dir_all(ws.path("frames")).unwrap();
+    for i in 0..3 {
+        let rgba = image::DynamicImage::ImageRgb8(frame(i)).to_rgba8();
+        gif.encode_frame(image::Frame::from_parts(rgba, 0, 0, image::Delay::from_numer_denom_ms(80, 1))).unwrap();
+        frame(i).save(ws.path(&format!("frames/{i:03}.png"))).unwrap();
+    }
+}
+
+#[test]
+fn attention_over_frames_writes_each_frame_and_an_animation() {
+    use image::AnimationDecoder;
+    let ws = Workspace::new();
+    write_clip(&ws);
+    let p = ws.config.patch_size;
+    let heads = ws.config.num_heads;
+    let weights = ws.s("backbone.safetensors");
+    let gif_frames = |path: &Path| {
+        let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+        image::codecs::gif::GifDecoder::new(file).unwrap().into_frames().collect_frames().unwrap()
+    };
+
+    let out = ws.path("from-gif");
+    let stdout = ok(&["attention", "--weights", &weights, "--frames", &ws.s("clip.gif"), "-o", out.to_str().unwrap()]);
+    assert!(stdout.contains("3 frames of 40x32 px") || p != 8, "{stdout}");
+    for i in 0..3 {
+        for prefix in ["attn", "mask"] {
+            let file = out.join(format!("{prefix}-frame{i:05}.png"));
+            let img = image::open(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert_eq!(img.width(), 40 / p as u32 * p as u32);
+        }
+    }
+    let animation = gif_frames(&out.join("attention.gif"));
+    assert_eq!(animation.len(), 3);
+    assert_eq!(animation[0].delay().numer_denom_ms(), (80, 1), "the clip's own pace");
+    // Each frame's maps are the model's, on the frame as decoded.
+    let (shape, values) = read_safetensors(&out.join("attention.safetensors"), "attentions");
+    assert_eq!(shape, vec![3, heads, 32 / p, 40 / p]);
+    let decoded = dino_data::open_frames(&ws.path("clip.gif"), &Default::default()).unwrap();
+    let per_frame = heads * shape[2] * shape[3];
+    for (i, frame) in decoded.enumerate() {
+        let img = dino_eval::attention::prepare_image(&frame.unwrap().image, 40, 32, p);
+        let maps = dino_eval::attention::cls_attention(&ws.vit, &img, &Device::flex());
+        let got = &values[i * per_frame..(i + 1) * per_frame];
+        let worst = maps.values.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-6, "frame {i}: {worst}");
+    }
+
+    // A folder of frames, resized, at a chosen pace.
+    let out = ws.path("from-folder");
+    let args = ["--frames", &ws.s("frames"), "--image-size", "24", "32", "--fps", "10", "--threshold", "0.5"];
+    ok(&[&["attention", "--weights", &weights, "-o", out.to_str().unwrap()][..], &args].concat());
+    assert!(out.join("mask-002.png").exists());
+    let animation = gif_frames(&out.join("attention.gif"));
+    assert_eq!(animation.len(), 3);
+    assert_eq!(animation[2].delay().numer_denom_ms(), (100, 1));
+    assert_eq!(read_safetensors(&out.join("attention.safetensors"), "attentions").0, vec![3, heads, 24 / p, 32 / p]);
+
+    let e = fails(&["attention", "--weights", &weights, "--frames", &ws.s("clip.mp4"), "-o", &ws.s("v")]);
+    assert!(e.contains("extract its frames first"), "{e}");
+    let out = dino(&["attention", "--weights", &weights, "-o", &ws.s("v")]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(e.contains("not provided: <--image <FILE>|--frames <DIR|FILE>>"), "{e}");
+}
+
+/// A Revisited-style dataset of six patterned images and two queries, each an exact copy of a
+/// database image, with its gnd_tiny.pkl: query 0's positives are images 0 (easy) and 1 (hard),
+/// image 2 is junk; query 1's only positive is image 3 (hard).
+fn write_revisited(ws: &Workspace) -> PathBuf {
+    use serde_pickle::{HashableValue, Value};
+    let dir = ws.path("tiny");
+    std::fs::create_dir_all(dir.join("jpg")).unwrap();
+    for i in 0..6u32 {
+        let img = RgbImage::from_fn(48 + 4 * i, 40, |x, y| {
+            Rgb([((x * (i + 1) * 7) % 255) as u8, ((y * (6 - i) * 5) % 255) as u8, ((x + y) * 3 * i % 255) as u8])
+        });
+        img.save(dir.join(format!("jpg/db{i}.jpg"))).unwrap();
+    }
+    std::fs::copy(dir.join("jpg/db0.jpg"), dir.join("jpg/q0.jpg")).unwrap();
+    std::fs::copy(dir.join("jpg/db3.jpg"), dir.join("jpg/q1.jpg")).unwrap();
+    let s = |x: &str| Value::String(x.into());
+    let ints = |v: &[i64]| Value::List(v.iter().map(|&i| Value::I64(i)).collect());
+    let query = |easy: &[i64], hard: &[i64], junk: &[i64]| {
+        let mut d = std::collections::BTreeMap::new();
+        d.insert(HashableValue::String("bbx".into()), Value::List(vec![Value::F64(0.0); 4]));
+        d.insert(HashableValue::String("easy".into()), ints(easy));
+        d.insert(HashableValue::String("hard".into()), ints(hard));
+        d.insert(HashableValue::String("junk".into()), ints(junk));
+        Value::Dict(d)
+    };
+    let mut top = std::collections::BTreeMap::new();
+    top.insert(HashableValue::String("imlist".into()), Value::List((0..6).map(|i| s(&format!("db{i}"))).collect()));
+    top.insert(HashableValue::String("qimlist".into()), Value::List(vec![s("q0"), s("q1")]));
+    top.insert(HashableValue::String("gnd".into()), Value::List(vec![query(&[0], &[1], &[2]), query(&[], &[3], &[])]));
+    let bytes = serde_pickle::value_to_vec(&Value::Dict(top), Default::default()).unwrap();
+    std::fs::write(dir.join("gnd_tiny.pkl"), bytes).unwrap();
+    dir
+}
+
+#[test]
+fn eval_retrieval_scores_the_revisited_protocol() {
+    use dino_eval::revisited::{GroundTruth, evaluate, image_feature, rank};
+    let ws = Workspace::new();
+    let dir = write_revisited(&ws);
+    let weights = ws.s("backbone.safetensors");
+    let json = ws.path("retrieval.json");
+    let args = ["--data", dir.to_str().unwrap(), "--imsize", "32", "--json", json.to_str().unwrap()];
+    let stdout = ok(&[&["eval", "retrieval", "--weights", &weights][..], &args].concat());
+    assert!(stdout.starts_with(">> tiny: mAP M: "), "{stdout}");
+    assert!(stdout.contains(">> tiny: mP@k[1, 5, 10] M: ["), "{stdout}");
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+
+    // The same protocol through the library, on the model the file holds.
+    let truth = GroundTruth::read(&dir.join("gnd_tiny.pkl")).unwrap();
+    let backbone = dino_model::Backbone::Vit(ws.vit.clone());
+    let features = |list: &[String]| -> Vec<f32> {
+        let f = |s: &String| load_rgb(&dir.join(format!("jpg/{s}.jpg")), &Default::default()).unwrap();
+        list.iter().flat_map(|s| image_feature(&backbone, &f(s), Some(32), false, &Device::flex())).collect()
+    };
+    let dim = ws.config.embed_dim;
+    let expect = evaluate(&rank(&features(&truth.imlist), &features(&truth.qimlist), dim), &truth);
+    for (setup, result) in [("medium", &expect.medium), ("hard", &expect.hard)] {
+        let map = got[setup]["map"].as_f64().unwrap();
+        assert!((map - result.map).abs() < 1e-9, "{setup}: {map} vs {}", result.map);
+    }
+    // Query 1's one positive is its own copy: found first.
+    assert_eq!(got["hard"]["aps"]["q1"].as_f64(), Some(1.0), "{got}");
+    assert_eq!(got["medium"]["aps"]["q1"].as_f64(), Some(1.0), "{got}");
+
+    let stdout = ok(&[&["eval", "retrieval", "--weights", &weights, "--multiscale"][..], &args[..4]].concat());
+    assert!(stdout.contains("mAP M: "), "{stdout}");
+    std::fs::remove_file(dir.join("jpg/db4.jpg")).unwrap();
+    let e = fails(&["eval", "retrieval", "--weights", &weights, "--data", dir.to_str().unwrap()]);
+    assert!(e.contains("db4.jpg: missing; tiny lists 6 database and 2 query images"), "{e}");
+    let e = fails(&["eval", "retrieval", "--weights", &weights, "--data", &ws.s("images")]);
+    assert!(e.contains("no gnd_*.pkl here"), "{e}");
+}
+
+/// Copydays in miniature from the four fixture photographs: original/ (names 200000 to 200300),
+/// strong/ (rotated, cropped and overlaid copies, one per photograph: 2000xx finds 200000),
+/// jpegqual/10/, crops/50/, and folders of distractors and of whitening images.
+fn write_copydays(ws: &Workspace) -> PathBuf {
+    use image::imageops;
+    let dir = ws.path("copydays");
+    let photos = dino_fixtures::sandbox::repo_root().join("fixtures/images/photos");
+    let save_jpeg = |img: &RgbImage, path: PathBuf, quality: u8| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut out = std::fs::File::create(path).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(img).unwrap();
+    };
+    for (i, name) in ["astronaut", "chelsea", "coffee", "rocket"].iter().enumerate() {
+        let img = load_rgb(&photos.join(format!("{name}.jpg")), &Default::default()).unwrap();
+        let id = 200000 + 100 * i;
+        let (w, h) = img.dimensions();
+        save_jpeg(&img, dir.join(format!("original/{id}.jpg")), 95);
+        save_jpeg(&img, dir.join(format!("jpegqual/10/{id}.jpg")), 10);
+        let crop = imageops::crop_imm(&img, w / 4, h / 4, w / 2 + w % 2, h / 2).to_image();
+        save_jpeg(&crop, dir.join(format!("crops/50/{id}.jpg")), 95);
+        let mut strong = imageops::rotate90(&imageops::crop_imm(&img, 0, 0, w * 4 / 5, h).to_image());
+        for y in 4..14 {
+            for x in 4..30 {
+                strong.put_pixel(x, y, Rgb([255, 255, 0]));
+            }
+        }
+        save_jpeg(&strong, dir.join(format!("strong/{}.jpg", id + 7)), 50);
+        let flipped = imageops::flip_horizontal(&img);
+        save_jpeg(&flipped, ws.path(&format!("whiten/{name}.jpg")), 90);
+        save_jpeg(&imageops::flip_vertical(&img), ws.path(&format!("whiten/{name}-v.jpg")), 90);
+        save_jpeg(&imageops::rotate180(&flipped), ws.path(&format!("distract/{name}.jpg")), 90);
+    }
+    dir
+}
+
+#[test]
+fn eval_copydetection_scores_each_block_of_edits() {
+    let ws = Workspace::new();
+    let dir = write_copydays(&ws);
+    let weights = ws.s("backbone.safetensors");
+    let json = ws.path("copy.json");
+    let base = ["eval", "copydetection", "--weights", &weights, "--data", dir.to_str().unwrap(), "--imsize", "48"];
+    let stdout = ok(&[&base[..], &["--json", json.to_str().unwrap()]].concat());
+    assert!(stdout.contains("4 originals, 0 distractors, 16 queries in 4 blocks"), "{stdout}");
+    // Each original finds itself first: the pipeline ranks by the features it computed.
+    assert!(stdout.contains("eval on original mAP=1.000"), "{stdout}");
+    for block in ["crops/50", "jpegqual/10", "strong"] {
+        assert!(stdout.contains(&format!("eval on {block} mAP=")), "{stdout}");
+    }
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let blocks = got["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 4);
+    assert!(blocks.iter().all(|b| (0.0..=1.0).contains(&b["map"].as_f64().unwrap())), "{got}");
+
+    // With distractors and whitening learned on other images.
+    let extra = ["--distractors", &ws.s("distract"), "--whitening", &ws.s("whiten")];
+    let stdout = ok(&[&base[..], &extra].concat());
+    assert!(stdout.contains("4 originals, 4 distractors, 16 queries in 4 blocks; features"), "{stdout}");
+    assert!(stdout.contains("whitened"), "{stdout}");
+    assert!(stdout.contains("eval on original mAP=1.000"), "{stdout}");
+
+    let e = fails(&["eval", "copydetection", "--weights", &weights, "--data", &ws.s("images")]);
+    assert!(e.contains("no original/ folder of images"), "{e}");
+}
+
 #[test]
 fn bad_input_fails_with_one_line_naming_the_problem() {
     let ws = Workspace::new();

@@ -6,12 +6,14 @@
 mod augment;
 pub mod bench;
 mod dataset;
+mod frames;
 mod image_io;
 pub mod loader;
 mod transform;
 
 pub use augment::{LinearTrainTransform, MultiCropConfig};
 pub use dataset::{Dataset, Split};
+pub use frames::{DEFAULT_DELAY_MS, Frame, Frames, open_frames};
 
 pub use image_io::{
     BadImage, IMAGE_EXTENSIONS, ImagePolicy, Listing, SkipReason, count_skips, describe_skips, is_image_file,

@@ -1,8 +1,8 @@
 //! torchvision's evaluation transforms on PIL images, reproduced on `RgbImage`s.
 //!
 //! Resizing uses `fast_image_resize`, whose convolution filters follow Pillow's (support scaled
-//! with the reduction factor, i.e. antialiased): `CatmullRom` is PIL's BICUBIC (a = -0.5) and
-//! `Bilinear` its BILINEAR.
+//! with the reduction factor, i.e. antialiased): `CatmullRom` is PIL's BICUBIC (a = -0.5),
+//! `Bilinear` its BILINEAR and `Lanczos3` its LANCZOS (once ANTIALIAS).
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -18,6 +18,7 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 pub enum Filter {
     Bilinear,
     Bicubic,
+    Lanczos,
 }
 
 /// Resizes to exactly `width x height` (a no-op at the same size).
@@ -31,6 +32,7 @@ pub fn resize_exact(img: &RgbImage, width: u32, height: u32, filter: Filter) -> 
     let filter = match filter {
         Filter::Bilinear => FilterType::Bilinear,
         Filter::Bicubic => FilterType::CatmullRom,
+        Filter::Lanczos => FilterType::Lanczos3,
     };
     Resizer::new()
         .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)))

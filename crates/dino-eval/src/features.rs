@@ -1,6 +1,8 @@
 //! Frozen features of a backbone, as the official evaluation scripts compute them.
 
 use burn::tensor::Tensor;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use dino_model::{Backbone, BackboneConfig};
 
 /// Which tokens make the feature vector.
@@ -70,6 +72,31 @@ impl FeatureSpec {
             Tensor::cat(vec![cls, avg], 1)
         }
     }
+}
+
+/// The scales `utils.multi_scale` averages (`eval_image_retrieval.py --multiscale`).
+pub const MULTI_SCALES: [f64; 3] = [1.0, std::f64::consts::FRAC_1_SQRT_2, 0.5];
+
+/// `utils.multi_scale`: the backbone's feature of `images` `[B, 3, H, W]` at each of
+/// [`MULTI_SCALES`], averaged, `[B, D]` (not normalised). Each scale resizes the normalised
+/// tensor bilinearly without antialiasing to `floor(side * s)`, as `F.interpolate(scale_factor
+/// = s)`; PyTorch then maps pixels with `1 / s`, burn with the ratio of the sizes, a sub-pixel
+/// difference where `side * s` is not whole.
+pub fn multi_scale(backbone: &Backbone, images: Tensor<4>) -> Tensor<2> {
+    let [_, _, h, w] = images.dims();
+    let features: Vec<Tensor<2>> = MULTI_SCALES
+        .iter()
+        .map(|&s| {
+            if s == 1.0 {
+                return backbone.forward(images.clone());
+            }
+            let size = [((h as f64 * s) as usize).max(1), ((w as f64 * s) as usize).max(1)];
+            let options =
+                InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false).with_output_size(size);
+            backbone.forward(interpolate(images.clone(), options))
+        })
+        .collect();
+    Tensor::stack::<3>(features, 0).mean_dim(0).squeeze_dim::<2>(0)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod copydetection;
 pub mod embedding;
 pub mod extract;
 pub mod features;
@@ -9,6 +10,7 @@ pub mod figures;
 pub mod knn;
 pub mod linear;
 pub mod retrieval;
+pub mod revisited;
 
 pub use extract::{
     DatasetFeatures, ExtractOptions, Features, dataset_features, pixel_features, read_labeled_features, write_features,
@@ -32,6 +34,9 @@ pub enum EvalError {
     /// A features file (`--load-features`) that is not what `--dump-features` writes.
     #[error("{path}: {problem}")]
     FeaturesFile { path: PathBuf, problem: String },
+    /// A ground-truth file (`gnd_*.pkl`) that is not what the Revisited datasets ship.
+    #[error("{path}: {problem}; the Revisited Oxford/Paris gnd_*.pkl holds a dict of imlist, qimlist and gnd")]
+    GroundTruth { path: PathBuf, problem: String },
     /// A retrieval index file that cannot be read or written.
     #[error("{path}: {problem}")]
     Index { path: PathBuf, problem: String },

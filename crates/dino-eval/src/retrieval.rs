@@ -176,16 +176,24 @@ impl FeatureIndex {
     /// row is scored. Ties keep the lower row first.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<Hit> {
         assert_eq!(query.len(), self.dim, "a query of the index's width");
-        let scores: Vec<f32> = self
-            .features()
-            .par_chunks_exact(self.dim.max(1))
-            .map(|row| dot(row, query))
-            .collect();
+        let scores: Vec<f32> = self.features().par_chunks_exact(self.dim.max(1)).map(|row| dot(row, query)).collect();
         top_k(&scores, k)
     }
 }
 
 /// The `k` highest of `scores` with their positions, highest first (NaN last).
+/// Exact search without an index: each query's `k` best rows of `database` by dot product
+/// (cosine for unit rows), best first, ties by row. `database` and `queries` hold rows of `dim`.
+pub fn rank_rows(database: &[f32], queries: &[f32], dim: usize, k: usize) -> Vec<Vec<usize>> {
+    queries
+        .chunks(dim)
+        .map(|q| {
+            let scores: Vec<f32> = database.par_chunks_exact(dim).map(|row| dot(row, q)).collect();
+            top_k(&scores, k).into_iter().map(|h| h.row).collect()
+        })
+        .collect()
+}
+
 fn top_k(scores: &[f32], k: usize) -> Vec<Hit> {
     let better = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.row.cmp(&b.row));
     let mut hits: Vec<Hit> = scores
@@ -252,8 +260,7 @@ impl ApproximateIndex {
     /// Builds the graph over every row of `index`.
     pub fn build(index: &FeatureIndex) -> Self {
         let rows: Vec<(&[f32], usize)> = (0..index.len()).map(|i| (index.row(i), i)).collect();
-        let mut graph =
-            Hnsw::new(HNSW_NEIGHBOURS, rows.len().max(1), HNSW_LAYERS, HNSW_EF_CONSTRUCTION, UnitCosine);
+        let mut graph = Hnsw::new(HNSW_NEIGHBOURS, rows.len().max(1), HNSW_LAYERS, HNSW_EF_CONSTRUCTION, UnitCosine);
         graph.parallel_insert_slice(&rows);
         graph.set_searching_mode(true);
         Self { graph }
@@ -474,14 +481,17 @@ mod tests {
             (state >> 11) as f32 / (1u64 << 53) as f32 - 0.5
         };
         let centres: Vec<Vec<f32>> = (0..40).map(|_| (0..dim).map(|_| uniform()).collect()).collect();
-        let rows: Vec<f32> =
-            (0..n).flat_map(|i| unit(&centres[i % 40].iter().map(|c| c + 0.3 * uniform()).collect::<Vec<_>>())).collect();
+        let rows: Vec<f32> = (0..n)
+            .flat_map(|i| unit(&centres[i % 40].iter().map(|c| c + 0.3 * uniform()).collect::<Vec<_>>()))
+            .collect();
         let stamps: Vec<FileStamp> =
             (0..n).map(|i| FileStamp { path: format!("{i}.png").into(), bytes: 0, modified_ns: 0 }).collect();
         let dir = tempfile::tempdir().unwrap();
         let index = FeatureIndex::write(&dir.path().join("i.safetensors"), "m", dim, &stamps, rows).unwrap();
         let approximate = ApproximateIndex::build(&index);
-        let queries: Vec<f32> = (0..100).flat_map(|q| unit(&centres[q % 40].iter().map(|c| c + 0.3 * uniform()).collect::<Vec<_>>())).collect();
+        let queries: Vec<f32> = (0..100)
+            .flat_map(|q| unit(&centres[q % 40].iter().map(|c| c + 0.3 * uniform()).collect::<Vec<_>>()))
+            .collect();
         let recall = recall_at_k(&index, &approximate, &queries, 10);
         assert!(recall >= 0.95, "recall@10 {recall}");
         // A row queried by itself is its own best hit, with its exact score.

@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use dino_data::{DataError, Dataset, EvalTransform, ImagePolicy, Listing, list_images, load_rgb};
 use dino_eval::figures::{SheetImage, contact_sheet};
-use dino_eval::retrieval::{APPROXIMATE_FROM, ApproximateIndex, Extracted, FeatureIndex, Hit, IndexUpdate, update_index};
+use dino_eval::retrieval::{
+    APPROXIMATE_FROM, ApproximateIndex, Extracted, FeatureIndex, Hit, IndexUpdate, update_index,
+};
 use dino_eval::{EvalError, ExtractOptions, FeatureSpec, Features, dataset_features};
 use dino_model::{Backbone, BackboneConfig};
 

@@ -1,5 +1,8 @@
 //! `dino eval`: evaluations of frozen features.
 
+mod copydetection;
+mod retrieval;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -26,6 +29,12 @@ pub enum EvalCommand {
     Linear(Box<LinearArgs>),
     /// Picture of the feature space: PCA of labeled images' features, coloured by class.
     Embedding(Box<EmbeddingArgs>),
+    /// Image retrieval on Revisited Oxford/Paris: mAP and mP@k, Medium and Hard (the official
+    /// eval_image_retrieval.py protocol).
+    Retrieval(Box<retrieval::RetrievalArgs>),
+    /// Copy detection on Copydays: CLS + GeM features, optional whitening, mAP per block of
+    /// edits (the official eval_copy_detection.py protocol).
+    Copydetection(Box<copydetection::CopyDetectionArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -240,6 +249,8 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Knn(args) => knn(*args),
         EvalCommand::Linear(args) => linear(*args),
         EvalCommand::Embedding(args) => embedding(*args),
+        EvalCommand::Retrieval(args) => retrieval::run(*args),
+        EvalCommand::Copydetection(args) => copydetection::run(*args),
     }
 }
 
