@@ -37,6 +37,9 @@ enum Command {
     /// Evaluate frozen features: `dino eval knn`.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
+    /// Fine-tune a backbone with a linear head on labeled images (DeiT-style, simplified).
+    #[command(allow_negative_numbers = true)]
+    Finetune(Box<commands::finetune::FinetuneArgs>),
     /// Time the training step, inference and augmentation (compare with torch_reference.py).
     Bench(commands::bench::BenchArgs),
 }
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Retrieve(args) => commands::retrieve::run(args),
         Command::Attention(args) => commands::attention::run(args),
         Command::Eval(command) => commands::eval::run(command),
+        Command::Finetune(args) => commands::finetune::run(*args),
         Command::Bench(args) => commands::bench::run(args),
     };
     match result {

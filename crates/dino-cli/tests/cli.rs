@@ -447,6 +447,56 @@ fn eval_copydetection_scores_each_block_of_edits() {
 }
 
 #[test]
+fn finetune_trains_a_head_and_backbone_and_keeps_the_best_epoch() {
+    let ws = Workspace::new();
+    let weights = ws.s("backbone.safetensors");
+    let subset = dino_fixtures::fashion_mnist_subset();
+    let (train, test) = (subset.display().to_string(), format!("{}#test", subset.display()));
+    let out = ws.path("ft");
+    let common =
+        ["--train", &train, "--test", &test, "--epochs", "3", "--size", "28", "--lr", "5e-3", "--max-train", "256"];
+    let stdout = ok(&[&["finetune", "--weights", &weights, "-o", out.to_str().unwrap()][..], &common].concat());
+    assert!(stdout.contains("(256 images, 10 classes)"), "{stdout}");
+    assert!(stdout.contains("epoch 3/3: train loss"), "{stdout}");
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("log.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 3);
+    let loss = |e: usize| log[e]["train_loss"].as_f64().unwrap();
+    assert!(loss(2) < loss(0), "the training loss falls: {} -> {}", loss(0), loss(2));
+    let best = log.iter().map(|e| e["test_top1"].as_f64().unwrap()).fold(0.0, f64::max);
+    assert_eq!(log[2]["best_top1"].as_f64(), Some(best));
+
+    // timm's layout: the backbone's keys, then the head; the backbone alone loads in every tool.
+    let (shape, _) = read_safetensors(&out.join("best.safetensors"), "head.weight");
+    assert_eq!(shape, vec![10, ws.config.embed_dim]);
+    let feats = ws.path("ft-feats.safetensors");
+    let backbone = out.join("best_backbone.safetensors");
+    let extract = ["extract", "--weights", backbone.to_str().unwrap()];
+    ok(&[&extract[..], &["--image", &ws.s("images/cats/0.png"), "-o", feats.to_str().unwrap()]].concat());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["init"], "pretrained");
+    assert_eq!(config["recipe"]["label_smoothing"], 0.1);
+
+    // The from-scratch baseline: the same network, freshly initialised.
+    let scratch = ws.path("ft-scratch");
+    let stdout =
+        ok(&[&["finetune", "--weights", &weights, "--init", "random", "-o", scratch.to_str().unwrap()][..], &common]
+            .concat());
+    assert!(stdout.contains("random init"), "{stdout}");
+    assert!(
+        std::fs::read_to_string(scratch.join("log.txt")).unwrap()
+            != std::fs::read_to_string(out.join("log.txt")).unwrap()
+    );
+
+    let e = fails(&[&["finetune", "--weights", &weights, "--layer-decay", "1.5"][..], &common].concat());
+    assert!(e.contains("layer decay 1.5 is outside (0, 1]"), "{e}");
+}
+
+#[test]
 fn bad_input_fails_with_one_line_naming_the_problem() {
     let ws = Workspace::new();
     let weights = ws.s("backbone.safetensors");

@@ -9,10 +9,13 @@
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::transform::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::{DataError, Dataset};
 
 /// Multi-crop settings. Defaults are the official ones for 224 px ImageNet training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,21 +171,51 @@ impl MultiCropConfig {
 
 /// The training transform of the official `eval_linear.py`: `RandomResizedCrop(size)` (area
 /// 0.08-1, torchvision's default bilinear resampling), horizontal flip with p 0.5, ImageNet
-/// normalisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// normalisation. `dino finetune` uses it too, with a crop area of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinearTrainTransform {
     /// Side of the crop (official 224: the backbone's training resolution).
     pub size: u32,
+    /// Range of the crop's share of the image area (torchvision's default 0.08-1).
+    pub scale: (f64, f64),
 }
 
 impl LinearTrainTransform {
+    /// `eval_linear.py`'s transform: crops of 8-100 % of the area.
+    pub fn official(size: u32) -> Self {
+        Self { size, scale: (0.08, 1.0) }
+    }
+
     /// One augmented view of `img`: a normalised `[3, size, size]` buffer.
     pub fn apply(&self, img: &RgbImage, rng: &mut impl Rng) -> Vec<f32> {
-        let mut px = random_resized_crop(img, self.size, (0.08, 1.0), FilterType::Bilinear, rng);
+        let mut px = random_resized_crop(img, self.size, self.scale, FilterType::Bilinear, rng);
         if rng.random::<f64>() < 0.5 {
             flip_horizontal(&mut px, self.size as usize);
         }
         normalize_chw(&px, self.size as usize, IMAGENET_MEAN, IMAGENET_STD)
+    }
+
+    /// One view of each image of `batch`, decoded and augmented in parallel: the pixels
+    /// `[batch, 3, size, size]` and the images they are of. An image that cannot be decoded is
+    /// replaced by the next usable one (`Dataset::image_or_next`), whose label then goes with the
+    /// view. The view of image `i` in epoch `epoch` depends only on (seed, epoch, i).
+    pub fn views(
+        &self,
+        data: &Dataset,
+        batch: &[usize],
+        seed: u64,
+        epoch: usize,
+    ) -> Result<(Vec<f32>, Vec<usize>), DataError> {
+        let views = batch
+            .par_iter()
+            .map(|&i| {
+                let seed = seed ^ ((epoch as u64) << 40) ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                let found = data.image_or_next(i)?;
+                Ok((self.apply(&found.image, &mut StdRng::seed_from_u64(seed)), found.index))
+            })
+            .collect::<Result<Vec<(Vec<f32>, usize)>, DataError>>()?;
+        let (pixels, used): (Vec<Vec<f32>>, Vec<usize>) = views.into_iter().unzip();
+        Ok((pixels.concat(), used))
     }
 }
 
@@ -430,7 +463,7 @@ mod tests {
 
     #[test]
     fn linear_train_views_are_normalised_crops_of_the_requested_size() {
-        let transform = LinearTrainTransform { size: 20 };
+        let transform = LinearTrainTransform::official(20);
         let a = transform.apply(&photo(), &mut StdRng::seed_from_u64(1));
         let b = transform.apply(&photo(), &mut StdRng::seed_from_u64(2));
         assert_eq!(a.len(), 3 * 20 * 20);

@@ -16,7 +16,6 @@ use dino_model::{Backbone, init};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rayon::prelude::*;
 
 use crate::EvalError;
 use crate::features::FeatureSpec;
@@ -258,10 +257,8 @@ pub fn train_linear(
     Ok((classifier, history))
 }
 
-/// Backbone features `[batch, dim]` of one augmented view of each image in `batch`, and the
-/// images they are of: an image that cannot be decoded is replaced by the next usable one
-/// (`Dataset::image_or_next`), whose label then goes with the view. The view in slot `i` of
-/// epoch `e` depends only on (seed, e, i).
+/// Backbone features `[batch, dim]` of one augmented view of each image in `batch`
+/// ([`LinearTrainTransform::views`]), and the images they are of.
 fn augmented_features(
     backbone: &Backbone,
     data: &Dataset,
@@ -271,17 +268,9 @@ fn augmented_features(
     epoch: usize,
     device: &Device,
 ) -> Result<(Tensor<2>, Vec<usize>), EvalError> {
-    let views = batch
-        .par_iter()
-        .map(|&i| {
-            let seed = config.seed ^ ((epoch as u64) << 40) ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            let found = data.image_or_next(i)?;
-            Ok((transform.apply(&found.image, &mut StdRng::seed_from_u64(seed)), found.index))
-        })
-        .collect::<Result<Vec<(Vec<f32>, usize)>, EvalError>>()?;
+    let (pixels, used) = transform.views(data, batch, config.seed, epoch)?;
     let s = transform.size as usize;
-    let (pixels, used): (Vec<Vec<f32>>, Vec<usize>) = views.into_iter().unzip();
-    let images = Tensor::<4>::from_data(TensorData::new(pixels.concat(), [batch.len(), 3, s, s]), device);
+    let images = Tensor::<4>::from_data(TensorData::new(pixels, [batch.len(), 3, s, s]), device);
     Ok((config.features.forward(backbone, images), used))
 }
 

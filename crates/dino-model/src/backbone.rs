@@ -34,6 +34,15 @@ impl Backbone {
         }
     }
 
+    /// The same network with stochastic depth `rate` in a ViT's blocks (a ResNet has none, as
+    /// torchvision's).
+    pub fn with_drop_path(self, rate: f64) -> Self {
+        match self {
+            Self::Vit(vit) => Self::Vit(vit.with_drop_path(rate)),
+            resnet => resnet,
+        }
+    }
+
     /// Width D of the feature.
     pub fn embed_dim(&self) -> usize {
         match self {

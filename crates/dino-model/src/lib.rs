@@ -6,6 +6,7 @@
 
 pub mod backbone;
 pub mod batch_norm;
+pub mod classifier;
 pub mod config;
 pub mod dino;
 pub mod head;
@@ -16,6 +17,7 @@ pub mod vit;
 pub mod weights;
 
 pub use backbone::Backbone;
+pub use classifier::Classifier;
 pub use config::{BackboneConfig, BlockKind, DinoHeadConfig, ModelConfig, ResNetConfig, Stem, VitConfig};
 pub use dino::DinoModel;
 pub use head::DinoHead;

@@ -137,6 +137,11 @@ pub struct Block {
     drop_path: f64,
 }
 
+/// Block `i`'s drop rate: `torch.linspace(0, rate, depth)[i]`.
+fn drop_path_rate(rate: f64, i: usize, depth: usize) -> f64 {
+    if depth > 1 { rate * i as f64 / (depth - 1) as f64 } else { 0.0 }
+}
+
 /// Whether stochastic depth at `rate` drops anything on `device`.
 fn stochastic_depth(rate: f64, device: &Device) -> bool {
     rate > 0.0 && device.is_autodiff()
@@ -208,12 +213,7 @@ impl VisionTransformer {
                     fc1: linear(d, config.mlp_hidden(), true, device),
                     fc2: linear(config.mlp_hidden(), d, true, device),
                 },
-                // torch.linspace(0, drop_path_rate, depth)
-                drop_path: if config.depth > 1 {
-                    config.drop_path_rate * i as f64 / (config.depth - 1) as f64
-                } else {
-                    0.0
-                },
+                drop_path: drop_path_rate(config.drop_path_rate, i, config.depth),
             })
             .collect();
         Self {
@@ -224,6 +224,16 @@ impl VisionTransformer {
             norm: norm(),
             grid,
         }
+    }
+
+    /// The same network with stochastic depth `rate` (block i drops with `rate · i / (depth −
+    /// 1)`, as built from a config): what fine-tuning a loaded backbone sets.
+    pub fn with_drop_path(mut self, rate: f64) -> Self {
+        let depth = self.blocks.len();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.drop_path = drop_path_rate(rate, i, depth);
+        }
+        self
     }
 
     /// Token width D.

@@ -22,6 +22,7 @@ use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, br
 use burn::tensor::{DType, TensorData};
 
 use crate::backbone::Backbone;
+use crate::classifier::Classifier;
 use crate::config::{BackboneConfig, BlockKind, DinoHeadConfig, ModelConfig, ResNetConfig, Stem, VitConfig};
 use crate::dino::DinoModel;
 use crate::head::DinoHead;
@@ -683,6 +684,17 @@ fn official_head_names(tensors: &mut [(String, TensorData)], head: &DinoHead, pr
 /// Saves a backbone as the released hub files hold it (bare keys), plus its config.
 pub fn save_backbone(backbone: &Backbone, config: &BackboneConfig, path: &Path) -> Result<()> {
     write_safetensors(path, torch_tensors(backbone, ""), config_metadata(&ModelConfig::new(config.clone())))
+}
+
+/// Saves a fine-tuned classifier as timm's `VisionTransformer(num_classes=C)` holds it: the
+/// backbone's bare keys, then `head.weight` `[C, D]` and `head.bias`; the header records the
+/// backbone's config and the number of classes.
+pub fn save_classifier(classifier: &Classifier, config: &BackboneConfig, path: &Path) -> Result<()> {
+    let mut tensors = torch_tensors(&classifier.backbone, "");
+    tensors.extend(torch_tensors(&classifier.head, "head."));
+    let mut metadata = config_metadata(&ModelConfig::new(config.clone()));
+    metadata.insert("classes".into(), classifier.classes().to_string());
+    write_safetensors(path, tensors, metadata)
 }
 
 /// Backbone and head under the official wrapper's keys (`{prefix}backbone.*`, `{prefix}head.*`).

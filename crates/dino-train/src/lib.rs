@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod ema;
+pub mod finetune;
 pub mod health;
 pub mod loss;
 pub mod optim;

@@ -58,11 +58,19 @@ struct ParamState {
 pub struct Optimizer {
     pub kind: OptimizerKind,
     states: HashMap<ParamId, ParamState>,
+    /// Per-parameter multipliers of the learning rate (layer-wise decay); 1 for the others.
+    lr_scales: HashMap<ParamId, f64>,
 }
 
 impl Optimizer {
     pub fn new(kind: OptimizerKind) -> Self {
-        Self { kind, states: HashMap::new() }
+        Self { kind, states: HashMap::new(), lr_scales: HashMap::new() }
+    }
+
+    /// The same optimizer with the learning rate of each listed parameter multiplied by its
+    /// scale (fine-tuning's layer-wise decay; DINO's own training uses none).
+    pub fn with_lr_scales(self, lr_scales: HashMap<ParamId, f64>) -> Self {
+        Self { lr_scales, ..self }
     }
 
     /// Updates every parameter of `model` that has a gradient in `grads`, in the official order
@@ -168,7 +176,7 @@ impl Optimizer {
             .into_iter()
             .filter_map(|s| Some((*ids.get(s.index)?, ParamState { step: s.step, m: s.m, v: s.v })))
             .collect();
-        Self { kind, states }
+        Self { kind, states, lr_scales: HashMap::new() }
     }
 }
 
@@ -215,15 +223,16 @@ impl ModuleMapper for StepMapper<'_> {
         }
 
         let wd = if is_regularised(&self.path, D) { self.params.weight_decay } else { 0.0 };
+        let lr = self.params.lr * self.optimizer.lr_scales.get(&id).copied().unwrap_or(1.0);
         let require_grad = tensor.is_require_grad();
         let p = tensor.without_autodiff().reshape([n]);
         let state = self.optimizer.states.remove(&id);
         let clipped = |grad: Tensor<1>| if grad_scale != 1.0 { grad * grad_scale } else { grad };
         let (p, state) = match self.optimizer.kind {
             // AdamW scales the gradient inside its single pass.
-            OptimizerKind::Adamw => adamw(p, grad, grad_scale, state, self.params.lr, wd),
-            OptimizerKind::Sgd => sgd(p, clipped(grad), state, self.params.lr, wd),
-            OptimizerKind::Lars => lars(p, clipped(grad), state, self.params.lr, wd, D == 1),
+            OptimizerKind::Adamw => adamw(p, grad, grad_scale, state, lr, wd),
+            OptimizerKind::Sgd => sgd(p, clipped(grad), state, lr, wd),
+            OptimizerKind::Lars => lars(p, clipped(grad), state, lr, wd, D == 1),
         };
         self.optimizer.states.insert(id, state);
         let mut updated = p.reshape(shape).autodiff();

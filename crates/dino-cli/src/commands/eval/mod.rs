@@ -406,7 +406,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
             backbone: &backbone,
             data: &train,
             count,
-            transform: LinearTrainTransform { size },
+            transform: LinearTrainTransform::official(size),
         };
         (augmented, &train_labels[..])
     };
