@@ -34,7 +34,7 @@ enum Command {
     Retrieve(commands::retrieve::RetrieveArgs),
     /// Draw the last block's per-head self-attention maps for an image.
     Attention(commands::attention::AttentionArgs),
-    /// Evaluate frozen features: `dino eval knn`.
+    /// Evaluate frozen features: k-NN, linear probe, embedding picture, retrieval, copy detection.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
     /// Fine-tune a backbone with a linear head on labeled images (DeiT-style, simplified).
@@ -59,8 +59,20 @@ fn keep_freed_memory() {
     }
 }
 
+/// Restores the default SIGPIPE action, which Rust's runtime ignores: `dino ... | head` then
+/// ends quietly when `head` closes the pipe, as other command-line tools do, instead of
+/// panicking on the next print.
+fn quiet_on_closed_pipe() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: resets one signal's disposition to the default, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    quiet_on_closed_pipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => err.exit(), // --help, --version

@@ -188,7 +188,7 @@ pub fn evaluate(ranks: &[Vec<usize>], truth: &GroundTruth) -> RevisitedResult {
 /// revisitop's `compute_map`: per query, the positions of its positives in the ranking, each
 /// moved up by the junk images ranked above it, give the trapezoidal average precision and the
 /// precision at each k (k capped at the last positive's position). Queries without positives
-/// are left out of the means.
+/// are left out of the means, which are NaN when no query has one.
 pub fn compute_map(ranks: &[Vec<usize>], truth: &[(Vec<usize>, Vec<usize>)], ks: &[usize]) -> MapResult {
     let mut aps = Vec::with_capacity(truth.len());
     let (mut map, mut mp_at, mut counted) = (0.0, vec![0.0; ks.len()], 0usize);
@@ -223,7 +223,8 @@ pub fn compute_map(ranks: &[Vec<usize>], truth: &[(Vec<usize>, Vec<usize>)], ks:
         }
         counted += 1;
     }
-    let n = counted.max(1) as f64;
+    // No query with positives: NaN (revisitop divides by zero there).
+    let n = counted as f64;
     MapResult { map: map / n, aps, mp_at: mp_at.into_iter().map(|p| p / n).collect() }
 }
 
@@ -239,7 +240,8 @@ pub fn average_precision(positions: &[usize], total: usize) -> f64 {
             let after = (j + 1) as f64 / (rank + 1) as f64;
             (before + after) * step / 2.0
         })
-        .sum()
+        // From +0: `sum` starts at -0.0, which prints as "-0.000" when nothing was found.
+        .fold(0.0, |total, area| total + area)
 }
 
 /// PIL's `Image.thumbnail((size, size))` target: the largest size within `size x size` with the
@@ -320,6 +322,8 @@ mod tests {
         let r = compute_map(&[vec![0, 1], vec![1, 0]], &[(vec![1], vec![]), (vec![], vec![])], &[1]);
         assert!(r.aps[1].is_nan());
         assert!((r.map - 0.25).abs() < 1e-12 && r.mp_at == [0.0], "{r:?}");
+        let r = compute_map(&[vec![0, 1]], &[(vec![], vec![])], &[1]);
+        assert!(r.map.is_nan() && r.mp_at[0].is_nan());
     }
 
     #[test]

@@ -40,8 +40,10 @@ pub struct FinetuneArgs {
     /// Where log.txt, config.json and the best epoch's network go.
     #[arg(long, short, default_value = "finetune", value_name = "DIR")]
     output: PathBuf,
+    /// Passes over the training images, each followed by a test.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Images per step.
     #[arg(long, default_value_t = 64, value_name = "N")]
     batch_size: usize,
     /// Peak learning rate for a batch of 512, scaled by batch / 512 (DeiT 5e-4).
@@ -72,6 +74,7 @@ pub struct FinetuneArgs {
     /// Train on the first N images only (0 = all).
     #[arg(long, default_value_t = 0, value_name = "N")]
     max_train: usize,
+    /// Seed of the head, a random init, the order, the crops and the stochastic depth.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]

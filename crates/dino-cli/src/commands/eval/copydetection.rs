@@ -128,6 +128,16 @@ pub fn run(args: CopyDetectionArgs) -> anyhow::Result<()> {
         bail!("--imsize {} is smaller than one {patch} px patch", args.imsize);
     }
 
+    for (name, files) in &blocks.blocks {
+        if files.iter().all(|q| blocks.positives(name, q).is_empty()) {
+            eprintln!(
+                "warning: {}/{name}: no image here has an original to find (matched by name, or in strong/ by \
+                 its first four characters), so the block scores 0; distractor or whitening images belong \
+                 outside --data",
+                args.data.display()
+            );
+        }
+    }
     let query_paths: Vec<PathBuf> = blocks.blocks.iter().flat_map(|(_, files)| files.clone()).collect();
     let mut queries = features(vit, &query_paths, &args, &policy, true, "queries", &device)?;
     let mut database = features(vit, &blocks.originals, &args, &policy, true, "original", &device)?;
