@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
-use dino_data::{Filter, IMAGENET_MEAN, IMAGENET_STD, ImagePolicy, list_images, load_rgb, resize_exact, to_chw};
+use dino_data::{
+    BadImage, Filter, IMAGENET_MEAN, IMAGENET_STD, ImagePolicy, list_images, load_rgb, resize_exact, to_chw,
+};
 use dino_eval::copydetection::{CopyBlocks, TOP_K, Whitening, cls_gem_features, l2_normalize, score_blocks};
 use dino_eval::retrieval::rank_rows;
 use dino_model::VisionTransformer;
@@ -45,17 +47,16 @@ pub struct CopyDetectionArgs {
     device: DeviceArg,
 }
 
-/// CLS + GeM features of `paths`, one row each, in order. Images that cannot be used are an
-/// error when `every` (the protocol's own images) and skipped with a warning otherwise.
+/// CLS + GeM features of the images of `paths` that can be used, one row each, in order, and
+/// those that cannot.
 fn features(
     vit: &VisionTransformer,
     paths: &[PathBuf],
     args: &CopyDetectionArgs,
     policy: &ImagePolicy,
-    every: bool,
     what: &str,
     device: &Device,
-) -> anyhow::Result<Vec<f32>> {
+) -> anyhow::Result<(Vec<f32>, Vec<BadImage>)> {
     let size = args.imsize as usize;
     let progress = bar(paths.len(), what);
     let (mut rows, mut skipped) = (Vec::new(), Vec::new());
@@ -72,7 +73,6 @@ fn features(
         for image in loaded {
             match image {
                 Ok(chw) => pixels.extend(chw),
-                Err(bad) if every => bail!("{bad}; copy detection needs every image of {what}"),
                 Err(bad) => skipped.push(bad),
             }
         }
@@ -84,14 +84,41 @@ fn features(
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
-    warn_skipped(what, &skipped, paths.len());
+    Ok((rows, skipped))
+}
+
+/// The features of the protocol's own images, every one of which must be usable.
+fn every_feature(
+    vit: &VisionTransformer,
+    paths: &[PathBuf],
+    args: &CopyDetectionArgs,
+    policy: &ImagePolicy,
+    what: &str,
+    device: &Device,
+) -> anyhow::Result<Vec<f32>> {
+    let (rows, skipped) = features(vit, paths, args, policy, what, device)?;
+    if let Some(bad) = skipped.first() {
+        bail!("{bad}; copy detection needs every image of {what}");
+    }
     Ok(rows)
 }
 
-fn listed(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// The features of the usable images under `dir` (distractors, whitening set); the others are
+/// skipped with a warning.
+fn usable_features(
+    vit: &VisionTransformer,
+    dir: &Path,
+    args: &CopyDetectionArgs,
+    policy: &ImagePolicy,
+    what: &str,
+    device: &Device,
+) -> anyhow::Result<Vec<f32>> {
     let listing = list_images(dir)?;
-    warn_skipped(&dir.display().to_string(), &listing.skipped, listing.paths.len() + listing.skipped.len());
-    Ok(listing.paths)
+    let total = listing.paths.len() + listing.skipped.len();
+    let (rows, skipped) = features(vit, &listing.paths, args, policy, what, device)?;
+    let skipped: Vec<BadImage> = listing.skipped.into_iter().chain(skipped).collect();
+    warn_skipped(what, &skipped, total);
+    Ok(rows)
 }
 
 pub fn run(args: CopyDetectionArgs) -> anyhow::Result<()> {
@@ -139,14 +166,14 @@ pub fn run(args: CopyDetectionArgs) -> anyhow::Result<()> {
         }
     }
     let query_paths: Vec<PathBuf> = blocks.blocks.iter().flat_map(|(_, files)| files.clone()).collect();
-    let mut queries = features(vit, &query_paths, &args, &policy, true, "queries", &device)?;
-    let mut database = features(vit, &blocks.originals, &args, &policy, true, "original", &device)?;
+    let mut queries = every_feature(vit, &query_paths, &args, &policy, "queries", &device)?;
+    let mut database = every_feature(vit, &blocks.originals, &args, &policy, "original", &device)?;
     let dim = database.len() / blocks.originals.len();
     if let Some(dir) = &args.distractors {
-        database.extend(features(vit, &listed(dir)?, &args, &policy, false, "distractors", &device)?);
+        database.extend(usable_features(vit, dir, &args, &policy, "distractors", &device)?);
     }
     if let Some(dir) = &args.whitening {
-        let rows = features(vit, &listed(dir)?, &args, &policy, false, "whitening set", &device)?;
+        let rows = usable_features(vit, dir, &args, &policy, "whitening set", &device)?;
         if rows.len() / dim < 2 {
             bail!("{}: the whitening needs at least 2 usable images", dir.display());
         }
