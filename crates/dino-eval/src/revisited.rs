@@ -9,6 +9,7 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor, TensorData};
 use dino_data::{Filter, IMAGENET_MEAN, IMAGENET_STD, resize_exact, to_chw};
 use dino_model::Backbone;
+use dino_model::head::l2_normalize;
 use image::RgbImage;
 use serde_pickle::{DeOptions, HashableValue, Value};
 
@@ -286,10 +287,7 @@ pub fn image_feature(
     let (w, h) = (img.width() as usize, img.height() as usize);
     let x = Tensor::<4>::from_data(TensorData::new(to_chw(&img, IMAGENET_MEAN, IMAGENET_STD), [1, 3, h, w]), device);
     let feature = if multiscale { multi_scale(backbone, x) } else { backbone.forward(x) };
-    let mut v: Vec<f32> = feature.into_data().iter::<f32>().collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    v.iter_mut().for_each(|x| *x /= norm);
-    v
+    l2_normalize(feature).into_data().iter::<f32>().collect()
 }
 
 /// Each query's ranking of the whole database by cosine similarity, best first (`argsort(-sim)`;
