@@ -742,6 +742,27 @@ fn bench_prints_comparable_json() {
     assert!(augment["augment_img_per_s_one_thread"].as_f64().unwrap() > 0.0);
     assert!(augment["augment_img_per_s_all_threads"].as_f64().unwrap() > 0.0);
     assert!(fails(&["bench", "--preset", "huge"]).contains("small28, tiny32, official_s16"));
+
+    // `--config` times what a run's config.toml trains; sizes left to the images are refused.
+    let run = dir.path().join("config.toml");
+    let settings = "arch = 'vit_tiny'\ndepth = 1\nimg_size = 8\nout_dim = 16\nhead_hidden_dim = 32\n\
+                    head_bottleneck_dim = 16\nbatch_size = 2\n[crops]\nglobal_size = 8\nlocal_size = 4\nlocal_crops = 1\n";
+    std::fs::write(&run, format!("patch_size = 4\n{settings}")).unwrap();
+    let out = ok(&["bench", "--config", run.to_str().unwrap(), "--steps", "1"]);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for line in &lines {
+        let fields = [&line["patch"], &line["depth"], &line["global_px"], &line["n_local"], &line["batch"]];
+        assert_eq!(fields, [4, 1, 8, 1, 2], "{out}");
+    }
+    assert!(lines[0]["train_img_per_s"].as_f64().unwrap() > 0.0 && lines[1]["infer_img_per_s"].as_f64().unwrap() > 0.0);
+    // bf16 products on the CPU; f16 is the GPU path's.
+    let out = ok(&["bench", "--config", run.to_str().unwrap(), "--steps", "1", "--precision", "bf16"]);
+    assert!(out.lines().all(|l| l.contains(r#""precision":"bf16""#)), "{out}");
+    let f16 = fails(&["bench", "--config", run.to_str().unwrap(), "--precision", "f16"]);
+    assert!(f16.contains("on the CPU use bf16 or f32"), "{f16}");
+    std::fs::write(&run, format!("patch_size = 0\n{settings}")).unwrap();
+    assert!(fails(&["bench", "--config", run.to_str().unwrap()]).contains("config.toml a run wrote"));
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::time::UNIX_EPOCH;
 
 use burn::tensor::TensorData;
 use dino_data::BadImage;
+use dino_kernels::dot;
 use hnsw_rs::prelude::{Distance, Hnsw};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -181,7 +182,6 @@ impl FeatureIndex {
     }
 }
 
-/// The `k` highest of `scores` with their positions, highest first (NaN last).
 /// Exact search without an index: each query's `k` best rows of `database` by dot product
 /// (cosine for unit rows), best first, ties by row. `database` and `queries` hold rows of `dim`.
 pub fn rank_rows(database: &[f32], queries: &[f32], dim: usize, k: usize) -> Vec<Vec<usize>> {
@@ -194,6 +194,7 @@ pub fn rank_rows(database: &[f32], queries: &[f32], dim: usize, k: usize) -> Vec
         .collect()
 }
 
+/// The `k` highest of `scores` with their positions, highest first (NaN last).
 fn top_k(scores: &[f32], k: usize) -> Vec<Hit> {
     let better = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.row.cmp(&b.row));
     let mut hits: Vec<Hit> = scores
@@ -234,19 +235,6 @@ impl Distance<f32> for UnitCosine {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
         (1.0 - dot(a, b)).max(0.0)
     }
-}
-
-/// `a·b` in eight lanes, which the compiler vectorises (a plain fold stays serial).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// An approximate nearest-neighbour index over the rows of a [`FeatureIndex`]: a hierarchical

@@ -15,17 +15,22 @@
 //! Layout: `api` (these functions, which choose per op between the kernels and `composed`),
 //! `ops` (the traits a backend implements), `shapes` (the op sizes, checked for every backend),
 //! `autodiff` (one `Autodiff<B>` implementation from any backend's forwards and backwards),
-//! `cpu` (the f32 kernels for flex).
+//! `cpu` (the f32 kernels for flex), `cpu_bf16` (bf16 matrix products with f32 sums; not yet
+//! called by the ops).
 
 mod api;
 mod autodiff;
 pub mod composed;
 mod cpu;
+pub mod cpu_bf16;
 mod ops;
 mod shapes;
 
 pub use api::*;
 pub use composed::{merge_heads, split_heads};
 pub use cpu::AdamwScalars;
+/// `a·b` in 16 vectorised lanes, for callers outside the kernels (nearest-neighbour search).
+pub use cpu::simd::dot;
+pub use cpu_bf16::{MatmulPrecision, matmul_precision, set_matmul_precision};
 pub use ops::{FusedBackward, FusedOps};
 pub use shapes::{AttentionDims, ChannelDims, ConvDims, LinearDims, LossDims, PatchDims};

@@ -11,7 +11,7 @@ use dino_model::DinoModel;
 
 use crate::config::TrainConfig;
 use crate::loss::DinoLoss;
-use crate::optim::{Optimizer, OptimizerKind, StepParams};
+use crate::optim::{Optimizer, StepParams};
 use crate::precision::{LossScaler, Precision};
 use crate::step::{IterationParams, TrainState, train_step_in};
 
@@ -123,25 +123,28 @@ pub struct TrainTiming {
     pub steps: usize,
 }
 
-/// Runs `steps + 2` full training steps in `precision` on fixed random crops (teacher on the
-/// globals, student on all crops grouped by resolution, loss, backward, clipping, AdamW, EMA,
-/// center) and times the last `steps`.
-pub fn bench_train(preset: &BenchPreset, steps: usize, precision: Precision, device: &Device) -> TrainTiming {
-    let config = preset.train_config();
-    let model = config.model_config().expect("bench presets are valid");
+/// Runs `steps + 2` full training steps of `config` (its network, head, crops, batch and
+/// optimizer) in `precision` on fixed random crops (teacher on the globals, student on all crops
+/// grouped by resolution, loss, backward, clipping, the update, EMA, center) and times the last
+/// `steps`. `config`'s sizes must be resolved (a preset's, or a run's `config.toml`).
+pub fn bench_train(config: &TrainConfig, steps: usize, precision: Precision, device: &Device) -> TrainTiming {
+    let model = config.model_config().expect("bench configs are valid");
     let train_device = device.clone().autodiff();
     dino_model::init::seed(0);
     let student = DinoModel::new(&model, &train_device);
     let state = TrainState {
         teacher: student.valid(),
         student,
-        loss: DinoLoss::new(preset.out_dim, config.crops.num_crops(), device),
-        optimizer: Optimizer::new(OptimizerKind::Adamw),
+        loss: DinoLoss::new(config.out_dim, config.crops.num_crops(), device),
+        optimizer: Optimizer::new(config.optimizer),
     }
     .train_mode();
-    let crop = |s: usize| Tensor::<4>::random([preset.batch, 3, s, s], Distribution::Normal(0.0, 1.0), device);
-    let crops: Vec<Tensor<4>> =
-        (0..2).map(|_| crop(preset.global_px)).chain((0..preset.n_local).map(|_| crop(preset.local_px))).collect();
+    let batch = config.batch_size;
+    let crop = |s: u32| Tensor::<4>::random([batch, 3, s as usize, s as usize], Distribution::Normal(0.0, 1.0), device);
+    let crops: Vec<Tensor<4>> = (0..2)
+        .map(|_| crop(config.crops.global_size))
+        .chain((0..config.crops.local_crops).map(|_| crop(config.crops.local_size)))
+        .collect();
     let params = IterationParams {
         step: StepParams { lr: 1e-4, weight_decay: 0.04, clip_grad: 3.0, freeze_last_layer: false },
         momentum: 0.996,
@@ -155,7 +158,7 @@ pub fn bench_train(preset: &BenchPreset, steps: usize, precision: Precision, dev
             .expect("finite loss on random crops");
         state = Some(next);
     });
-    TrainTiming { step_ms_median: med * 1e3, train_img_per_s: preset.batch as f64 / med, steps }
+    TrainTiming { step_ms_median: med * 1e3, train_img_per_s: batch as f64 / med, steps }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Mixed precision on the GPU path (`--precision f16|bf16`): forward and backward passes in a
+//! Mixed precision. On the CPU, `--precision bf16` makes the kernels' matrix products bf16 with
+//! f32 sums ([`use_precision`]). On the GPU path (`--precision f16|bf16`): forward and backward passes in a
 //! half type on copies of the f32 weights, everything that accumulates (weights, optimizer state,
 //! EMA teacher, center, loss) in f32, as `torch.autocast` with f32 master weights does; and for
 //! f16 the dynamic loss scaling of `torch.cuda.amp.GradScaler`, which `main_dino.py` uses by
@@ -49,6 +50,30 @@ impl std::str::FromStr for Precision {
             .find(|p| p.name() == s)
             .ok_or_else(|| format!("unknown precision '{s}'; choose f32, f16 or bf16"))
     }
+}
+
+/// Sets `precision` up on `device` and returns the precision the training step casts to:
+/// - on the CPU (flex) the step stays f32 and bf16 is the arithmetic of the kernels' matrix
+///   products (`dino_kernels::set_matmul_precision`, for the whole process), as PyTorch's CPU
+///   autocast runs its products; f16, which these CPUs have no fast products for, is refused;
+/// - on a GPU the step casts to the half type ([`train_step_mixed`](crate::train_step_mixed))
+///   where the device computes in it.
+pub fn use_precision(precision: Precision, device: &burn::tensor::Device) -> Result<Precision, String> {
+    if *device != burn::tensor::Device::flex() {
+        check_support(precision, device)?;
+        return Ok(precision);
+    }
+    let matmul = match precision {
+        Precision::F32 => dino_kernels::MatmulPrecision::F32,
+        Precision::Bf16 => dino_kernels::MatmulPrecision::Bf16,
+        Precision::F16 => {
+            return Err(
+                "precision = f16 runs on the GPU path (--device wgpu|vulkan|cuda); on the CPU use bf16 or f32".into()
+            );
+        }
+    };
+    dino_kernels::set_matmul_precision(matmul);
+    Ok(Precision::F32)
 }
 
 /// Refuses a half type `device` cannot compute in (WGSL has no bf16), naming what it offers.

@@ -265,13 +265,7 @@ pub fn train(
     resume: bool,
     observer: &mut dyn Observer,
 ) -> Result<Summary, TrainError> {
-    if config.precision != Precision::F32 && *device == Device::flex() {
-        return Err(TrainError::Config(format!(
-            "precision = {}: mixed precision runs on the GPU path (--device wgpu|vulkan|cuda); the CPU trains in f32",
-            config.precision.name()
-        )));
-    }
-    crate::precision::check_support(config.precision, device).map_err(TrainError::Config)?;
+    let step_precision = crate::precision::use_precision(config.precision, device).map_err(TrainError::Config)?;
     let run = RunDir::prepare(dir)?;
     let started = Instant::now();
     let Restored { state, position: start, epoch_sums: mut resumed_sums, config, .. } =
@@ -307,8 +301,18 @@ pub fn train(
         let (teacher_before, student_before) = (parameter_vector(&state.teacher), parameter_vector(&state.student));
         let sums = if epoch == start_epoch { resumed_sums.take().unwrap_or_default() } else { EpochTotals::default() };
         let mut totals;
-        (state, totals) =
-            train_one_epoch(state, &data, &config, &schedules, epoch, iterations, sums, &mut scaler, device, observer)?;
+        (state, totals) = train_one_epoch(
+            state,
+            &data,
+            &config,
+            &schedules,
+            epoch,
+            iterations,
+            sums,
+            (step_precision, &mut scaler),
+            device,
+            observer,
+        )?;
         summary.first_loss = summary.first_loss.or(totals.first_loss);
         if totals.iterations < iterations {
             // Stopped on request mid-epoch: save where it stands.
@@ -606,7 +610,7 @@ fn train_one_epoch(
     epoch: usize,
     iterations: usize,
     mut totals: EpochTotals,
-    scaler: &mut LossScaler,
+    (precision, scaler): (Precision, &mut LossScaler),
     device: &Device,
     observer: &mut dyn Observer,
 ) -> Result<(TrainState, EpochTotals), TrainError> {
@@ -630,7 +634,7 @@ fn train_one_epoch(
         // Drop path draws from the host generator: seed it per iteration so a resumed run repeats
         // the uninterrupted one.
         dino_model::init::seed(config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ it as u64);
-        let step = train_step_in(config.precision, state, &crops, &params, scaler);
+        let step = train_step_in(precision, state, &crops, &params, scaler);
         let (next, report) = step.map_err(|source| TrainError::NonFinite {
             epoch,
             iteration: i,

@@ -17,7 +17,7 @@ fn a_small_measurement_reports_positive_rates() {
         batch: 2,
     };
     let device = Device::flex();
-    let train = bench_train(&preset, 2, dino_train::Precision::F32, &device);
+    let train = bench_train(&preset.train_config(), 2, dino_train::Precision::F32, &device);
     assert!(train.step_ms_median > 0.0 && train.train_img_per_s > 0.0 && train.steps == 2);
     let model = preset.train_config().model_config().unwrap();
     let infer = bench_infer(&model, preset.batch, preset.global_px, 2, &device);

@@ -1,15 +1,15 @@
 //! `dino bench`: training-step, inference and augmentation speed, printed as one JSON object per
 //! measurement with the field names of `shared/bench/torch_reference.py`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
 use dino_data::bench::bench_augment;
 use dino_data::list_images;
 use dino_eval::bench::bench_infer;
-use dino_train::Precision;
 use dino_train::bench::{BENCH_PRESETS, BenchPreset, bench_train};
+use dino_train::{Precision, TrainConfig};
 use serde_json::{Value, json};
 
 use crate::device::DeviceArg;
@@ -17,8 +17,12 @@ use crate::device::DeviceArg;
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Network, crops and batch: small28, tiny32, official_s16 or resnet18_32 (as the reference script).
-    #[arg(long, value_name = "NAME", required_unless_present = "augment")]
+    #[arg(long, value_name = "NAME", required_unless_present_any = ["augment", "config"])]
     preset: Option<String>,
+    /// Instead of a preset: time what a run trains, from its `config.toml` (network, head,
+    /// crops, batch, optimizer).
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    config: Option<PathBuf>,
     /// Threads (default: all cores).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -30,7 +34,7 @@ pub struct BenchArgs {
     batch: Option<usize>,
     /// Instead: time the official multi-crop augmentation (decoding included) of the images
     /// under DIR, on one thread and on all threads.
-    #[arg(long, value_name = "DIR", conflicts_with = "preset")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "config"])]
     augment: Option<PathBuf>,
     /// Seconds per augmentation measurement.
     #[arg(long, default_value_t = 20.0)]
@@ -38,7 +42,8 @@ pub struct BenchArgs {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-    /// Arithmetic of the training step's passes (`dino train --precision`); inference is f32.
+    /// Arithmetic of the passes (`dino train --precision`): on the CPU, bf16 makes every matrix
+    /// product bf16 with f32 sums, inference included; on a GPU it is the training step's.
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     precision: Precision,
 }
@@ -73,25 +78,53 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         print("augment", vec![json!(bench_augment(&files, args.seconds)?)]);
         return Ok(());
     }
-    let name = args.preset.as_deref().expect("clap requires --preset without --augment");
-    let names: Vec<&str> = BENCH_PRESETS.iter().map(|p| p.preset).collect();
-    let mut preset = BenchPreset::find(name)
-        .with_context(|| format!("unknown --preset '{name}'; choose one of {}", names.join(", ")))?;
-    if let Some(batch) = args.batch {
-        preset.batch = batch.max(1);
-    }
+    let (mut config, mut described) = match &args.config {
+        Some(path) => run_config(path)?,
+        None => {
+            let name = args.preset.as_deref().expect("clap requires --preset without --augment or --config");
+            let names: Vec<&str> = BENCH_PRESETS.iter().map(|p| p.preset).collect();
+            let preset = BenchPreset::find(name)
+                .with_context(|| format!("unknown --preset '{name}'; choose one of {}", names.join(", ")))?;
+            (preset.train_config(), json!(preset))
+        }
+    };
+    config.batch_size = args.batch.unwrap_or(config.batch_size).max(1);
+    described["batch"] = json!(config.batch_size);
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let device = args.device.device()?;
-    dino_train::precision::check_support(args.precision, &device).map_err(anyhow::Error::msg)?;
-    print("train", vec![json!(preset), json!(bench_train(&preset, args.steps, args.precision, &device))]);
-    let model = preset.train_config().model_config().map_err(anyhow::Error::msg)?;
-    print(
-        "infer",
-        vec![json!(preset), json!(bench_infer(&model, preset.batch, preset.global_px, args.steps, &device))],
-    );
+    let step_precision = dino_train::precision::use_precision(args.precision, &device).map_err(anyhow::Error::msg)?;
+    print("train", vec![described.clone(), json!(bench_train(&config, args.steps, step_precision, &device))]);
+    let model = config.model_config().map_err(anyhow::Error::msg)?;
+    let side = config.crops.global_size as usize;
+    print("infer", vec![described, json!(bench_infer(&model, config.batch_size, side, args.steps, &device))]);
     Ok(())
+}
+
+/// The settings of a run from its `config.toml`, and the fields that describe them in the output
+/// (those of a preset where they apply).
+fn run_config(path: &Path) -> anyhow::Result<(TrainConfig, Value)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config = TrainConfig::default().with_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if config.sizes_from_images() {
+        bail!(
+            "{} leaves sizes to the images (0); give the config.toml a run wrote, which records them",
+            path.display()
+        );
+    }
+    config.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let described = json!({
+        "config": path.display().to_string(),
+        "arch": config.arch,
+        "patch": config.patch_size,
+        "depth": config.depth,
+        "global_px": config.crops.global_size,
+        "local_px": config.crops.local_size,
+        "n_local": config.crops.local_crops,
+        "out_dim": config.out_dim,
+    });
+    Ok((config, described))
 }
 
 /// Peak resident memory of this process so far in MiB (`VmHWM`), where the OS reports it.

@@ -87,8 +87,9 @@ pub struct TrainArgs {
     local_crops_number: Option<usize>,
     #[arg(long)]
     optimizer: Option<String>,
-    /// Arithmetic of the forward and backward passes: f32, or on a GPU f16 (with loss scaling,
-    /// as main_dino.py's default --use_fp16) or bf16; weights, optimizer, EMA and loss stay f32.
+    /// Arithmetic of the forward and backward passes: f32; bf16 (on the CPU its matrix products,
+    /// bf16 operands with f32 sums); or on a GPU f16 (with loss scaling, as main_dino.py's
+    /// default --use_fp16). Weights, optimizer, EMA, norms and loss stay f32.
     #[arg(long, value_name = "f32|f16|bf16")]
     precision: Option<String>,
     #[arg(long)]
@@ -291,12 +292,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = args.device.device()?;
     let vit =
         if is_vit(&config)? { format!("patch {}, depth {}, ", config.patch_size, config.depth) } else { String::new() };
+    // The trainer uses the first `max_images` (the k-NN bank keeps them all).
+    let images = match config.max_images {
+        0 => data.len().to_string(),
+        n if n >= data.len() => data.len().to_string(),
+        n => format!("the first {n} of {}", data.len()),
+    };
     println!(
-        "training {} ({vit}K = {}) on {} ({} images), {} epoch{}, batch {}, into {}",
+        "training {} ({vit}K = {}) on {} ({images} images), {} epoch{}, batch {}, into {}",
         config.arch,
         config.out_dim,
         data.name,
-        data.len(),
         config.epochs,
         if config.epochs == 1 { "" } else { "s" },
         config.batch_size,

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::buffer::{Shared, assume_init, par_filled};
 use super::gelu;
-use super::matmul::{Operand, gemm};
+use super::matmul::{Operand, Rhs, gemm};
 use super::{CHUNK, rows_per_task};
 use crate::shapes::LinearDims as Dims;
 
@@ -24,7 +24,7 @@ const PARALLEL_MIN_OPS: usize = 192 * 192 * 192;
 const WEIGHT_GRAD_BLOCKS: usize = 8;
 const WEIGHT_GRAD_MIN_ROWS: usize = 2048;
 /// Most rows per tile of the tiled forward pass: a tile of outputs stays in L2 for its epilogue,
-/// and packing the weight once per tile (inside gemm) stays cheap against the product.
+/// and packing the weight once per tile (inside the f32 gemm) stays cheap against the product.
 const TILE_ROWS: usize = 512;
 
 impl Dims {
@@ -122,19 +122,14 @@ fn forward_with(
     }
     let tile_rows = d.tile_rows();
     let tile_len = tile_rows * d.n;
-    // SAFETY (both calls): the tile holds whole rows from row0, sizes were checked, so gemm reads
-    // and writes inside the buffers.
+    // The weight once for every tile (in bf16, rounded and packed once).
+    // SAFETY: `check` found w to hold [k, n]; it outlives `rhs`.
+    let rhs = unsafe { Rhs::new((w.as_ptr(), [d.n, 1]), [d.k, d.n], parallelism(d.k, d.n, d.rows)) };
+    // SAFETY: the tile holds whole rows from row0, sizes were checked, so the product reads and
+    // writes inside the buffers.
     let accumulate_product = |tile: &mut [f32], row0: usize, parallelism| unsafe {
         let lhs = (x.as_ptr().add(row0 * d.k), [d.k, 1]);
-        gemm(
-            [tile.len() / d.n, d.n, d.k],
-            (tile.as_mut_ptr(), d.n),
-            true,
-            lhs,
-            (w.as_ptr(), [d.n, 1]),
-            1.0,
-            parallelism,
-        );
+        rhs.product(tile.len() / d.n, (tile.as_mut_ptr(), d.n), true, lhs, 1.0, parallelism);
     };
     let mut y = Vec::<f32>::with_capacity(d.rows * d.n);
     // Sliced to rows·n: the allocator may give more capacity, which must not become a tile.

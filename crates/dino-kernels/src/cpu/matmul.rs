@@ -1,15 +1,90 @@
-//! The one call into the `gemm` crate, for strided f32 matrices.
+//! The one place the f32 kernels multiply matrices: the `gemm` crate in f32, or the bf16 product
+//! of `cpu_bf16` when `set_matmul_precision(Bf16)` chose it.
+
+use crate::cpu_bf16::{self, MatmulPrecision, PackedRhs, Path, gemm_bf16_packed};
 
 /// A matrix operand: its first element and its (row, column) strides in elements.
 pub type Operand = (*const f32, [usize; 2]);
 
+fn threads(parallelism: gemm::Parallelism) -> usize {
+    match parallelism {
+        gemm::Parallelism::None => 1,
+        gemm::Parallelism::Rayon(0) => rayon::current_num_threads(),
+        gemm::Parallelism::Rayon(n) => n,
+    }
+}
+
+/// A right operand ready for many products: as it is (f32), or rounded and packed once (bf16),
+/// so that a layer's weight is converted once per call, not once per row tile.
+pub enum Rhs {
+    F32(Operand, [usize; 2]),
+    Bf16(PackedRhs),
+}
+
+// SAFETY: an `F32` operand is only read, by products that the owner of its matrix waits for.
+unsafe impl Send for Rhs {}
+unsafe impl Sync for Rhs {}
+
+impl Rhs {
+    /// `rhs`, `[k, n]`, for the products of the current precision.
+    ///
+    /// # Safety
+    /// `rhs` must address the whole `[k, n]` matrix under its strides, and outlive the result.
+    pub unsafe fn new(rhs: Operand, [k, n]: [usize; 2], parallelism: gemm::Parallelism) -> Self {
+        match cpu_bf16::matmul_precision() {
+            MatmulPrecision::F32 => Self::F32(rhs, [k, n]),
+            // SAFETY: the caller's contract.
+            MatmulPrecision::Bf16 => Self::Bf16(unsafe { PackedRhs::new(rhs, [k, n], threads(parallelism)) }),
+        }
+    }
+
+    /// `dst[m, n] = scale · lhs[m, k] · self`, plus the previous `dst` when `accumulate`; `dst`
+    /// is (first element, row stride) of a matrix with unit column stride.
+    ///
+    /// # Safety
+    /// `lhs` must address the whole `[m, k]` matrix and `dst` the whole `[m, n]` one, and `dst`
+    /// must be initialised when `accumulate` is true.
+    pub unsafe fn product(
+        &self,
+        m: usize,
+        dst: (*mut f32, usize),
+        accumulate: bool,
+        lhs: Operand,
+        scale: f32,
+        parallelism: gemm::Parallelism,
+    ) {
+        match self {
+            // SAFETY (both): the caller's contract and `new`'s.
+            Self::F32(rhs, [k, n]) => unsafe { gemm_f32([m, *n, *k], dst, accumulate, lhs, *rhs, scale, parallelism) },
+            Self::Bf16(packed) => unsafe {
+                gemm_bf16_packed(Path::detect(), m, dst, accumulate, lhs, packed, scale, threads(parallelism))
+            },
+        }
+    }
+}
+
 /// `dst[m, n] = scale · lhs[m, k] · rhs[k, n]`, plus the previous `dst` when `accumulate`;
-/// `dst` is (first element, row stride) of a matrix with unit column stride.
+/// `dst` is (first element, row stride) of a matrix with unit column stride. In the current
+/// matmul precision.
 ///
 /// # Safety
 /// Every pointer must address its whole matrix under the given strides, and `dst` must be
 /// initialised when `accumulate` is true.
 pub unsafe fn gemm(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { Rhs::new(rhs, [k, n], parallelism).product(m, dst, accumulate, lhs, scale, parallelism) }
+}
+
+/// The f32 product of the `gemm` crate.
+unsafe fn gemm_f32(
     [m, n, k]: [usize; 3],
     (dst, dst_rs): (*mut f32, usize),
     accumulate: bool,

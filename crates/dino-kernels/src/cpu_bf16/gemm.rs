@@ -1,0 +1,336 @@
+//! The bf16 matrix product's driver: B rounded and packed once ([`PackedRhs`], k in blocks of
+//! `KC`, columns in panels of `NR`), then rows in tasks of `MC` (in parallel), each packing its
+//! rows of A per k-block and running the microkernel over every (row tile, column panel).
+
+use rayon::prelude::*;
+
+use super::microkernel::{MR, NR, Path, Tile};
+use super::round;
+
+/// k per block: a 12 x 256 A tile (12 KiB packed) and a 32 x 256 B panel (32 KiB) stay in L1/L2
+/// while a task sweeps the panels.
+const KC: usize = 256;
+/// Rows per parallel task (8 tiles).
+const MC: usize = MR * 8;
+
+/// A matrix operand: its first element and its (row, column) strides in elements.
+pub type Operand = (*const f32, [usize; 2]);
+
+/// A raw pointer that tasks share; each writes its own rows.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+// SAFETY: tasks write disjoint rows of the destination.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+/// Operands read through shared pointers by every task.
+#[derive(Clone, Copy)]
+struct Src(Operand);
+// SAFETY: the operands are only read while the product runs.
+unsafe impl Send for Src {}
+unsafe impl Sync for Src {}
+
+/// `rhs [k, n]` rounded to bf16 and packed for [`gemm_bf16_packed`] once, to multiply many left
+/// operands (the row tiles of a layer's input, or a step's crops) without converting it again.
+/// Laid out in blocks of `KC` rows of k, each as `NR`-column panels of `[pairs][NR]`.
+pub struct PackedRhs {
+    k: usize,
+    n: usize,
+    data: Vec<u32>,
+}
+
+impl Drop for PackedRhs {
+    fn drop(&mut self) {
+        Scratch::B.give_back(std::mem::take(&mut self.data));
+    }
+}
+
+/// Packing buffers kept per thread between products: attention makes thousands of small
+/// products a step, and a fresh buffer each time (allocation, page faults, zeroing) cost as much
+/// as some of the products. A buffer in use is taken out, so a product started meanwhile on
+/// the same thread (rayon's work stealing) gets a fresh one.
+#[derive(Clone, Copy)]
+enum Scratch {
+    /// Packed right operands ([`PackedRhs`]).
+    B,
+    /// A row task's packed rows of the left operand.
+    A,
+}
+
+thread_local! {
+    static SCRATCH: [std::cell::Cell<Vec<u32>>; 2] = const { [std::cell::Cell::new(Vec::new()), std::cell::Cell::new(Vec::new())] };
+}
+
+impl Scratch {
+    /// A buffer of `len` zeros, this thread's if it has one.
+    fn take(self, len: usize) -> Vec<u32> {
+        let mut buffer = SCRATCH.with(|s| s[self as usize].take());
+        buffer.clear();
+        buffer.resize(len, 0);
+        buffer
+    }
+
+    /// Keeps `buffer` for this thread's next product.
+    fn give_back(self, buffer: Vec<u32>) {
+        SCRATCH.with(|s| s[self as usize].set(buffer));
+    }
+}
+
+impl PackedRhs {
+    /// Packs `rhs`, `[k, n]` under its strides, on `threads`.
+    ///
+    /// # Safety
+    /// `rhs` must address the whole `[k, n]` matrix under its strides.
+    pub unsafe fn new(rhs: Operand, [k, n]: [usize; 2], threads: usize) -> Self {
+        let rhs = Src(rhs);
+        let panels = n.div_ceil(NR);
+        // Every block but the last has KC / 2 pairs (KC is even): ceil(k / 2) pairs in all.
+        let mut data = Scratch::B.take(panels * k.div_ceil(2) * NR);
+        let mut rest = &mut data[..];
+        let mut jobs = Vec::new();
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let (block, tail) = std::mem::take(&mut rest).split_at_mut(panels * kc.div_ceil(2) * NR);
+            rest = tail;
+            jobs.extend(block.chunks_mut(kc.div_ceil(2) * NR).enumerate().map(|(p, out)| (k0, kc, p * NR, out)));
+        }
+        // SAFETY: the caller's contract bounds every read.
+        let pack =
+            |(k0, kc, c0, out): (usize, usize, usize, &mut [u32])| unsafe { pack_b(rhs, (k0, kc), (c0, n), out) };
+        if threads > 1 {
+            jobs.into_par_iter().for_each(pack);
+        } else {
+            jobs.into_iter().for_each(pack);
+        }
+        Self { k, n, data }
+    }
+
+    /// `[k, n]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.k, self.n]
+    }
+
+    /// The packed panels of k-block `b` (rows `b·KC..`).
+    fn block(&self, b: usize) -> &[u32] {
+        let panels = self.n.div_ceil(NR);
+        let kc = KC.min(self.k - b * KC);
+        let start = panels * NR * b * (KC / 2);
+        &self.data[start..start + panels * kc.div_ceil(2) * NR]
+    }
+}
+
+/// `dst[m, n] = scale · bf16(lhs[m, k]) · bf16(rhs[k, n])`, plus the previous `dst` when
+/// `accumulate`, with f32 sums; `dst` is (first element, row stride) of a matrix with unit
+/// column stride. The same contract as the f32 product (`cpu::matmul::gemm`), on `path`'s
+/// microkernel; `threads > 1` runs the row tasks on rayon's pool.
+///
+/// # Safety
+/// Every pointer must address its whole matrix under the given strides, and `dst` must be
+/// initialised when `accumulate` is true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16(
+    path: Path,
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    threads: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let rhs = PackedRhs::new(rhs, [k, n], threads);
+        gemm_bf16_packed(path, m, dst, accumulate, lhs, &rhs, scale, threads);
+    }
+}
+
+/// [`gemm_bf16`] with the right operand packed beforehand: `dst[m, n] (+)= scale · lhs[m, k] ·
+/// rhs`. Rows go to tasks of `MC`; each task packs its rows of `lhs` per k-block and sweeps
+/// every column panel, so `dst`'s rows stay in cache across the k-blocks.
+///
+/// # Safety
+/// `lhs` must address the whole `[m, k]` matrix and `dst` the whole `[m, n]` one under their
+/// strides, and `dst` must be initialised when `accumulate` is true.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_packed(
+    path: Path,
+    m: usize,
+    (dst, dst_rs): (*mut f32, usize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: &PackedRhs,
+    scale: f32,
+    threads: usize,
+) {
+    let [k, n] = rhs.dims();
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (dst, lhs) = (Dst(dst), Src(lhs));
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row i of `dst` holds n values.
+                unsafe { std::slice::from_raw_parts_mut(dst.0.add(i * dst_rs), n).fill(0.0) };
+            }
+        }
+        return;
+    }
+    let task = |t: usize| {
+        let rows = t * MC..(t * MC + MC).min(m);
+        for (b, k0) in (0..k).step_by(KC).enumerate() {
+            let add = accumulate || b > 0;
+            // SAFETY: the caller's contract; this task writes rows `rows` only.
+            unsafe {
+                row_task(path, rows.clone(), (k0, KC.min(k - k0)), lhs, rhs.block(b), (dst, dst_rs, n), add, scale)
+            }
+        }
+    };
+    if threads > 1 {
+        (0..m.div_ceil(MC)).into_par_iter().for_each(task);
+    } else {
+        (0..m.div_ceil(MC)).for_each(task);
+    }
+}
+
+/// Zeros standing in for a missing row or column at the edges.
+static ZEROS: [f32; if MR > NR { MR } else { NR }] = [0.0; if MR > NR { MR } else { NR }];
+
+/// Two bf16 values in one `u32`, the even k in the low half.
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    round(lo) as u32 | (round(hi) as u32) << 16
+}
+
+crate::cpu::simd::multiversion! {
+    /// `out[i] = pair(lo[i], hi[i])`: two contiguous runs (rows of B, columns of A) interleaved.
+    fn interleave(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+        for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+            *o = pair(l, h);
+        }
+    }
+}
+
+crate::cpu::simd::multiversion! {
+    /// `out[i] = pair(run[2i], run[2i + 1])` (0 past the run's end): one contiguous run along k.
+    fn pairs_of(run: &[f32], out: &mut [u32]) {
+        let (whole, rest) = run.as_chunks::<2>();
+        for (o, c) in out.iter_mut().zip(whole) {
+            *o = pair(c[0], c[1]);
+        }
+        if let (Some(&last), Some(o)) = (rest.first(), out.get_mut(whole.len())) {
+            *o = pair(last, 0.0);
+        }
+    }
+}
+
+/// `len` values from `ptr`.
+///
+/// # Safety
+/// They must be inside one allocation and not written meanwhile.
+unsafe fn run<'a>(ptr: *const f32, len: usize) -> &'a [f32] {
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+/// Packs columns `c0..c0 + NR` (zeros past `n`) of rows `k0..k0 + kc` of `rhs` as `[pairs][NR]`,
+/// from contiguous rows or contiguous columns where the strides allow.
+unsafe fn pack_b(Src((rhs, [rs, cs])): Src, (k0, kc): (usize, usize), (c0, n): (usize, usize), out: &mut [u32]) {
+    let cols = NR.min(n - c0);
+    if cols < NR {
+        out.fill(0);
+    }
+    // SAFETY (all reads): rows k0..k0 + kc and columns c0..c0 + cols are inside `rhs`.
+    unsafe {
+        if cs == 1 {
+            for (p, out) in out.chunks_exact_mut(NR).enumerate() {
+                let row = rhs.add((k0 + 2 * p) * rs + c0);
+                let hi = if 2 * p + 1 < kc { run(row.add(rs), cols) } else { &ZEROS[..cols] };
+                interleave(run(row, cols), hi, &mut out[..cols]);
+            }
+        } else {
+            let mut column = [0u32; KC / 2];
+            let column = &mut column[..kc.div_ceil(2)];
+            for j in 0..cols {
+                if rs == 1 {
+                    pairs_of(run(rhs.add((c0 + j) * cs + k0), kc), column);
+                } else {
+                    let at = |r: usize| if r < kc { *rhs.add((k0 + r) * rs + (c0 + j) * cs) } else { 0.0 };
+                    column.iter_mut().enumerate().for_each(|(p, v)| *v = pair(at(2 * p), at(2 * p + 1)));
+                }
+                column.iter().zip(out.chunks_exact_mut(NR)).for_each(|(&v, out)| out[j] = v);
+            }
+        }
+    }
+}
+
+/// Packs rows `r0..r0 + MR` (zeros past `m`) of columns `k0..k0 + kc` of `lhs` as `[pairs][MR]`,
+/// from contiguous rows or contiguous columns where the strides allow.
+unsafe fn pack_a(Src((lhs, [rs, cs])): Src, (k0, kc): (usize, usize), (r0, m): (usize, usize), out: &mut [u32]) {
+    let rows = MR.min(m - r0);
+    if rows < MR {
+        out.fill(0);
+    }
+    // SAFETY (all reads): rows r0..r0 + rows and columns k0..k0 + kc are inside `lhs`.
+    unsafe {
+        if rs == 1 {
+            for (p, out) in out.chunks_exact_mut(MR).enumerate() {
+                let column = lhs.add((k0 + 2 * p) * cs + r0);
+                let hi = if 2 * p + 1 < kc { run(column.add(cs), rows) } else { &ZEROS[..rows] };
+                interleave(run(column, rows), hi, &mut out[..rows]);
+            }
+        } else {
+            let mut row = [0u32; KC / 2];
+            let row = &mut row[..kc.div_ceil(2)];
+            for i in 0..rows {
+                if cs == 1 {
+                    pairs_of(run(lhs.add((r0 + i) * rs + k0), kc), row);
+                } else {
+                    let at = |c: usize| if c < kc { *lhs.add((r0 + i) * rs + (k0 + c) * cs) } else { 0.0 };
+                    row.iter_mut().enumerate().for_each(|(p, v)| *v = pair(at(2 * p), at(2 * p + 1)));
+                }
+                row.iter().zip(out.chunks_exact_mut(MR)).for_each(|(&v, out)| out[i] = v);
+            }
+        }
+    }
+}
+
+/// One task: rows `rows` of `dst` (+)= `scale` x (their rows of A) x (the packed B block).
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_task(
+    path: Path,
+    rows: std::ops::Range<usize>,
+    (k0, kc): (usize, usize),
+    lhs: Src,
+    packed_b: &[u32],
+    (dst, dst_rs, n): (Dst, usize, usize),
+    add: bool,
+    scale: f32,
+) {
+    let pairs = kc.div_ceil(2);
+    let tiles = rows.len().div_ceil(MR);
+    let mut packed_a = Scratch::A.take(tiles * pairs * MR);
+    for (t, out) in packed_a.chunks_exact_mut(pairs * MR).enumerate() {
+        // SAFETY: the caller's contract.
+        unsafe { pack_a(lhs, (k0, kc), (rows.start + t * MR, rows.end), out) };
+    }
+    let mut tile: Tile = [[0.0; NR]; MR];
+    for (panel, b) in packed_b.chunks_exact(pairs * NR).enumerate() {
+        let c0 = panel * NR;
+        let cols = NR.min(n - c0);
+        for (t, a) in packed_a.chunks_exact(pairs * MR).enumerate() {
+            path.run(pairs, a, b, &mut tile);
+            let r0 = rows.start + t * MR;
+            for (i, sums) in tile.iter().enumerate().take(rows.end - r0) {
+                // SAFETY: row r0 + i of `dst` is this task's and holds columns c0..c0 + cols.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add((r0 + i) * dst_rs + c0), cols) };
+                if add {
+                    out.iter_mut().zip(sums).for_each(|(o, s)| *o += scale * s);
+                } else {
+                    out.iter_mut().zip(sums).for_each(|(o, s)| *o = scale * s);
+                }
+            }
+        }
+    }
+    Scratch::A.give_back(packed_a);
+}
