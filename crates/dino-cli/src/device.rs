@@ -3,6 +3,7 @@
 use anyhow::bail;
 use burn::tensor::Device;
 use clap::ValueEnum;
+use dino_train::Precision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -39,5 +40,33 @@ impl DeviceArg {
             #[cfg(not(feature = "cuda"))]
             Self::Cuda => not_built("cuda"),
         }
+    }
+}
+
+/// `--device` and `--precision` of the commands that run a network outside `dino train` (extract,
+/// retrieve, attention, finetune, eval).
+#[derive(Debug, clap::Args)]
+pub struct ComputeArgs {
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Arithmetic of the matrix products on the CPU: f32, or bf16 operands with f32 sums (faster
+    /// where the CPU has AVX-512 BF16; features within about 3e-3 of f32's).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    precision: Precision,
+}
+
+impl ComputeArgs {
+    /// The device, with the matrix products of this process set to `--precision`.
+    pub fn device(&self) -> anyhow::Result<Device> {
+        let device = self.device.device()?;
+        if self.precision != Precision::F32 && device != Device::flex() {
+            bail!(
+                "--precision {} runs on the CPU here; on a GPU this command computes in f32 (train and bench take f16 or bf16 there)",
+                self.precision.name()
+            );
+        }
+        dino_train::precision::use_precision(self.precision, &device).map_err(anyhow::Error::msg)?;
+        Ok(device)
     }
 }

@@ -129,6 +129,18 @@ fn extract_writes_features_equal_to_the_model_forward() {
         let err = expected.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(err < 1e-4, "row {row}: max abs diff {err}");
     }
+
+    // bf16 products: near the f32 features, but not them; f16 is refused on the CPU.
+    let bf16 = ws.path("out/bf16.safetensors");
+    let args = ["extract", "--weights", &ws.s("backbone.safetensors"), "--data", &ws.s("images"), "--resize", "0"];
+    ok(&[&args[..], &["--crop", "0", "--precision", "bf16", "--output", bf16.to_str().unwrap()]].concat());
+    let (_, rounded) = read_safetensors(&bf16, "features");
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff: Vec<f32> = rounded.iter().zip(&values).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&values);
+    assert!(rel > 1e-5 && rel < 2e-2, "bf16 features differ from f32 by {rel:e}");
+    let f16 = fails(&[&args[..], &["--precision", "f16", "--output", bf16.to_str().unwrap()]].concat());
+    assert!(f16.contains("on the CPU use bf16 or f32"), "{f16}");
 }
 
 #[test]

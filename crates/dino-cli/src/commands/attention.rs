@@ -10,7 +10,7 @@ use dino_data::{ImagePolicy, describe_skips, load_rgb, open_frames};
 use dino_eval::attention::{ClipWriter, cls_attention, prepare_image, render};
 use dino_model::{VisionTransformer, VitConfig};
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::bar;
 use crate::load::WeightArgs;
 
@@ -45,9 +45,8 @@ pub struct AttentionArgs {
     /// animation's own pace. Default: the animation's pace, or 30 (video_generation.py).
     #[arg(long)]
     fps: Option<f32>,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
@@ -61,7 +60,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     {
         bail!("--fps must be in (0, 100] (a GIF counts time in 10 ms steps), got {fps}");
     }
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (config, backbone) = args.weights.load(&device)?;
     let (Some(config), Some(vit)) = (config.vit(), backbone.as_vit()) else {
         bail!(

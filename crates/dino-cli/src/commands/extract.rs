@@ -7,7 +7,7 @@ use clap::Args;
 use dino_data::{Dataset, EvalTransform, Listing, list_images, read_image_list};
 use dino_eval::{ExtractOptions, FeatureSpec, write_features};
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::{self, ImageArgs, warn_skipped};
 use crate::load::WeightArgs;
 
@@ -47,9 +47,8 @@ pub struct ExtractArgs {
     batch_size: usize,
     #[command(flatten)]
     images: ImageArgs,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
@@ -69,7 +68,7 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let policy = args.images.policy()?;
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (config, backbone) = args.weights.load(&device)?;
     let total = inputs.paths.len() + inputs.skipped.len();
     let data = Dataset::from_files("the input images", inputs, &policy)?;

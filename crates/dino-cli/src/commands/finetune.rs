@@ -12,7 +12,7 @@ use dino_model::weights::{save_backbone, save_classifier};
 use dino_model::{Backbone, Classifier};
 use dino_train::finetune::{FinetuneConfig, FinetuneProgress, finetune};
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::{self, ImageArgs, bar};
 use crate::load::WeightArgs;
 
@@ -79,9 +79,8 @@ pub struct FinetuneArgs {
     seed: u64,
     #[command(flatten)]
     images: ImageArgs,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -91,7 +90,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     if args.max_train > 0 {
         train.truncate(args.max_train);
     }
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     // Built on the autodiff device, where the parameters are trained (and stochastic depth acts).
     let train_device = device.clone().autodiff();
     let (config, backbone) = args.weights.load(&train_device)?;

@@ -13,7 +13,7 @@ use dino_eval::retrieval::{
 use dino_eval::{EvalError, ExtractOptions, FeatureSpec, Features, dataset_features};
 use dino_model::{Backbone, BackboneConfig};
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::{self, ImageArgs, warn_skipped};
 use crate::load::{KeyArg, WeightArgs};
 
@@ -51,9 +51,8 @@ pub struct RetrieveArgs {
     search: SearchArg,
     #[command(flatten)]
     images: ImageArgs,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,7 +109,7 @@ pub fn run(args: RetrieveArgs) -> anyhow::Result<()> {
         Listing { paths: args.query.clone(), skipped: Vec::new() },
         &ImagePolicy { strict: true, ..policy },
     )?;
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (config, backbone) = args.weights.load(&device)?;
     // The official retrieval and copy-detection features: the final-normed CLS token, L2-normalised.
     let options = ExtractOptions {

@@ -7,8 +7,8 @@ use rayon::prelude::*;
 use super::microkernel::{MR, NR, Path, Tile};
 use super::round;
 
-/// k per block: a 12 x 256 A tile (12 KiB packed) and a 32 x 256 B panel (32 KiB) stay in L1/L2
-/// while a task sweeps the panels.
+/// k per block: a 12 x 256 A tile (6 KiB packed) and a 32 x 256 B panel (16 KiB) stay in L1
+/// while the microkernel runs.
 const KC: usize = 256;
 /// Rows per parallel task (8 tiles).
 const MC: usize = MR * 8;
@@ -58,7 +58,8 @@ enum Scratch {
 }
 
 thread_local! {
-    static SCRATCH: [std::cell::Cell<Vec<u32>>; 2] = const { [std::cell::Cell::new(Vec::new()), std::cell::Cell::new(Vec::new())] };
+    static SCRATCH: [std::cell::Cell<Vec<u32>>; 2] =
+        const { [std::cell::Cell::new(Vec::new()), std::cell::Cell::new(Vec::new())] };
 }
 
 impl Scratch {

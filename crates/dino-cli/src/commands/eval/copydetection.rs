@@ -13,7 +13,7 @@ use dino_eval::retrieval::rank_rows;
 use dino_model::VisionTransformer;
 use rayon::prelude::*;
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::{ImageArgs, bar, warn_skipped};
 use crate::load::WeightArgs;
 
@@ -42,9 +42,8 @@ pub struct CopyDetectionArgs {
     json: Option<PathBuf>,
     #[command(flatten)]
     images: ImageArgs,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// CLS + GeM features of the images of `paths` that can be used, one row each, in order, and
@@ -141,7 +140,7 @@ pub fn run(args: CopyDetectionArgs) -> anyhow::Result<()> {
         bail!("--imsize must be at least one patch");
     }
     let policy = args.images.policy()?;
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (config, backbone) = args.weights.load(&device)?;
     let Some(vit) = backbone.as_vit() else {
         bail!(

@@ -17,7 +17,7 @@ use dino_eval::{
     pixel_features, read_labeled_features, train_linear, write_labeled_features,
 };
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::{self, ImageArgs, warn_skipped};
 use crate::load::{WeightArgs, WeightFileArgs};
 
@@ -78,9 +78,8 @@ pub struct KnnArgs {
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// Which features the k-NN and the embedding use: a backbone's or the raw pixels.
@@ -160,9 +159,8 @@ pub struct EmbeddingArgs {
     /// The PNG to write.
     #[arg(long, short, default_value = "embedding.png", value_name = "FILE")]
     output: PathBuf,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// How evaluation images are resized (`Resize(256)` + `CenterCrop(224)` in the official scripts).
@@ -239,9 +237,8 @@ pub struct LinearArgs {
     output: PathBuf,
     #[command(flatten)]
     images: ImageArgs,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
@@ -281,7 +278,7 @@ fn knn(args: KnnArgs) -> anyhow::Result<()> {
     if bank.dim != queries.dim {
         bail!("bank and test features differ in size ({} vs {}); give --resize and --crop", bank.dim, queries.dim);
     }
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let results = knn_classify(
         &bank.values,
         &bank_labels,
@@ -327,7 +324,7 @@ fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)
     let policy = args.source.images.policy()?;
     let (train, _) = labeled(args.train.as_deref().unwrap_or_default(), &policy)?;
     let (test, _) = labeled(args.test.as_deref().unwrap_or_default(), &policy)?;
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let sets = [(&train, limit(args.max_train), "bank"), (&test, limit(args.max_test), "test")];
     let (mut features, what) = args.source.compute(&sets, &device)?;
     let queries = features.pop().expect("two sets");
@@ -338,7 +335,7 @@ fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)
 /// PCA of the L2-normalised features (the space the k-NN searches), coloured by class.
 fn embedding(args: EmbeddingArgs) -> anyhow::Result<()> {
     let (data, _) = labeled(&args.data, &args.source.images.policy()?)?;
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (features, what) = args.source.compute(&[(&data, limit(args.max_images), "features")], &device)?;
     let (features, labels) = &features[0];
     let points = pca_2d(features);
@@ -360,7 +357,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     if args.lr.is_nan() || args.lr <= 0.0 {
         bail!("--lr must be positive");
     }
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (model, backbone) = args.weights.load(&device)?;
     let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, &model)
         .map_err(|e| anyhow::anyhow!("--n-last-blocks: {e}"))?;

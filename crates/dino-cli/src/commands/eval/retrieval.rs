@@ -8,7 +8,7 @@ use clap::Args;
 use dino_data::load_rgb;
 use dino_eval::revisited::{GroundTruth, MapResult, evaluate, image_feature, rank};
 
-use crate::device::DeviceArg;
+use crate::device::ComputeArgs;
 use crate::images::{ImageArgs, bar};
 use crate::load::WeightArgs;
 
@@ -36,9 +36,8 @@ pub struct RetrievalArgs {
     json: Option<PathBuf>,
     #[command(flatten)]
     images: ImageArgs,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// The one `gnd_*.pkl` in `dir`.
@@ -84,7 +83,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         );
     }
     let policy = args.images.policy()?;
-    let device = args.device.device()?;
+    let device = args.compute.device()?;
     let (_, backbone) = args.weights.load(&device)?;
     let imsize = (args.imsize > 0).then_some(args.imsize);
 
