@@ -97,7 +97,7 @@ impl PackedRhs {
         }
         // SAFETY: the caller's contract bounds every read.
         let pack =
-            |(k0, kc, c0, out): (usize, usize, usize, &mut [u32])| unsafe { pack_b(rhs, (k0, kc), (c0, n), out) };
+            |(k0, kc, c0, out): (usize, usize, usize, &mut [u32])| unsafe { pack::<NR>(rhs, (k0, kc), (c0, n), out) };
         if threads > 1 {
             jobs.into_par_iter().for_each(pack);
         } else {
@@ -234,18 +234,24 @@ unsafe fn run<'a>(ptr: *const f32, len: usize) -> &'a [f32] {
     unsafe { std::slice::from_raw_parts(ptr, len) }
 }
 
-/// Packs columns `c0..c0 + NR` (zeros past `n`) of rows `k0..k0 + kc` of `rhs` as `[pairs][NR]`,
-/// from contiguous rows or contiguous columns where the strides allow.
-unsafe fn pack_b(Src((rhs, [rs, cs])): Src, (k0, kc): (usize, usize), (c0, n): (usize, usize), out: &mut [u32]) {
-    let cols = NR.min(n - c0);
-    if cols < NR {
+/// Packs columns `c0..c0 + W` (zeros past `n`) of rows `k0..k0 + kc` of a `[k, n]` operand as
+/// `[pairs][W]`, from contiguous rows or contiguous columns where the strides allow. B panels
+/// are `W = NR` columns of B; A tiles are `W = MR` columns of Aᵀ (A with its strides swapped).
+unsafe fn pack<const W: usize>(
+    Src((values, [rs, cs])): Src,
+    (k0, kc): (usize, usize),
+    (c0, n): (usize, usize),
+    out: &mut [u32],
+) {
+    let cols = W.min(n - c0);
+    if cols < W {
         out.fill(0);
     }
-    // SAFETY (all reads): rows k0..k0 + kc and columns c0..c0 + cols are inside `rhs`.
+    // SAFETY (all reads): rows k0..k0 + kc and columns c0..c0 + cols are inside the operand.
     unsafe {
         if cs == 1 {
-            for (p, out) in out.chunks_exact_mut(NR).enumerate() {
-                let row = rhs.add((k0 + 2 * p) * rs + c0);
+            for (p, out) in out.chunks_exact_mut(W).enumerate() {
+                let row = values.add((k0 + 2 * p) * rs + c0);
                 let hi = if 2 * p + 1 < kc { run(row.add(rs), cols) } else { &ZEROS[..cols] };
                 interleave(run(row, cols), hi, &mut out[..cols]);
             }
@@ -254,43 +260,12 @@ unsafe fn pack_b(Src((rhs, [rs, cs])): Src, (k0, kc): (usize, usize), (c0, n): (
             let column = &mut column[..kc.div_ceil(2)];
             for j in 0..cols {
                 if rs == 1 {
-                    pairs_of(run(rhs.add((c0 + j) * cs + k0), kc), column);
+                    pairs_of(run(values.add((c0 + j) * cs + k0), kc), column);
                 } else {
-                    let at = |r: usize| if r < kc { *rhs.add((k0 + r) * rs + (c0 + j) * cs) } else { 0.0 };
+                    let at = |r: usize| if r < kc { *values.add((k0 + r) * rs + (c0 + j) * cs) } else { 0.0 };
                     column.iter_mut().enumerate().for_each(|(p, v)| *v = pair(at(2 * p), at(2 * p + 1)));
                 }
-                column.iter().zip(out.chunks_exact_mut(NR)).for_each(|(&v, out)| out[j] = v);
-            }
-        }
-    }
-}
-
-/// Packs rows `r0..r0 + MR` (zeros past `m`) of columns `k0..k0 + kc` of `lhs` as `[pairs][MR]`,
-/// from contiguous rows or contiguous columns where the strides allow.
-unsafe fn pack_a(Src((lhs, [rs, cs])): Src, (k0, kc): (usize, usize), (r0, m): (usize, usize), out: &mut [u32]) {
-    let rows = MR.min(m - r0);
-    if rows < MR {
-        out.fill(0);
-    }
-    // SAFETY (all reads): rows r0..r0 + rows and columns k0..k0 + kc are inside `lhs`.
-    unsafe {
-        if rs == 1 {
-            for (p, out) in out.chunks_exact_mut(MR).enumerate() {
-                let column = lhs.add((k0 + 2 * p) * cs + r0);
-                let hi = if 2 * p + 1 < kc { run(column.add(cs), rows) } else { &ZEROS[..rows] };
-                interleave(run(column, rows), hi, &mut out[..rows]);
-            }
-        } else {
-            let mut row = [0u32; KC / 2];
-            let row = &mut row[..kc.div_ceil(2)];
-            for i in 0..rows {
-                if cs == 1 {
-                    pairs_of(run(lhs.add((r0 + i) * rs + k0), kc), row);
-                } else {
-                    let at = |c: usize| if c < kc { *lhs.add((r0 + i) * rs + (k0 + c) * cs) } else { 0.0 };
-                    row.iter_mut().enumerate().for_each(|(p, v)| *v = pair(at(2 * p), at(2 * p + 1)));
-                }
-                row.iter().zip(out.chunks_exact_mut(MR)).for_each(|(&v, out)| out[i] = v);
+                column.iter().zip(out.chunks_exact_mut(W)).for_each(|(&v, out)| out[j] = v);
             }
         }
     }
@@ -310,10 +285,13 @@ unsafe fn row_task(
 ) {
     let pairs = kc.div_ceil(2);
     let tiles = rows.len().div_ceil(MR);
+    // A's rows are packed as the columns of Aᵀ (`[k, m]`: the strides swapped).
+    let Src((values, [rs, cs])) = lhs;
+    let transposed = Src((values, [cs, rs]));
     let mut packed_a = Scratch::A.take(tiles * pairs * MR);
     for (t, out) in packed_a.chunks_exact_mut(pairs * MR).enumerate() {
         // SAFETY: the caller's contract.
-        unsafe { pack_a(lhs, (k0, kc), (rows.start + t * MR, rows.end), out) };
+        unsafe { pack::<MR>(transposed, (k0, kc), (rows.start + t * MR, rows.end), out) };
     }
     let mut tile: Tile = [[0.0; NR]; MR];
     for (panel, b) in packed_b.chunks_exact(pairs * NR).enumerate() {
