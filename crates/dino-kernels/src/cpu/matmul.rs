@@ -1,10 +1,8 @@
 //! The one place the f32 kernels multiply matrices: the `gemm` crate in f32, or the bf16 product
 //! of `cpu_bf16` when `set_matmul_precision(Bf16)` chose it.
 
+pub use crate::cpu_bf16::Operand;
 use crate::cpu_bf16::{self, MatmulPrecision, PackedRhs, Path, gemm_bf16_packed};
-
-/// A matrix operand: its first element and its (row, column) strides in elements.
-pub type Operand = (*const f32, [usize; 2]);
 
 fn threads(parallelism: gemm::Parallelism) -> usize {
     match parallelism {
