@@ -50,11 +50,29 @@ else
     export CARGO_TARGET_DIR="$root/target/$backend"
     features="dino-cli/$backend,dino-fixtures/$backend"
     packages=(-p dino-model -p dino-train -p dino-cli)
+    cargo=(cargo)
+    if [[ "$backend" == vulkan ]]; then
+        # burn's SPIR-V compiler (cubecl-spirv 0.11.3) emits invalid shared memory where the driver
+        # lacks explicit workgroup layouts (lavapipe): build with a copy of the crate patched by
+        # scripts/cubecl-spirv-shared-memory.patch. The patch entry changes Cargo.lock's
+        # cubecl-spirv source; the lock is put back when the script ends.
+        cargo fetch -q
+        spirv="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cubecl-spirv-0.11.3 | head -1)"
+        patched="$CARGO_TARGET_DIR/cubecl-spirv-0.11.3-patched"
+        if [[ ! -f "$patched/.patched" ]]; then
+            rm -rf "$patched" && mkdir -p "$CARGO_TARGET_DIR" && cp -r "$spirv" "$patched"
+            patch -d "$patched" -p1 <"$here/cubecl-spirv-shared-memory.patch"
+            touch "$patched/.patched"
+        fi
+        cp Cargo.lock "$CARGO_TARGET_DIR/Cargo.lock.main"
+        trap 'cp "$CARGO_TARGET_DIR/Cargo.lock.main" "$root/Cargo.lock"' EXIT
+        cargo=(cargo --config "patch.crates-io.cubecl-spirv.path=\"$patched\"")
+    fi
     echo "== build (--features $features, into $CARGO_TARGET_DIR)"
-    cargo build --release -p dino-cli --features "dino-cli/$backend"
-    cargo test --release --no-run "${packages[@]}" --features "$features" 2>&1 | tail -3
+    "${cargo[@]}" build --release -p dino-cli --features "dino-cli/$backend"
+    "${cargo[@]}" test --release --no-run "${packages[@]}" --features "$features" 2>&1 | tail -3
     dino="$CARGO_TARGET_DIR/release/dino"
-    mapfile -t parity < <(cargo test --release --no-run "${packages[@]}" --features "$features" \
+    mapfile -t parity < <("${cargo[@]}" test --release --no-run "${packages[@]}" --features "$features" \
         --test parity --message-format=json 2>/dev/null |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 fi
@@ -105,7 +123,7 @@ done
 
 if [[ -z "${DINO_REFERENCE_DIR:-}" ]]; then
     step "every command on $backend, compared with the CPU (dino-cli/tests/devices.rs)"
-    "${tests_env[@]}" cargo test --release -p dino-cli --features "dino-cli/$backend,dino-fixtures/$backend" \
+    "${tests_env[@]}" "${cargo[@]}" test --release -p dino-cli --features "dino-cli/$backend,dino-fixtures/$backend" \
         --test devices -- --include-ignored --nocapture 2>&1 | tee -a "$log" | grep -E "rel err|^test |test result"
 else
     step "a short training run on $backend (the built-in dataset)"

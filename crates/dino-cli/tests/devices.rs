@@ -9,6 +9,9 @@ use std::process::Output;
 use dino_fixtures::sandbox::confined;
 use dino_fixtures::{fashion_mnist_subset, fixture_dir, manifest_usize, rel_err_vec};
 
+mod common;
+use common::{write_clip, write_copydays, write_revisited};
+
 /// GPU f32 arithmetic sums in other orders (tiled matmuls, tree reductions) and uses its own
 /// `exp`: features agree to ~1e-6 relative, and a training run of a few steps, whose
 /// differences grow through every update, to ~1e-4.
@@ -47,9 +50,13 @@ fn a_gpu_backend_the_build_lacks_is_refused_with_the_build_command() {
 }
 
 fn read_features(path: &Path) -> Vec<f64> {
+    read_tensor(path, "features")
+}
+
+fn read_tensor(path: &Path, name: &str) -> Vec<f64> {
     let bytes = std::fs::read(path).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor("features").unwrap();
+    let view = tensors.tensor(name).unwrap();
     view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect()
 }
 
@@ -62,8 +69,7 @@ fn losses(run: &Path) -> Vec<f64> {
 #[test]
 #[ignore = "needs a GPU build and DINO_TEST_DEVICE=wgpu|vulkan (scripts/gpu-check.sh)"]
 fn every_command_runs_on_the_gpu_and_agrees_with_the_cpu() {
-    let device = std::env::var("DINO_TEST_DEVICE").expect("DINO_TEST_DEVICE names the GPU backend to test");
-    assert!(built_with(&device) && device != "cpu", "DINO_TEST_DEVICE={device}: test a GPU backend this build has");
+    let device = device_under_test();
     let dir = tempfile::tempdir().unwrap();
     let tmp = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let backbone = fixture_dir().join("vit_backbone.safetensors");
@@ -196,6 +202,101 @@ fn every_command_runs_on_the_gpu_and_agrees_with_the_cpu() {
     assert!(Path::new(&picture).is_file());
     let bench = ok(&["bench", "--preset", "small28", "--batch", "8", "--steps", "1", "--device", &device]);
     assert!(bench.contains("train_img_per_s"), "{bench}");
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The GPU under test, checked against the build.
+fn device_under_test() -> String {
+    let device = std::env::var("DINO_TEST_DEVICE").expect("DINO_TEST_DEVICE names the GPU backend to test");
+    assert!(built_with(&device) && device != "cpu", "DINO_TEST_DEVICE={device}: test a GPU backend this build has");
+    device
+}
+
+#[test]
+#[ignore = "needs a GPU build and DINO_TEST_DEVICE=wgpu|vulkan (scripts/gpu-check.sh)"]
+fn search_copy_detection_frames_and_finetuning_run_on_the_gpu_as_on_the_cpu() {
+    let device = device_under_test();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let tmp = |name: &str| root.join(name).to_str().unwrap().to_string();
+    let backbone = fixture_dir().join("vit_backbone.safetensors");
+    let heads = manifest_usize("heads").to_string();
+    let weights = ["--weights", backbone.to_str().unwrap(), "--num-heads", &heads];
+    // The command and its arguments, then the weights and the device.
+    let run = |args: &[&str], d: &str| ok(&[args, &weights[..], &["--device", d][..]].concat());
+    write_images(&root.join("images"));
+    write_clip(root);
+    let revisited = write_revisited(root);
+    let copydays = write_copydays(root);
+
+    for d in ["cpu", device.as_str()] {
+        let query = tmp("images/2.png");
+        let out = tmp(&format!("retrieve-{d}"));
+        run(&["retrieve", "--data", &tmp("images"), "--query", &query, "--resize", "0", "--crop", "32", "-o", &out], d);
+        let retrieval = ["eval", "retrieval", "--data", revisited.to_str().unwrap(), "--imsize", "32"];
+        run(&[&retrieval[..], &["--json", &tmp(&format!("revisited-{d}.json"))]].concat(), d);
+        let copies = ["eval", "copydetection", "--data", copydays.to_str().unwrap(), "--imsize", "48"];
+        run(
+            &[&copies[..], &["--whitening", &tmp("whiten"), "--json", &tmp(&format!("copydays-{d}.json"))]].concat(),
+            d,
+        );
+        run(&["attention", "--frames", &tmp("frames"), "-o", &tmp(&format!("frames-{d}"))], d);
+    }
+    // The same neighbours in the same order, with the same scores.
+    let neighbours = |d: &str| read_json(&root.join(format!("retrieve-{d}/results.json")))[0]["neighbours"].clone();
+    let (cpu, gpu) = (neighbours("cpu"), neighbours(&device));
+    assert_eq!(cpu.as_array().unwrap().len(), 4, "{cpu}");
+    for (c, g) in cpu.as_array().unwrap().iter().zip(gpu.as_array().unwrap()) {
+        assert_eq!(c["path"], g["path"], "retrieve: cpu {cpu}\n{device} {gpu}");
+        let (c, g) = (c["score"].as_f64().unwrap(), g["score"].as_f64().unwrap());
+        assert!((c - g).abs() < FEATURE_TOL, "retrieve: score {g} on {device}, {c} on the CPU");
+    }
+    // The same mean average precisions: the rankings agree.
+    for (file, pointers) in [
+        ("revisited", &["/medium/map", "/hard/map"][..]),
+        ("copydays", &["/blocks/0/map", "/blocks/1/map", "/blocks/2/map", "/blocks/3/map"][..]),
+    ] {
+        let (cpu, gpu) =
+            (read_json(&root.join(format!("{file}-cpu.json"))), read_json(&root.join(format!("{file}-{device}.json"))));
+        for pointer in pointers {
+            let (c, g) = (cpu.pointer(pointer).and_then(|v| v.as_f64()), gpu.pointer(pointer).and_then(|v| v.as_f64()));
+            assert!(c.is_some() && c == g, "{file} {pointer}: {g:?} on {device}, {c:?} on the CPU");
+        }
+    }
+    let maps = |d: &str| read_tensor(&root.join(format!("frames-{d}/attention.safetensors")), "attentions");
+    let err = rel_err_vec(&maps(&device), &maps("cpu"));
+    println!("attention --frames: maps rel err {err:.1e}");
+    assert!(err < FEATURE_TOL, "attention --frames on {device}: rel err {err:e}");
+
+    // Fine-tuning: a step of its own kind (label smoothing, layer decay, a fresh head) trains on
+    // the device.
+    let fashion = fashion_mnist_subset();
+    let fashion = fashion.to_str().unwrap();
+    let test = format!("{fashion}#test");
+    let args = [
+        "finetune",
+        "--train",
+        fashion,
+        "--test",
+        &test,
+        "--epochs",
+        "1",
+        "--size",
+        "28",
+        "--max-train",
+        "64",
+        "--layer-decay",
+        "0.75",
+        "-o",
+        &tmp("finetune"),
+    ];
+    let stdout = run(&args, &device);
+    assert!(stdout.contains("epoch 1/1: train loss"), "{stdout}");
+    let log = read_json(&root.join("finetune/log.txt"));
+    assert!(log["train_loss"].as_f64().is_some_and(f64::is_finite), "{log}");
 }
 
 /// Four 48 x 40 px images of smooth colour gradients with a bright square, different in each.

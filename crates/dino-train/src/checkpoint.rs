@@ -5,7 +5,8 @@
 //! checkpoint key), the DINO loss center (`dino_loss.center`), the optimizer state
 //! (`optimizer.{i}.m` / `.v` by parameter position) and, in the header, the position reached
 //! (epochs done, and iterations of the next when written mid-epoch, with that epoch's sums so
-//! far), the resolved training config and the model config.
+//! far), the f16 loss scale (`fp16_scaler`, as main_dino.py saves its GradScaler), the resolved
+//! training config and the model config.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +20,7 @@ use dino_model::weights::{
 
 use crate::TrainConfig;
 use crate::optim::{Optimizer, SavedState, official_state_order};
+use crate::precision::LossScaler;
 use crate::step::TrainState;
 use crate::trainer::{EpochTotals, Position};
 
@@ -35,10 +37,11 @@ fn tensor_data(t: Tensor<1>) -> TensorData {
     t.into_data()
 }
 
-/// Writes `state` at `position`, with the sums of the unfinished epoch when mid-epoch.
+/// Writes `state` and the loss scale at `position`, with the sums of the unfinished epoch when
+/// mid-epoch.
 pub(crate) fn save_checkpoint(
     path: &Path,
-    state: &TrainState,
+    (state, scaler): (&TrainState, &LossScaler),
     position: Position,
     epoch_sums: Option<&EpochTotals>,
     config: &TrainConfig,
@@ -63,6 +66,7 @@ pub(crate) fn save_checkpoint(
     if let Some(sums) = epoch_sums {
         metadata.insert("epoch_sums".into(), serde_json::to_string(sums).expect("numbers serialise"));
     }
+    metadata.insert("fp16_scaler".into(), serde_json::to_string(scaler).expect("numbers serialise"));
     metadata.insert("train_config".into(), config.to_toml());
     metadata.insert("optimizer_steps".into(), serde_json::to_string(&steps).expect("numbers serialise"));
     Ok(write_safetensors(path, tensors, metadata)?)
@@ -75,6 +79,8 @@ pub struct Restored {
     pub position: Position,
     /// The sums of the unfinished epoch, for a checkpoint written mid-epoch.
     pub(crate) epoch_sums: Option<EpochTotals>,
+    /// The f16 loss scale reached (GradScaler's start for a new run or an official checkpoint).
+    pub scaler: LossScaler,
     /// The config the run was started with.
     pub config: TrainConfig,
     /// Python objects of an official checkpoint that were left out (its `args`, ...).
@@ -115,6 +121,11 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
         Some(json) => Some(serde_json::from_str(json).map_err(|e| invalid(format!("bad epoch_sums: {e}")))?),
         None => None,
     };
+    // Checkpoints from before the scale was saved restart it, as a new run does.
+    let scaler = match metadata.get("fp16_scaler") {
+        Some(json) => serde_json::from_str(json).map_err(|e| invalid(format!("bad fp16_scaler: {e}")))?,
+        None => LossScaler::default(),
+    };
 
     let student = read_network(path, CheckpointKey::Student, &config, train_device)?;
     let teacher = read_network(path, CheckpointKey::Teacher, &config, device)?;
@@ -137,7 +148,7 @@ pub fn load_checkpoint(path: &Path, device: &Device, train_device: &Device) -> R
     let optimizer = Optimizer::import(config.optimizer, &student, saved);
     let position = Position { epoch: epochs_done, iteration };
     let state = TrainState { student, teacher, loss, optimizer };
-    Ok(Restored { state, position, epoch_sums, config, ignored: Vec::new() })
+    Ok(Restored { state, position, epoch_sums, scaler, config, ignored: Vec::new() })
 }
 
 /// The student or teacher of a checkpoint (ours or official), built as `config` says and
@@ -201,5 +212,45 @@ pub fn load_official_checkpoint(
     let position = Position { epoch: epochs_done, iteration: 0 };
     let state = TrainState { student, teacher, loss, optimizer };
     let ignored = ignored_objects(path)?;
-    Ok(Restored { state, position, epoch_sums: None, config: config.clone(), ignored })
+    Ok(Restored { state, position, epoch_sums: None, scaler: LossScaler::default(), config: config.clone(), ignored })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Module;
+
+    use super::*;
+
+    /// A resumed f16 run goes on with the scale it reached, as main_dino.py restores its
+    /// GradScaler, instead of starting again at 2^16 and overflowing its way back down.
+    #[test]
+    fn the_loss_scale_is_saved_and_restored() {
+        let config = TrainConfig {
+            arch: "vit_tiny".into(),
+            patch_size: 8,
+            depth: 1,
+            img_size: 16,
+            out_dim: 8,
+            head_hidden_dim: 16,
+            head_bottleneck_dim: 8,
+            ..TrainConfig::default()
+        };
+        let device = Device::flex();
+        let model_config = config.model_config().unwrap();
+        let student = DinoModel::new(&model_config, &device.clone().autodiff());
+        let teacher = student.valid();
+        let state = TrainState {
+            student,
+            teacher,
+            loss: config.dino_loss(&device),
+            optimizer: Optimizer::new(config.optimizer),
+        };
+        let scaler = LossScaler { scale: 512.0, good_steps: 17 };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        save_checkpoint(&path, (&state, &scaler), Position { epoch: 3, iteration: 0 }, None, &config).unwrap();
+        let restored = load_checkpoint(&path, &device, &device.clone().autodiff()).unwrap();
+        assert_eq!(restored.scaler, scaler);
+        assert_eq!(restored.position, Position { epoch: 3, iteration: 0 });
+    }
 }

@@ -268,7 +268,7 @@ pub fn train(
     let step_precision = crate::precision::use_precision(config.precision, device).map_err(TrainError::Config)?;
     let run = RunDir::prepare(dir)?;
     let started = Instant::now();
-    let Restored { state, position: start, epoch_sums: mut resumed_sums, config, .. } =
+    let Restored { state, position: start, epoch_sums: mut resumed_sums, mut scaler, config, .. } =
         networks(config, &data, &run, device, resume, observer)?;
     let mut state = state.train_mode();
     let start_epoch = start.epoch;
@@ -294,7 +294,6 @@ pub fn train(
 
     let mut skipped_files: BTreeMap<PathBuf, BadImage> =
         data.skipped().iter().map(|b| (b.path.clone(), b.clone())).collect();
-    let mut scaler = LossScaler::default();
     for epoch in start_epoch..config.epochs {
         observer.epoch_start(epoch, iterations);
         let epoch_started = Instant::now();
@@ -317,7 +316,7 @@ pub fn train(
         if totals.iterations < iterations {
             // Stopped on request mid-epoch: save where it stands.
             let at = Position { epoch, iteration: totals.iterations };
-            save_checkpoint(&run.checkpoint(), &state, at, Some(&totals), &config)?;
+            save_checkpoint(&run.checkpoint(), (&state, &scaler), at, Some(&totals), &config)?;
             summary.stopped_at = Some(at);
             break;
         }
@@ -341,7 +340,7 @@ pub fn train(
             ));
         }
         record_skips(&run, epoch, &mut skipped_files, &mut totals.skipped, observer)?;
-        write_epoch(&run, &state, &config, &log, observer)?;
+        write_epoch(&run, (&state, &scaler), &config, &log, observer)?;
         observer.epoch_end(&log);
         log.warnings.iter().for_each(|w| observer.warning(w));
         summary.last_epoch = Some(log);
@@ -481,7 +480,14 @@ fn networks(
     let teacher = student.valid();
     let loss = config.dino_loss(device);
     let state = TrainState { student, teacher, loss, optimizer: Optimizer::new(config.optimizer) };
-    Ok(Restored { state, position: Position::default(), epoch_sums: None, config, ignored: Vec::new() })
+    Ok(Restored {
+        state,
+        position: Position::default(),
+        epoch_sums: None,
+        scaler: LossScaler::default(),
+        config,
+        ignored: Vec::new(),
+    })
 }
 
 /// Keeps the lines of `log.txt` of the epochs before `epoch`: a fresh run starts an empty log,
@@ -664,7 +670,7 @@ fn train_one_epoch(
 /// `saveckp_freq` epochs), the teacher backbone and `training.png`.
 fn write_epoch(
     run: &RunDir,
-    state: &TrainState,
+    (state, scaler): (&TrainState, &LossScaler),
     config: &TrainConfig,
     log: &EpochLog,
     observer: &mut dyn Observer,
@@ -672,7 +678,7 @@ fn write_epoch(
     let mut file = fs::OpenOptions::new().create(true).append(true).open(run.log()).map_err(io_err(&run.log()))?;
     writeln!(file, "{}", serde_json::to_string(log).expect("logs serialise")).map_err(io_err(&run.log()))?;
     let epoch = log.epoch;
-    save_checkpoint(&run.checkpoint(), state, Position { epoch: epoch + 1, iteration: 0 }, None, config)?;
+    save_checkpoint(&run.checkpoint(), (state, scaler), Position { epoch: epoch + 1, iteration: 0 }, None, config)?;
     if config.saveckp_freq > 0 && epoch % config.saveckp_freq == 0 {
         fs::copy(run.checkpoint(), run.kept_checkpoint(epoch)).map_err(io_err(&run.kept_checkpoint(epoch)))?;
     }
