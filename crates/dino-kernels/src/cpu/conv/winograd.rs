@@ -273,6 +273,25 @@ crate::cpu::simd::multiversion! {
     }
 }
 
+/// `f(stride, V, scratch)` for a chunk `x` of `nb` images: `V` its transformed windows
+/// `[16][C][stride]` (stride: the tiles rounded up to whole groups of lanes), `scratch` room for
+/// `[16][O][stride]`; all three buffers this thread's.
+fn with_transformed_input<R>(
+    x: &[f32],
+    nb: usize,
+    tiling: Tiling,
+    f: impl FnOnce(usize, &[f32], &mut [f32]) -> R,
+) -> R {
+    let (c_n, o_n) = (tiling.d.in_channels, tiling.d.out_channels);
+    let stride = (nb * tiling.per_image).next_multiple_of(LANES);
+    let padded_len = nb * c_n * tiling.hp * tiling.wp;
+    with_scratch([padded_len, 16 * c_n * stride, 16 * o_n * stride], |[padded, v, scratch]| {
+        pad_input(x, nb, tiling, padded);
+        transform_input(padded, &tiling.windows(nb), tiling, stride, v);
+        f(stride, v, scratch)
+    })
+}
+
 /// x `[B, C, H, W]`, weight `[O, C, 3, 3]` -> `[B, O, H', W']` for a 3x3 stride-1 conv.
 pub fn forward(x: &[f32], weight: &[f32], d: Dims) -> Vec<f32> {
     assert!(applies(d), "winograd: not a 3x3 stride-1 conv: {d:?}");
@@ -283,14 +302,9 @@ pub fn forward(x: &[f32], weight: &[f32], d: Dims) -> Vec<f32> {
     let u = transform_weight(weight, d);
     let x_chunks: Vec<&[f32]> = x.chunks(nb * d.in_pixels()).collect();
     let fill = |i: usize, out: &mut [MaybeUninit<f32>]| {
-        let x = x_chunks[i];
         let nb = out.len() / (o_n * plane);
         let t_n = nb * tiling.per_image;
-        let stride = t_n.next_multiple_of(LANES);
-        let padded_len = nb * c_n * tiling.hp * tiling.wp;
-        with_scratch([padded_len, 16 * c_n * stride, 16 * o_n * stride], |[padded, v, m]| {
-            pad_input(x, nb, tiling, padded);
-            transform_input(padded, &tiling.windows(nb), tiling, stride, v);
+        with_transformed_input(x_chunks[i], nb, tiling, |stride, v, m| {
             for xi in 0..16 {
                 // SAFETY: U[ξ] [O, C], V[ξ] [C, t_n] and M[ξ] [O, t_n] are row-major, the last
                 // two with row stride `stride` >= t_n.
@@ -332,11 +346,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
             |mut du_t, (x, dy)| {
                 let nb = dy.len() / (o_n * plane);
                 let t_n = nb * tiling.per_image;
-                let stride = t_n.next_multiple_of(LANES);
-                let padded_len = nb * c_n * tiling.hp * tiling.wp;
-                with_scratch([padded_len, 16 * c_n * stride, 16 * o_n * stride], |[padded, v, dm]| {
-                    pad_input(x, nb, tiling, padded);
-                    transform_input(padded, &tiling.windows(nb), tiling, stride, v);
+                with_transformed_input(x, nb, tiling, |stride, v, dm| {
                     transform_gradient(dy, &tiling.outputs(nb), plane, d.out_width(), o_n, stride, dm);
                     for xi in 0..16 {
                         // SAFETY: V[ξ] [C, t_n] row-major with row stride `stride`; dM[ξ]ᵀ is
