@@ -7,7 +7,10 @@
 //! within a few f32 roundings of the direct sum (the unit tests hold it to the im2col tolerance).
 //!
 //! Images go in chunks; each chunk's windows are transformed into `V` (tiles contiguous, 16
-//! lanes at a time), multiplied, and transformed back, all on one thread in per-thread scratch.
+//! lanes at a time), multiplied, and transformed back in its thread's scratch buffers (its
+//! products split over the threads only when chunks are fewer than threads). `conv.rs` sends
+//! here the forward of 3x3 stride-1 convs, the input gradient of every stride-1 conv (a forward
+//! conv), and the weight gradient from 128 channels on.
 
 use std::mem::MaybeUninit;
 
