@@ -76,6 +76,30 @@ fn with_scratch<const N: usize, R>(sizes: [usize; N], f: impl FnOnce([&mut [f32]
     })
 }
 
+/// `Σ_chunks f(acc, x chunk, dy chunk)` into `len` zeros: each thread adds its chunks' products
+/// into its own accumulator, then the accumulators are added (the weight gradients).
+fn summed_over_chunks(
+    (x, x_chunk): (&[f32], usize),
+    (dy, dy_chunk): (&[f32], usize),
+    len: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync + Send,
+) -> Vec<f32> {
+    x.par_chunks(x_chunk)
+        .zip(dy.par_chunks(dy_chunk))
+        .fold(
+            || vec![0.0; len],
+            |mut acc, (x, dy)| {
+                f(&mut acc, x, dy);
+                acc
+            },
+        )
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0.0; len])
+}
+
 /// Every output row of a chunk's columns `[C·kh·kw, nb·h'·w']`: `f(col, pixel, valid)` with
 /// `col` the offset of its `w'` columns, `valid` those that read inside the image, and `pixel`
 /// the input offset the first valid one reads (`None` when the kernel row lies in the padding).
@@ -255,37 +279,19 @@ pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     }
     let nb = images_per_chunk(d, MAX_WEIGHT_CHUNK_FLOATS);
     let par = parallelism(d, nb);
-    x.par_chunks(nb * d.in_pixels())
-        .zip(dy.par_chunks(nb * o * q))
-        .fold(
-            || vec![0.0; o * k],
-            |mut dw, (x, dy)| {
-                let nb = dy.len() / (o * q);
-                let n = nb * q;
-                with_scratch([k * n, o * n], |[cols, g]| {
-                    im2col(x, nb, d, cols);
-                    to_channel_major(dy, nb, o, q, g);
-                    // SAFETY: cols [K, n] dense; gᵀ is g [O, n] read with strides (1, n); dwᵀ [K, O].
-                    unsafe {
-                        gemm(
-                            [k, o, n],
-                            (dw.as_mut_ptr(), o),
-                            true,
-                            (cols.as_ptr(), [n, 1]),
-                            (g.as_ptr(), [1, n]),
-                            1.0,
-                            par,
-                        )
-                    };
-                });
-                dw
-            },
-        )
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .map_or_else(|| vec![0.0; o * k], |dw_t| (0..o * k).map(|i| dw_t[(i % k) * o + i / k]).collect())
+    let dw_t = summed_over_chunks((x, nb * d.in_pixels()), (dy, nb * o * q), o * k, |dw_t, x, dy| {
+        let nb = dy.len() / (o * q);
+        let n = nb * q;
+        with_scratch([k * n, o * n], |[cols, g]| {
+            im2col(x, nb, d, cols);
+            to_channel_major(dy, nb, o, q, g);
+            // SAFETY: cols [K, n] dense; gᵀ is g [O, n] read with strides (1, n); dwᵀ [K, O].
+            unsafe {
+                gemm([k, o, n], (dw_t.as_mut_ptr(), o), true, (cols.as_ptr(), [n, 1]), (g.as_ptr(), [1, n]), 1.0, par)
+            };
+        });
+    });
+    (0..o * k).map(|i| dw_t[(i % k) * o + i / k]).collect()
 }
 
 #[cfg(test)]

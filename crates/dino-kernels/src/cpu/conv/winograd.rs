@@ -14,9 +14,7 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
-use super::{Dims, parallelism, with_scratch};
+use super::{Dims, parallelism, summed_over_chunks, with_scratch};
 use crate::cpu::buffer::par_filled;
 use crate::cpu::matmul::gemm;
 
@@ -341,40 +339,28 @@ pub fn backward_weight(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     let (o_n, c_n, plane) = (d.out_channels, d.in_channels, d.out_pixels());
     let nb = tiling.images_per_chunk(MAX_WEIGHT_CHUNK_FLOATS);
     let par = parallelism(d, nb);
-    let du_t = x
-        .par_chunks(nb * d.in_pixels())
-        .zip(dy.par_chunks(nb * o_n * plane))
-        .fold(
-            || vec![0.0; 16 * c_n * o_n],
-            |mut du_t, (x, dy)| {
-                let nb = dy.len() / (o_n * plane);
-                let t_n = nb * tiling.per_image;
-                with_transformed_input(x, nb, tiling, |stride, v, dm| {
-                    transform_gradient(dy, &tiling.outputs(nb), plane, d.out_width(), o_n, stride, dm);
-                    for xi in 0..16 {
-                        // SAFETY: V[ξ] [C, t_n] row-major with row stride `stride`; dM[ξ]ᵀ is
-                        // dM[ξ] [O, t_n] read with strides (1, stride); dU[ξ]ᵀ [C, O] dense.
-                        unsafe {
-                            gemm(
-                                [c_n, o_n, t_n],
-                                (du_t[xi * c_n * o_n..].as_mut_ptr(), o_n),
-                                true,
-                                (v[xi * c_n * stride..].as_ptr(), [stride, 1]),
-                                (dm[xi * o_n * stride..].as_ptr(), [1, stride]),
-                                1.0,
-                                par,
-                            )
-                        };
-                    }
-                });
-                du_t
-            },
-        )
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        })
-        .unwrap_or_else(|| vec![0.0; 16 * c_n * o_n]);
+    let du_t = summed_over_chunks((x, nb * d.in_pixels()), (dy, nb * o_n * plane), 16 * c_n * o_n, |du_t, x, dy| {
+        let nb = dy.len() / (o_n * plane);
+        let t_n = nb * tiling.per_image;
+        with_transformed_input(x, nb, tiling, |stride, v, dm| {
+            transform_gradient(dy, &tiling.outputs(nb), plane, d.out_width(), o_n, stride, dm);
+            for xi in 0..16 {
+                // SAFETY: V[ξ] [C, t_n] row-major with row stride `stride`; dM[ξ]ᵀ is dM[ξ]
+                // [O, t_n] read with strides (1, stride); dU[ξ]ᵀ [C, O] dense.
+                unsafe {
+                    gemm(
+                        [c_n, o_n, t_n],
+                        (du_t[xi * c_n * o_n..].as_mut_ptr(), o_n),
+                        true,
+                        (v[xi * c_n * stride..].as_ptr(), [stride, 1]),
+                        (dm[xi * o_n * stride..].as_ptr(), [1, stride]),
+                        1.0,
+                        par,
+                    )
+                };
+            }
+        });
+    });
     // dg = Gᵀ dU G, Gᵀ = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]].
     let gt = |u: [f32; 4]| [u[0] + 0.5 * (u[1] + u[2]), 0.5 * (u[1] - u[2]), 0.5 * (u[1] + u[2]) + u[3]];
     let mut dw = vec![0.0; o_n * c_n * 9];
