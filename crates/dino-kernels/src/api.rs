@@ -33,6 +33,15 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// A bias-free linear layer with its weight in PyTorch's layout (`F.linear(x, w)`): x
+/// `[..., K]`, weight `[N, K]` -> x Wᵀ `[..., N]`. The head's weight-normalised last layer.
+pub fn linear_transposed<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    if !runs_fused!(x, weight) {
+        return composed::linear_transposed(x, weight);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear_transposed(x.into_dispatch(), weight.into_dispatch()))
+}
+
 /// GELU of a `Linear` layer, `[..., K]` -> `[..., N]`: on flex, the GELU runs on each tile of the
 /// product while it is in cache, and the backward is one node.
 pub fn linear_gelu<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {

@@ -112,6 +112,26 @@ impl<B: FusedBackward> Backward<B, 4> for LinearAddBackward {
 }
 
 #[derive(Debug)]
+struct LinearTransposedBackward;
+
+impl<B: FusedBackward> Backward<B, 2> for LinearTransposedBackward {
+    /// The input x and the weight `[N, K]`.
+    type State = (FloatTensor<B>, FloatTensor<B>, LinearDims);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, weight, d) = &ops.state;
+        if tracked(&ops, 0) {
+            let dx = B::linear_transposed_backward_input(weight.clone(), dy.clone(), *d);
+            register::<B, _, _>(&ops, grads, 0, dx);
+        }
+        if tracked(&ops, 1) {
+            register::<B, _, _>(&ops, grads, 1, B::linear_transposed_backward_weight(x.clone(), dy, *d));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct WeightNormBackward;
 
 impl<B: FusedBackward> Backward<B, 2> for WeightNormBackward {
@@ -307,6 +327,18 @@ impl<B: FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             (x, w, b, r),
             |(x, w, b, r)| (B::fused_linear_add(x.clone(), w.clone(), b, r), (x, w, d)),
             |(x, w, b, r)| B::fused_linear_add(x, w, b, r),
+        )
+    }
+
+    fn fused_linear_transposed(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let ((x, xn), (w, wn)) = (x.into_parts(), weight.into_parts());
+        let d = shapes::linear_transposed(&x.shape(), &w.shape());
+        record::<B, C, _, _, 2>(
+            LinearTransposedBackward,
+            [xn, wn],
+            (x, w),
+            |(x, w)| (B::fused_linear_transposed(x.clone(), w.clone()), (x, w, d)),
+            |(x, w)| B::fused_linear_transposed(x, w),
         )
     }
 

@@ -24,6 +24,11 @@ pub fn linear<const D: usize>(weight: Tensor<2>, bias: Option<Tensor<1>>, x: Ten
     y.reshape(dims)
 }
 
+/// `x Wᵀ` on every row: x `[..., K]`, weight `[N, K]` -> `[..., N]`.
+pub fn linear_transposed<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
+    linear(weight.transpose(), None, x)
+}
+
 /// burn's train-mode BatchNorm: (y, the statistics `[2, C]`, means then biased variances, without
 /// gradient).
 pub fn batch_norm_train<const D: usize>(

@@ -27,6 +27,9 @@ pub trait FusedOps: Backend {
         bias: FloatTensor<Self>,
         residual: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// A bias-free fully connected layer in PyTorch's layout (`F.linear(x, w)`): x `[..., C]`,
+    /// weight `[K, C]` -> x Wᵀ `[..., K]`.
+    fn fused_linear_transposed(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Weight normalisation of rows: v `[K, C]`, g `[K, 1]` -> g · v / ‖v‖ (norm per row).
     fn fused_weight_norm(v: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
     /// ViT patch embedding (Conv2d, kernel = stride = p): images `[B, C, H, W]`, weight
@@ -107,6 +110,12 @@ pub trait FusedBackward: FusedOps {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
     /// dbias `[N]` alone (the weight is frozen) from dy `[..., N]`.
     fn linear_backward_bias(dy: FloatTensor<Self>, d: LinearDims) -> FloatTensor<Self>;
+    /// dx `[..., C]` of `fused_linear_transposed` from weight `[K, C]` and dy `[..., K]`.
+    fn linear_transposed_backward_input(weight: FloatTensor<Self>, dy: FloatTensor<Self>, d: LinearDims)
+    -> FloatTensor<Self>;
+    /// dweight `[K, C]` of `fused_linear_transposed` from x `[..., C]` and dy `[..., K]`.
+    fn linear_transposed_backward_weight(x: FloatTensor<Self>, dy: FloatTensor<Self>, d: LinearDims)
+    -> FloatTensor<Self>;
     /// (GELU(x W + b), x W + b), both `[..., N]`.
     fn linear_gelu_saving(
         x: FloatTensor<Self>,

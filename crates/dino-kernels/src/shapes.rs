@@ -19,6 +19,13 @@ pub fn linear(x: &Shape, weight: &Shape) -> LinearDims {
     LinearDims { rows: x.num_elements() / k.max(1), k, n: weight[1] }
 }
 
+/// A bias-free linear layer with its weight `[N, K]` in PyTorch's layout (x `[..., K]`).
+pub fn linear_transposed(x: &Shape, weight: &Shape) -> LinearDims {
+    let k = x[x.num_dims() - 1];
+    assert!(weight.num_dims() == 2 && weight[1] == k, "linear: input {x} does not match weight {weight} ([out, in])");
+    LinearDims { rows: x.num_elements() / k.max(1), k, n: weight[0] }
+}
+
 /// A linear layer whose output is added onto `residual` (which must have the output's shape).
 pub fn linear_add(x: &Shape, weight: &Shape, residual: &Shape) -> LinearDims {
     let d = linear(x, weight);

@@ -9,7 +9,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 use dino_kernels::{
     batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu, conv2d, gelu, layer_norm, linear,
-    linear_add, linear_gelu, merge_heads, self_attention, split_heads,
+    linear_add, linear_gelu, linear_transposed, merge_heads, self_attention, split_heads,
 };
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -107,6 +107,22 @@ fn linear_matches_burn() {
     let (b, gb) = run(&inputs, &w, |v| apply(v, false));
     assert!(max_diff(a, b) < 1e-5);
     for (name, (x, y)) in ["x", "weight", "bias"].iter().zip(ga.into_iter().zip(gb)) {
+        let d = max_diff(x, y);
+        assert!(d < 1e-4, "d{name} differs by {d}");
+    }
+}
+
+/// The head's last layer, x Wᵀ with W `[N, K]`, against burn's matmul: a 3-d input (rows
+/// flattened) and both gradients.
+#[test]
+fn linear_transposed_matches_burn() {
+    let device = Device::flex().autodiff();
+    let inputs = [random([2, 9, 24], &device), random([1, 70, 24], &device)];
+    let w = random([2, 9, 70], &device);
+    let (a, ga) = run(&inputs, &w, |v| linear_transposed(v[0].clone(), v[1].clone().reshape([70, 24])));
+    let (b, gb) = run(&inputs, &w, |v| v[0].clone().matmul(v[1].clone().swap_dims(1, 2)));
+    assert!(max_diff(a, b) < 1e-5);
+    for (name, (x, y)) in ["x", "weight"].iter().zip(ga.into_iter().zip(gb)) {
         let d = max_diff(x, y);
         assert!(d < 1e-4, "d{name} differs by {d}");
     }

@@ -128,6 +128,10 @@ fn head_and_patch_fallbacks_match() {
     fused_matches_fallback("weight_norm", &[v, g], &random([37, 16], &device), 1e-5, |x| {
         dino_kernels::weight_norm(x[0].clone(), x[1].clone())
     });
+    let (x, w) = (random([12, 16], &device), random([37, 16], &device));
+    fused_matches_fallback("linear_transposed", &[x, w], &random([12, 37], &device), 1e-5, |x| {
+        dino_kernels::linear_transposed(x[0].clone(), x[1].clone())
+    });
 
     let (views, b, k) = (4, 3, 50);
     let student = random([views * b, k], &device) * 2.0;

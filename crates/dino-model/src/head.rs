@@ -41,7 +41,7 @@ impl WeightNormLinear {
     /// `[B, bottleneck]` -> `[B, K]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let w = dino_kernels::weight_norm(self.weight_v.val(), self.weight_g.val()); // [K, bottleneck]
-        x.matmul(w.transpose())
+        dino_kernels::linear_transposed(x, w)
     }
 }
 

@@ -190,6 +190,28 @@ pub fn backward_input(w: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
     product([d.rows, d.k, d.n], (dy, [d.n, 1]), (w, [1, d.n]), parallelism(d.rows, d.k, d.n))
 }
 
+/// x `[rows, k]` Wᵀ for W `[n, k]` (PyTorch's layout, no bias) -> `[rows, n]`.
+pub fn forward_transposed(x: &[f32], w: &[f32], d: Dims) -> Vec<f32> {
+    assert_eq!(x.len(), d.rows * d.k, "linear: input is not [rows, {}]", d.k);
+    // Wᵀ[i, o] = W[o, i]: row stride 1, column stride k.
+    product([d.rows, d.n, d.k], (x, [d.k, 1]), (w, [1, d.k]), parallelism(d.rows, d.n, d.k))
+}
+
+/// dL/dx = dy W `[rows, k]` for the layer of [`forward_transposed`].
+pub fn backward_input_transposed(w: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
+    assert_eq!(dy.len(), d.rows * d.n, "linear backward: gradient is not [rows, {}]", d.n);
+    product([d.rows, d.k, d.n], (dy, [d.n, 1]), (w, [d.k, 1]), parallelism(d.rows, d.k, d.n))
+}
+
+/// dL/dW = dyᵀ x `[n, k]` for the layer of [`forward_transposed`]: one product, whose sums
+/// run in an order fixed by the sizes, whatever the thread count.
+pub fn backward_weight_transposed(x: &[f32], dy: &[f32], d: Dims) -> Vec<f32> {
+    assert_eq!(x.len(), d.rows * d.k, "linear backward: input is not [rows, {}]", d.k);
+    assert_eq!(dy.len(), d.rows * d.n, "linear backward: gradient is not [rows, {}]", d.n);
+    // dyᵀ[o, r] = dy[r, o]: row stride 1, column stride n.
+    product([d.n, d.k, d.rows], (dy, [1, d.n]), (x, [d.k, 1]), parallelism(d.n, d.k, d.rows))
+}
+
 /// Column sums of `dy` `[rows, n]` in row order.
 fn column_sums(dy: &[f32], n: usize) -> Vec<f32> {
     let mut acc = vec![0.0; n];

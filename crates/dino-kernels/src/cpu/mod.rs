@@ -81,6 +81,12 @@ impl FusedOps for Flex {
         tensor(linear::forward_add(values(&x), values(&w), values(&b), values(&r), d), shape(&r))
     }
 
+    fn fused_linear_transposed(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let (x, w) = (dense(x), dense(weight));
+        let d = shapes::linear_transposed(&shape(&x), &shape(&w));
+        tensor(linear::forward_transposed(values(&x), values(&w), d), shapes::with_last(&shape(&x), d.n))
+    }
+
     fn fused_weight_norm(v: FlexTensor, g: FlexTensor) -> FlexTensor {
         Self::weight_norm_saving(v, g).0
     }
@@ -166,6 +172,16 @@ impl FusedBackward for Flex {
         let (x, dy) = (dense(x), dense(dy));
         let (dw, db) = linear::backward_params(values(&x), values(&dy), d);
         (tensor(dw, Shape::new([d.k, d.n])), tensor(db, Shape::new([d.n])))
+    }
+
+    fn linear_transposed_backward_input(weight: FlexTensor, dy: FlexTensor, d: LinearDims) -> FlexTensor {
+        let (w, dy) = (dense(weight), dense(dy));
+        tensor(linear::backward_input_transposed(values(&w), values(&dy), d), shapes::with_last(&shape(&dy), d.k))
+    }
+
+    fn linear_transposed_backward_weight(x: FlexTensor, dy: FlexTensor, d: LinearDims) -> FlexTensor {
+        let (x, dy) = (dense(x), dense(dy));
+        tensor(linear::backward_weight_transposed(values(&x), values(&dy), d), Shape::new([d.n, d.k]))
     }
 
     fn linear_backward_bias(dy: FlexTensor, d: LinearDims) -> FlexTensor {

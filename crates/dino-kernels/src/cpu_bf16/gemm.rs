@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::microkernel::{MR, NR, Path, Tile};
+use super::microkernel::{ALayout, MR, NR, Out, Path};
 use super::round;
 
 /// k per block: a 12 x 256 A tile (6 KiB packed) and a 32 x 256 B panel (16 KiB) stay in L1
@@ -271,6 +271,24 @@ unsafe fn pack<const W: usize>(
     }
 }
 
+/// Packs rows `r0..r0 + MR` (zeros past `m`) of k-columns `k0..k0 + kc` of an A stored by rows
+/// (column stride 1) as `[MR][pairs]`: each row one contiguous run, with no transpose.
+unsafe fn pack_rows(
+    Src((values, [rs, _])): Src,
+    (k0, kc): (usize, usize),
+    (r0, m): (usize, usize),
+    out: &mut [u32],
+) {
+    for (i, out) in out.chunks_exact_mut(kc.div_ceil(2)).enumerate() {
+        if r0 + i < m {
+            // SAFETY: row r0 + i holds columns k0..k0 + kc.
+            pairs_of(unsafe { run(values.add((r0 + i) * rs + k0), kc) }, out);
+        } else {
+            out.fill(0);
+        }
+    }
+}
+
 /// One task: rows `rows` of `dst` (+)= `scale` x (their rows of A) x (the packed B block).
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_task(
@@ -285,30 +303,30 @@ unsafe fn row_task(
 ) {
     let pairs = kc.div_ceil(2);
     let tiles = rows.len().div_ceil(MR);
-    // A's rows are packed as the columns of Aᵀ (`[k, m]`: the strides swapped).
     let Src((values, [rs, cs])) = lhs;
-    let transposed = Src((values, [cs, rs]));
+    // Rows of A that are contiguous are converted as they lie (`[MR][pairs]`); otherwise A's
+    // rows are packed as the columns of Aᵀ (`[k, m]`: the strides swapped) into `[pairs][MR]`.
+    let layout = if cs == 1 { ALayout::RowsMajor } else { ALayout::PairsMajor };
     let mut packed_a = Scratch::A.take(tiles * pairs * MR);
     for (t, out) in packed_a.chunks_exact_mut(pairs * MR).enumerate() {
+        let r0 = rows.start + t * MR;
         // SAFETY: the caller's contract.
-        unsafe { pack::<MR>(transposed, (k0, kc), (rows.start + t * MR, rows.end), out) };
+        unsafe {
+            match layout {
+                ALayout::RowsMajor => pack_rows(lhs, (k0, kc), (r0, rows.end), out),
+                ALayout::PairsMajor => pack::<MR>(Src((values, [cs, rs])), (k0, kc), (r0, rows.end), out),
+            }
+        }
     }
-    let mut tile: Tile = [[0.0; NR]; MR];
     for (panel, b) in packed_b.chunks_exact(pairs * NR).enumerate() {
         let c0 = panel * NR;
         let cols = NR.min(n - c0);
         for (t, a) in packed_a.chunks_exact(pairs * MR).enumerate() {
-            path.run(pairs, a, b, &mut tile);
             let r0 = rows.start + t * MR;
-            for (i, sums) in tile.iter().enumerate().take(rows.end - r0) {
-                // SAFETY: row r0 + i of `dst` is this task's and holds columns c0..c0 + cols.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add((r0 + i) * dst_rs + c0), cols) };
-                if add {
-                    out.iter_mut().zip(sums).for_each(|(o, s)| *o += scale * s);
-                } else {
-                    out.iter_mut().zip(sums).for_each(|(o, s)| *o = scale * s);
-                }
-            }
+            // SAFETY: rows r0.. of `dst` are this task's and hold columns c0..c0 + cols.
+            let out = Out { ptr: unsafe { dst.0.add(r0 * dst_rs + c0) }, rs: dst_rs, rows: MR.min(rows.end - r0), cols, add, scale };
+            // SAFETY: as above.
+            unsafe { path.run(pairs, (a, layout), b, out) };
         }
     }
     Scratch::A.give_back(packed_a);

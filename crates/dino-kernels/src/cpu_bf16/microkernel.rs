@@ -15,6 +15,38 @@ pub(crate) const NR: usize = 32;
 /// A tile of sums, row-major.
 pub(crate) type Tile = [[f32; NR]; MR];
 
+/// How a packed A panel holds its `MR` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ALayout {
+    /// `[pairs][MR]`: what columns of Aᵀ pack into without a transpose (A stored by columns).
+    PairsMajor,
+    /// `[MR][pairs]`: each row of A converted as one contiguous run (A stored by rows).
+    RowsMajor,
+}
+
+impl ALayout {
+    /// (step between pairs, step between rows) in a panel of `pairs` pairs.
+    #[inline(always)]
+    fn steps(self, pairs: usize) -> (usize, usize) {
+        match self {
+            ALayout::PairsMajor => (MR, 1),
+            ALayout::RowsMajor => (1, pairs),
+        }
+    }
+}
+
+/// Where a tile's sums go: its first `rows x cols` into an f32 matrix with unit column stride
+/// (row stride `rs`), as `dst = scale · sums`, or `dst += scale · sums` when `add`.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    pub ptr: *mut f32,
+    pub rs: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub add: bool,
+    pub scale: f32,
+}
+
 /// Which microkernel runs the products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -47,22 +79,64 @@ impl Path {
         paths
     }
 
-    /// `tile = Σ_p a[p] ⊗ b[p]` over `pairs` packed k-pairs (`a`: `[pairs][MR]`, `b`:
-    /// `[pairs][NR]`).
-    pub(crate) fn run(self, pairs: usize, a: &[u32], b: &[u32], tile: &mut Tile) {
+    /// `out (+)= scale · Σ_p a[p] ⊗ b[p]` over `pairs` packed k-pairs (`a` in `layout`, `b`:
+    /// `[pairs][NR]`), written straight from the sums (no tile in memory on the fast path).
+    ///
+    /// # Safety
+    /// `out` must address `out.rows <= MR` rows of `out.cols <= NR` writable values.
+    pub(crate) unsafe fn run(self, pairs: usize, (a, layout): (&[u32], ALayout), b: &[u32], out: Out) {
         assert!(a.len() >= pairs * MR && b.len() >= pairs * NR, "packed panels hold every pair");
+        assert!(out.rows <= MR && out.cols <= NR, "a tile is at most {MR} x {NR}");
         match self {
             #[cfg(target_arch = "x86_64")]
             Path::Avx512Bf16 => {
                 assert_eq!(Self::detect(), Path::Avx512Bf16, "this CPU has no AVX-512 BF16");
-                // SAFETY: the CPU has the instructions, and the asserts bound every read.
-                unsafe { avx512::tile(pairs, a.as_ptr(), b.as_ptr(), tile) }
+                // SAFETY: the CPU has the instructions, the asserts bound every read, and the
+                // caller's contract every write.
+                unsafe {
+                    match layout {
+                        ALayout::PairsMajor => avx512::tile::<false>(pairs, a.as_ptr(), b.as_ptr(), out),
+                        ALayout::RowsMajor => avx512::tile::<true>(pairs, a.as_ptr(), b.as_ptr(), out),
+                    }
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Path::Avx512Bf16 => unreachable!("detect() offers AVX-512 BF16 on x86-64 only"),
-            Path::Portable => portable(pairs, a, b, tile),
+            Path::Portable => {
+                let mut tile: Tile = [[0.0; NR]; MR];
+                portable(pairs, a, layout.steps(pairs), b, &mut tile);
+                // SAFETY: the caller's contract.
+                unsafe { store(&tile, out) }
+            }
         }
     }
+}
+
+crate::cpu::simd::multiversion! {
+    /// `out (+)= scale · tile`, each value as `scale * sum`, then `+ dst` when adding: the
+    /// arithmetic of the AVX-512 path.
+    fn store_rows(tile: &Tile, out: &mut [&mut [f32]], add: bool, scale: f32) {
+        for (dst, sums) in out.iter_mut().zip(tile) {
+            if add {
+                dst.iter_mut().zip(sums).for_each(|(o, s)| *o += scale * s);
+            } else {
+                dst.iter_mut().zip(sums).for_each(|(o, s)| *o = scale * s);
+            }
+        }
+    }
+}
+
+/// [`store_rows`] on the rows `out` addresses.
+///
+/// # Safety
+/// As [`Path::run`].
+unsafe fn store(tile: &Tile, out: Out) {
+    let mut rows: [&mut [f32]; MR] = Default::default();
+    for (i, row) in rows.iter_mut().enumerate().take(out.rows) {
+        // SAFETY: the caller's contract: row i holds `cols` writable values, rows are disjoint.
+        *row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(i * out.rs), out.cols) };
+    }
+    store_rows(tile, &mut rows[..out.rows], out.add, out.scale);
 }
 
 /// `x`, or a zero of its sign where it is below f32's normal range (FTZ).
@@ -74,12 +148,13 @@ fn flush(x: f32) -> f32 {
 crate::cpu::simd::multiversion! {
     /// Compiled for AVX-512, AVX2 and the baseline (none fuses the multiply into the addition,
     /// so all give the same bits).
-    fn portable(pairs: usize, a: &[u32], b: &[u32], tile: &mut Tile) {
-        *tile = [[0.0; NR]; MR];
-        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(pairs) {
+    fn portable(pairs: usize, a: &[u32], steps: (usize, usize), b: &[u32], tile: &mut Tile) {
+        let (pair_step, row_step) = steps;
+        for (p, bp) in b.chunks_exact(NR).take(pairs).enumerate() {
             let b_lo: [f32; NR] = std::array::from_fn(|j| super::widen(bp[j] as u16));
             let b_hi: [f32; NR] = std::array::from_fn(|j| super::widen((bp[j] >> 16) as u16));
-            for (row, &pair) in tile.iter_mut().zip(ap) {
+            for (i, row) in tile.iter_mut().enumerate() {
+                let pair = a[p * pair_step + i * row_step];
                 let (a_lo, a_hi) = (super::widen(pair as u16), super::widen((pair >> 16) as u16));
                 for j in 0..NR {
                     row[j] = flush(flush(row[j] + a_hi * b_hi[j]) + a_lo * b_lo[j]);
@@ -93,12 +168,16 @@ crate::cpu::simd::multiversion! {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Tile};
+    use super::{MR, NR, Out};
 
+    /// `ROWS_MAJOR`: `a` is `[MR][pairs]` (else `[pairs][MR]`).
+    ///
     /// # Safety
-    /// The CPU must have AVX-512 F and BF16; `a` and `b` must hold `pairs` packed pairs.
+    /// The CPU must have AVX-512 F and BF16; `a` and `b` must hold `pairs` packed pairs, and `out`
+    /// address its rows and columns.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(pairs: usize, a: *const u32, b: *const u32, tile: &mut Tile) {
+    pub(super) unsafe fn tile<const ROWS_MAJOR: bool>(pairs: usize, a: *const u32, b: *const u32, out: Out) {
+        let (pair_step, row_step) = if ROWS_MAJOR { (1, pairs) } else { (MR, 1) };
         // 24 accumulators, 2 B vectors and a broadcast A pair: 27 of the 32 vector registers.
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..pairs {
@@ -106,18 +185,29 @@ mod avx512 {
                 let bp = b.add(p * NR) as *const __m512i;
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(1)));
-                let ap = a.add(p * MR);
+                let ap = a.add(p * pair_step);
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                    let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i * row_step) as i32));
                     row[0] = _mm512_dpbf16_ps(row[0], pair, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], pair, b1);
                 }
             }
         }
-        for (out, row) in tile.iter_mut().zip(acc) {
+        // The first `cols` lanes of the two vectors of a row.
+        let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
+        let (m0, m1) = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
+        let scale = _mm512_set1_ps(out.scale);
+        for (i, row) in acc.iter().enumerate().take(out.rows) {
+            // SAFETY: row i of `out` holds `cols` values; masked lanes are neither read nor written.
             unsafe {
-                _mm512_storeu_ps(out.as_mut_ptr(), row[0]);
-                _mm512_storeu_ps(out.as_mut_ptr().add(16), row[1]);
+                let dst = out.ptr.add(i * out.rs);
+                let (mut v0, mut v1) = (_mm512_mul_ps(row[0], scale), _mm512_mul_ps(row[1], scale));
+                if out.add {
+                    v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, dst), v0);
+                    v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, dst.add(16)), v1);
+                }
+                _mm512_mask_storeu_ps(dst, m0, v0);
+                _mm512_mask_storeu_ps(dst.add(16), m1, v1);
             }
         }
     }
