@@ -168,3 +168,36 @@ fn inputs_are_rounded_to_bf16() {
     }
     assert!(worst > 1e-5 && worst < 2f64.powi(-7), "relative error {worst:e}");
 }
+
+/// A layer's bias goes onto the sums as they are stored, once (on the first of several k-blocks
+/// here), with the same bits on every kernel and for any thread count.
+#[test]
+fn the_bias_is_added_once_to_the_sums() {
+    use dino_kernels::cpu_bf16::{PackedRhs, gemm_bf16_packed};
+    let (m, n, k) = (30, 45, 600);
+    let (a, b, bias) = (values(m * k, 1), values(k * n, 2), values(n, 4));
+    let product = |path: Path, threads: usize| {
+        let mut dst = vec![f32::NAN; m * n];
+        unsafe {
+            let rhs = PackedRhs::new((b.as_ptr(), [n, 1]), [k, n], threads);
+            gemm_bf16_packed(path, m, (dst.as_mut_ptr(), n), false, (a.as_ptr(), [k, 1]), &rhs, 1.0, Some(&bias), threads);
+        }
+        dst
+    };
+    let first = product(Path::Portable, 1);
+    for i in 0..m {
+        for j in 0..n {
+            let terms = (0..k).map(|p| widen(round(a[i * k + p])) as f64 * widen(round(b[p * n + j])) as f64);
+            let (sum, size) = terms.fold((0.0, 0.0), |(s, z), t| (s + t, z + t.abs()));
+            let bound = (k as f64 + 2.0) * 2f64.powi(-24) * (size + bias[j].abs() as f64);
+            let got = first[i * n + j] as f64;
+            assert!((got - (sum + bias[j] as f64)).abs() <= bound, "element ({i}, {j}) is {got}");
+        }
+    }
+    for path in Path::available() {
+        for threads in [1, 2] {
+            let same = product(path, threads).iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{path:?} on {threads} threads differs from the portable kernel");
+        }
+    }
+}

@@ -82,24 +82,13 @@ fn check(x: &[f32], w: &[f32], d: Dims) {
     assert_eq!(w.len(), d.k * d.n, "linear: weight is not [{}, {}]", d.k, d.n);
 }
 
-/// Writes b, plus the residual rows from `row0` on when given, into every row of `tile`.
-fn init_tile<'a>(tile: &'a mut [MaybeUninit<f32>], b: &[f32], residual: Option<&[f32]>, row0: usize) -> &'a mut [f32] {
+/// Writes residual + b, the residual's rows from `row0` on, into every row of `tile`.
+fn init_tile<'a>(tile: &'a mut [MaybeUninit<f32>], b: &[f32], residual: &[f32], row0: usize) -> &'a mut [f32] {
     let n = b.len();
-    match residual {
-        Some(r) => {
-            for (row, r) in tile.chunks_exact_mut(n).zip(r[row0 * n..].chunks_exact(n)) {
-                row.iter_mut().zip(r).zip(b).for_each(|((o, &r), &b)| {
-                    o.write(r + b);
-                });
-            }
-        }
-        None => {
-            for row in tile.chunks_exact_mut(n) {
-                row.iter_mut().zip(b).for_each(|(o, &b)| {
-                    o.write(b);
-                });
-            }
-        }
+    for (row, r) in tile.chunks_exact_mut(n).zip(residual[row0 * n..].chunks_exact(n)) {
+        row.iter_mut().zip(r).zip(b).for_each(|((o, &r), &b)| {
+            o.write(r + b);
+        });
     }
     // SAFETY: the tile holds whole rows (a multiple of n elements), all written above.
     unsafe { assume_init(tile) }
@@ -125,30 +114,34 @@ fn forward_with(
     // The weight once for every tile (in bf16, rounded and packed once).
     // SAFETY: `check` found w to hold [k, n]; it outlives `rhs`.
     let rhs = unsafe { Rhs::new((w.as_ptr(), [d.n, 1]), [d.k, d.n], parallelism(d.k, d.n, d.rows)) };
-    // SAFETY: the tile holds whole rows from row0, sizes were checked, so the product reads and
-    // writes inside the buffers.
-    let accumulate_product = |tile: &mut [f32], row0: usize, parallelism| unsafe {
-        let lhs = (x.as_ptr().add(row0 * d.k), [d.k, 1]);
-        rhs.product(tile.len() / d.n, (tile.as_mut_ptr(), d.n), true, lhs, 1.0, parallelism);
+    // Rows `row0..` of the output, product and bias, onto the residual's rows when given.
+    // SAFETY: the tile holds whole rows from row0 and sizes were checked, so the product reads
+    // and writes inside the buffers; every element of the tile is written.
+    let produce = |tile: &mut [MaybeUninit<f32>], row0: usize, parallelism| unsafe {
+        let (lhs, rows) = ((x.as_ptr().add(row0 * d.k), [d.k, 1]), tile.len() / d.n);
+        match residual {
+            Some(r) => {
+                let tile = init_tile(tile, b, r, row0);
+                rhs.product(rows, (tile.as_mut_ptr(), d.n), true, lhs, 1.0, parallelism);
+            }
+            None => rhs.product_plus_bias(rows, (tile.as_mut_ptr().cast(), d.n), lhs, b, parallelism),
+        }
     };
     let mut y = Vec::<f32>::with_capacity(d.rows * d.n);
     // Sliced to rows·n: the allocator may give more capacity, which must not become a tile.
-    let tiles = y.spare_capacity_mut()[..d.rows * d.n].par_chunks_mut(tile_len.max(1)).enumerate();
+    let out = &mut y.spare_capacity_mut()[..d.rows * d.n];
     if d.tiled() {
-        tiles.for_each(|(t, tile)| {
-            let tile = init_tile(tile, b, residual, t * tile_rows);
-            accumulate_product(tile, t * tile_rows, gemm::Parallelism::None);
-            finish(t * tile_rows, tile);
+        out.par_chunks_mut(tile_len.max(1)).enumerate().for_each(|(t, tile)| {
+            produce(tile, t * tile_rows, gemm::Parallelism::None);
+            // SAFETY: `produce` wrote the whole tile.
+            finish(t * tile_rows, unsafe { assume_init(tile) });
         });
-        // SAFETY: the tiles cover all rows·n elements, each initialised by `init_tile`.
-        unsafe { y.set_len(d.rows * d.n) };
     } else {
-        tiles.for_each(|(t, tile)| {
-            init_tile(tile, b, residual, t * tile_rows);
-        });
-        // SAFETY: as above.
-        unsafe { y.set_len(d.rows * d.n) };
-        accumulate_product(&mut y, 0, parallelism(d.rows, d.n, d.k));
+        produce(out, 0, parallelism(d.rows, d.n, d.k));
+    }
+    // SAFETY: the product wrote all rows·n elements.
+    unsafe { y.set_len(d.rows * d.n) };
+    if !d.tiled() {
         y.par_chunks_mut(tile_len.max(1)).enumerate().for_each(|(t, tile)| finish(t * tile_rows, tile));
     }
     y

@@ -55,7 +55,39 @@ impl Rhs {
             // SAFETY (both): the caller's contract and `new`'s.
             Self::F32(rhs, [k, n]) => unsafe { gemm_f32([m, *n, *k], dst, accumulate, lhs, *rhs, scale, parallelism) },
             Self::Bf16(packed) => unsafe {
-                gemm_bf16_packed(Path::detect(), m, dst, accumulate, lhs, packed, scale, threads(parallelism))
+                gemm_bf16_packed(Path::detect(), m, dst, accumulate, lhs, packed, scale, None, threads(parallelism))
+            },
+        }
+    }
+
+    /// `dst[m, n] = lhs[m, k] · self + bias` (`bias` `[n]` on every row): a layer's output,
+    /// without reading `dst` first. In bf16 the bias is added to the sums as they are stored;
+    /// the f32 product of the `gemm` crate accumulates onto rows set to the bias.
+    ///
+    /// # Safety
+    /// `lhs` must address the whole `[m, k]` matrix and `dst` the whole `[m, n]` one.
+    pub unsafe fn product_plus_bias(
+        &self,
+        m: usize,
+        (dst, dst_rs): (*mut f32, usize),
+        lhs: Operand,
+        bias: &[f32],
+        parallelism: gemm::Parallelism,
+    ) {
+        match self {
+            Self::F32(..) => {
+                for i in 0..m {
+                    // SAFETY: row i of `dst` holds n = bias.len() values (the caller's contract).
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), bias.len()) };
+                    row.copy_from_slice(bias);
+                }
+                // SAFETY: the caller's contract; `dst` is initialised above.
+                unsafe { self.product(m, (dst, dst_rs), true, lhs, 1.0, parallelism) }
+            }
+            // SAFETY: the caller's contract and `new`'s.
+            Self::Bf16(packed) => unsafe {
+                let threads = threads(parallelism);
+                gemm_bf16_packed(Path::detect(), m, (dst, dst_rs), false, lhs, packed, 1.0, Some(bias), threads)
             },
         }
     }

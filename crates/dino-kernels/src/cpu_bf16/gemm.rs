@@ -63,11 +63,14 @@ thread_local! {
 }
 
 impl Scratch {
-    /// A buffer of `len` zeros, this thread's if it has one.
+    /// A buffer of `len` values, this thread's if it has one. Its contents are left from the
+    /// last product (packing writes every element; zeroing it first was 3 % of a step).
     fn take(self, len: usize) -> Vec<u32> {
         let mut buffer = SCRATCH.with(|s| s[self as usize].take());
-        buffer.clear();
-        buffer.resize(len, 0);
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        buffer.truncate(len);
         buffer
     }
 
@@ -142,13 +145,15 @@ pub unsafe fn gemm_bf16(
     // SAFETY: the caller's contract.
     unsafe {
         let rhs = PackedRhs::new(rhs, [k, n], threads);
-        gemm_bf16_packed(path, m, dst, accumulate, lhs, &rhs, scale, threads);
+        gemm_bf16_packed(path, m, dst, accumulate, lhs, &rhs, scale, None, threads);
     }
 }
 
 /// [`gemm_bf16`] with the right operand packed beforehand: `dst[m, n] (+)= scale · lhs[m, k] ·
-/// rhs`. Rows go to tasks of `MC`; each task packs its rows of `lhs` per k-block and sweeps
-/// every column panel, so `dst`'s rows stay in cache across the k-blocks.
+/// rhs`, plus `bias` `[n]` on every row when given (added to the first k-block's sums, so a
+/// layer's output needs no pass that writes the bias first). Rows go to tasks of `MC`; each task
+/// packs its rows of `lhs` per k-block and sweeps every column panel, so `dst`'s rows stay in
+/// cache across the k-blocks.
 ///
 /// # Safety
 /// `lhs` must address the whole `[m, k]` matrix and `dst` the whole `[m, n]` one under their
@@ -162,18 +167,26 @@ pub unsafe fn gemm_bf16_packed(
     lhs: Operand,
     rhs: &PackedRhs,
     scale: f32,
+    bias: Option<&[f32]>,
     threads: usize,
 ) {
     let [k, n] = rhs.dims();
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), n, "a bias of {} for {n} columns", bias.len());
+    }
     if m == 0 || n == 0 {
         return;
     }
     let (dst, lhs) = (Dst(dst), Src(lhs));
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                // SAFETY: row i of `dst` holds n values.
-                unsafe { std::slice::from_raw_parts_mut(dst.0.add(i * dst_rs), n).fill(0.0) };
+        for i in 0..m {
+            // SAFETY: row i of `dst` holds n values.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(i * dst_rs), n) };
+            if !accumulate {
+                row.fill(0.0);
+            }
+            if let Some(bias) = bias {
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
             }
         }
         return;
@@ -182,9 +195,11 @@ pub unsafe fn gemm_bf16_packed(
         let rows = t * MC..(t * MC + MC).min(m);
         for (b, k0) in (0..k).step_by(KC).enumerate() {
             let add = accumulate || b > 0;
+            // The bias goes onto the first block's sums only.
+            let bias = bias.filter(|_| b == 0);
             // SAFETY: the caller's contract; this task writes rows `rows` only.
             unsafe {
-                row_task(path, rows.clone(), (k0, KC.min(k - k0)), lhs, rhs.block(b), (dst, dst_rs, n), add, scale)
+                row_task(path, rows.clone(), (k0, KC.min(k - k0)), lhs, rhs.block(b), (dst, dst_rs, n), (add, scale, bias))
             }
         }
     };
@@ -195,21 +210,44 @@ pub unsafe fn gemm_bf16_packed(
     }
 }
 
-/// Zeros standing in for a missing row or column at the edges.
-static ZEROS: [f32; if MR > NR { MR } else { NR }] = [0.0; if MR > NR { MR } else { NR }];
-
 /// Two bf16 values in one `u32`, the even k in the low half.
 #[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
     round(lo) as u32 | (round(hi) as u32) << 16
 }
 
-crate::cpu::simd::multiversion! {
-    /// `out[i] = pair(lo[i], hi[i])`: two contiguous runs (rows of B, columns of A) interleaved.
-    fn interleave(lo: &[f32], hi: &[f32], out: &mut [u32]) {
-        for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-            *o = pair(l, h);
+/// `out[p][j] = pair(rows[2p][j], rows[2p + 1][j])` for `j < cols` (an odd last row pairs with
+/// 0): `kc` contiguous rows `rs` apart (of B, or of Aᵀ) interleaved into `[pairs][W]`. A whole
+/// panel per call, so that the loops compile for the CPU's vectors together, with fixed-width
+/// rows when the panel is full.
+#[inline(always)]
+fn interleave_rows<const W: usize>(rows: &[f32], rs: usize, kc: usize, cols: usize, out: &mut [u32]) {
+    for (p, out) in out.chunks_exact_mut(W).enumerate() {
+        let lo = &rows[2 * p * rs..][..cols];
+        if 2 * p + 1 == kc {
+            out.iter_mut().zip(lo).for_each(|(o, &l)| *o = pair(l, 0.0));
+            continue;
         }
+        let hi = &rows[(2 * p + 1) * rs..][..cols];
+        match (<&[f32; W]>::try_from(lo), <&[f32; W]>::try_from(hi), <&mut [u32; W]>::try_from(out)) {
+            (Ok(lo), Ok(hi), Ok(out)) => (0..W).for_each(|j| out[j] = pair(lo[j], hi[j])),
+            (_, _, Err(_)) => unreachable!("chunks of W"),
+            (_, _, Ok(out)) => out.iter_mut().zip(lo).zip(hi).for_each(|((o, &l), &h)| *o = pair(l, h)),
+        }
+    }
+}
+
+crate::cpu::simd::multiversion! {
+    /// [`interleave_rows`] for a B panel (`NR` columns).
+    fn interleave_rows_b(rows: &[f32], rs: usize, kc: usize, cols: usize, out: &mut [u32]) {
+        interleave_rows::<NR>(rows, rs, kc, cols, out)
+    }
+}
+
+crate::cpu::simd::multiversion! {
+    /// [`interleave_rows`] for an A tile stored by columns (`MR` columns of Aᵀ).
+    fn interleave_rows_a(rows: &[f32], rs: usize, kc: usize, cols: usize, out: &mut [u32]) {
+        interleave_rows::<MR>(rows, rs, kc, cols, out)
     }
 }
 
@@ -250,10 +288,11 @@ unsafe fn pack<const W: usize>(
     // SAFETY (all reads): rows k0..k0 + kc and columns c0..c0 + cols are inside the operand.
     unsafe {
         if cs == 1 {
-            for (p, out) in out.chunks_exact_mut(W).enumerate() {
-                let row = values.add((k0 + 2 * p) * rs + c0);
-                let hi = if 2 * p + 1 < kc { run(row.add(rs), cols) } else { &ZEROS[..cols] };
-                interleave(run(row, cols), hi, &mut out[..cols]);
+            let rows = run(values.add(k0 * rs + c0), (kc - 1) * rs + cols);
+            match W {
+                NR => interleave_rows_b(rows, rs, kc, cols, out),
+                MR => interleave_rows_a(rows, rs, kc, cols, out),
+                _ => unreachable!("panels are NR or MR wide"),
             }
         } else {
             let mut column = [0u32; KC / 2];
@@ -289,7 +328,8 @@ unsafe fn pack_rows(
     }
 }
 
-/// One task: rows `rows` of `dst` (+)= `scale` x (their rows of A) x (the packed B block).
+/// One task: rows `rows` of `dst` (+)= `scale` x (their rows of A) x (the packed B block)
+/// (+ `bias`, whose columns are `dst`'s).
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_task(
     path: Path,
@@ -298,8 +338,7 @@ unsafe fn row_task(
     lhs: Src,
     packed_b: &[u32],
     (dst, dst_rs, n): (Dst, usize, usize),
-    add: bool,
-    scale: f32,
+    (add, scale, bias): (bool, f32, Option<&[f32]>),
 ) {
     let pairs = kc.div_ceil(2);
     let tiles = rows.len().div_ceil(MR);
@@ -324,7 +363,9 @@ unsafe fn row_task(
         for (t, a) in packed_a.chunks_exact(pairs * MR).enumerate() {
             let r0 = rows.start + t * MR;
             // SAFETY: rows r0.. of `dst` are this task's and hold columns c0..c0 + cols.
-            let out = Out { ptr: unsafe { dst.0.add(r0 * dst_rs + c0) }, rs: dst_rs, rows: MR.min(rows.end - r0), cols, add, scale };
+            let ptr = unsafe { dst.0.add(r0 * dst_rs + c0) };
+            let bias = bias.map_or(std::ptr::null(), |b| b[c0..].as_ptr());
+            let out = Out { ptr, rs: dst_rs, rows: MR.min(rows.end - r0), cols, add, scale, bias };
             // SAFETY: as above.
             unsafe { path.run(pairs, (a, layout), b, out) };
         }

@@ -36,7 +36,8 @@ impl ALayout {
 }
 
 /// Where a tile's sums go: its first `rows x cols` into an f32 matrix with unit column stride
-/// (row stride `rs`), as `dst = scale · sums`, or `dst += scale · sums` when `add`.
+/// (row stride `rs`), as `dst = scale · sums`, or `dst += scale · sums` when `add`, then plus
+/// `bias[j]` on column j when `bias` is not null (it points at the tile's first column's).
 #[derive(Clone, Copy)]
 pub(crate) struct Out {
     pub ptr: *mut f32,
@@ -45,6 +46,7 @@ pub(crate) struct Out {
     pub cols: usize,
     pub add: bool,
     pub scale: f32,
+    pub bias: *const f32,
 }
 
 /// Which microkernel runs the products.
@@ -83,7 +85,8 @@ impl Path {
     /// `[pairs][NR]`), written straight from the sums (no tile in memory on the fast path).
     ///
     /// # Safety
-    /// `out` must address `out.rows <= MR` rows of `out.cols <= NR` writable values.
+    /// `out` must address `out.rows <= MR` rows of `out.cols <= NR` writable values, and its
+    /// bias (when not null) `out.cols` values.
     pub(crate) unsafe fn run(self, pairs: usize, (a, layout): (&[u32], ALayout), b: &[u32], out: Out) {
         assert!(a.len() >= pairs * MR && b.len() >= pairs * NR, "packed panels hold every pair");
         assert!(out.rows <= MR && out.cols <= NR, "a tile is at most {MR} x {NR}");
@@ -113,14 +116,17 @@ impl Path {
 }
 
 crate::cpu::simd::multiversion! {
-    /// `out (+)= scale · tile`, each value as `scale * sum`, then `+ dst` when adding: the
-    /// arithmetic of the AVX-512 path.
-    fn store_rows(tile: &Tile, out: &mut [&mut [f32]], add: bool, scale: f32) {
+    /// `out (+)= scale · tile (+ bias)`, each value as `scale * sum`, then `+ dst` when adding,
+    /// then `+ bias`: the arithmetic of the AVX-512 path.
+    fn store_rows(tile: &Tile, out: &mut [&mut [f32]], add: bool, scale: f32, bias: Option<&[f32]>) {
         for (dst, sums) in out.iter_mut().zip(tile) {
             if add {
                 dst.iter_mut().zip(sums).for_each(|(o, s)| *o += scale * s);
             } else {
                 dst.iter_mut().zip(sums).for_each(|(o, s)| *o = scale * s);
+            }
+            if let Some(bias) = bias {
+                dst.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
             }
         }
     }
@@ -136,7 +142,9 @@ unsafe fn store(tile: &Tile, out: Out) {
         // SAFETY: the caller's contract: row i holds `cols` writable values, rows are disjoint.
         *row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(i * out.rs), out.cols) };
     }
-    store_rows(tile, &mut rows[..out.rows], out.add, out.scale);
+    // SAFETY: the caller's contract: a bias holds the tile's `cols` values.
+    let bias = (!out.bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(out.bias, out.cols) });
+    store_rows(tile, &mut rows[..out.rows], out.add, out.scale, bias);
 }
 
 /// `x`, or a zero of its sign where it is below f32's normal range (FTZ).
@@ -197,6 +205,9 @@ mod avx512 {
         let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
         let (m0, m1) = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
         let scale = _mm512_set1_ps(out.scale);
+        // SAFETY: a bias holds `cols` values; masked lanes are not read.
+        let bias = (!out.bias.is_null())
+            .then(|| unsafe { (_mm512_maskz_loadu_ps(m0, out.bias), _mm512_maskz_loadu_ps(m1, out.bias.add(16))) });
         for (i, row) in acc.iter().enumerate().take(out.rows) {
             // SAFETY: row i of `out` holds `cols` values; masked lanes are neither read nor written.
             unsafe {
@@ -205,6 +216,9 @@ mod avx512 {
                 if out.add {
                     v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, dst), v0);
                     v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, dst.add(16)), v1);
+                }
+                if let Some((b0, b1)) = bias {
+                    (v0, v1) = (_mm512_add_ps(v0, b0), _mm512_add_ps(v1, b1));
                 }
                 _mm512_mask_storeu_ps(dst, m0, v0);
                 _mm512_mask_storeu_ps(dst.add(16), m1, v1);
