@@ -176,7 +176,7 @@ crate::cpu::simd::multiversion! {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Out};
+    use super::{ALayout, MR, NR, Out};
 
     /// `ROWS_MAJOR`: `a` is `[MR][pairs]` (else `[pairs][MR]`).
     ///
@@ -185,7 +185,8 @@ mod avx512 {
     /// address its rows and columns.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn tile<const ROWS_MAJOR: bool>(pairs: usize, a: *const u32, b: *const u32, out: Out) {
-        let (pair_step, row_step) = if ROWS_MAJOR { (1, pairs) } else { (MR, 1) };
+        let layout = if ROWS_MAJOR { ALayout::RowsMajor } else { ALayout::PairsMajor };
+        let (pair_step, row_step) = layout.steps(pairs);
         // 24 accumulators, 2 B vectors and a broadcast A pair: 27 of the 32 vector registers.
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..pairs {
