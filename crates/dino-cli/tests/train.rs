@@ -227,15 +227,23 @@ fn preset_small_derives_sizes_from_the_images() {
     );
     assert_eq!(std::fs::read_to_string(run.join("log.txt")).unwrap().lines().count(), 1);
 
-    // --resume continues with the run's own settings (no need to repeat them), takes a longer
-    // --epochs and says so, and prints the number of epochs that really runs.
-    let out = dino(&["train", "--data", images, "--output", run_dir, "--resume", "--epochs", "2"]);
+    // --resume continues with the run's own settings and images (no need to repeat them: not
+    // the default synthetic data), takes a longer --epochs and says so, and prints the number of
+    // epochs that really runs.
+    let out = dino(&["train", "--output", run_dir, "--resume", "--epochs", "2"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("resuming with epochs = 1 -> 2") && stdout.contains(", 2 epochs, batch 8,"), "{stdout}");
+    assert!(stdout.contains(&format!("on {images} (16 images)")) && !stdout.contains("synthetic"), "{stdout}");
     assert_eq!(std::fs::read_to_string(run.join("log.txt")).unwrap().lines().count(), 2);
     let config: toml::Table = std::fs::read_to_string(run.join("config.toml")).unwrap().parse().unwrap();
     assert_eq!((config["epochs"].as_integer(), config["patch_size"].as_integer()), (Some(2), Some(10)));
+    // A run without its data record (one from before data.toml) must be told its images.
+    std::fs::remove_file(run.join("data.toml")).unwrap();
+    let out = dino(&["train", "--output", run_dir, "--resume", "--epochs", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not record the images it trained on") && stderr.contains("give --data"), "{stderr}");
     // A setting the checkpoint is in the middle of is refused by name, and so is a preset.
     for (extra, expected) in [
         (&["--lr", "0.5"][..], " -> 0.5; drop those flags, or train into a new --output"),

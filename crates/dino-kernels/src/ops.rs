@@ -111,11 +111,17 @@ pub trait FusedBackward: FusedOps {
     /// dbias `[N]` alone (the weight is frozen) from dy `[..., N]`.
     fn linear_backward_bias(dy: FloatTensor<Self>, d: LinearDims) -> FloatTensor<Self>;
     /// dx `[..., C]` of `fused_linear_transposed` from weight `[K, C]` and dy `[..., K]`.
-    fn linear_transposed_backward_input(weight: FloatTensor<Self>, dy: FloatTensor<Self>, d: LinearDims)
-    -> FloatTensor<Self>;
+    fn linear_transposed_backward_input(
+        weight: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        d: LinearDims,
+    ) -> FloatTensor<Self>;
     /// dweight `[K, C]` of `fused_linear_transposed` from x `[..., C]` and dy `[..., K]`.
-    fn linear_transposed_backward_weight(x: FloatTensor<Self>, dy: FloatTensor<Self>, d: LinearDims)
-    -> FloatTensor<Self>;
+    fn linear_transposed_backward_weight(
+        x: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        d: LinearDims,
+    ) -> FloatTensor<Self>;
     /// (GELU(x W + b), x W + b), both `[..., N]`.
     fn linear_gelu_saving(
         x: FloatTensor<Self>,

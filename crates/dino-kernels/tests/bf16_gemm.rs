@@ -180,7 +180,17 @@ fn the_bias_is_added_once_to_the_sums() {
         let mut dst = vec![f32::NAN; m * n];
         unsafe {
             let rhs = PackedRhs::new((b.as_ptr(), [n, 1]), [k, n], threads);
-            gemm_bf16_packed(path, m, (dst.as_mut_ptr(), n), false, (a.as_ptr(), [k, 1]), &rhs, 1.0, Some(&bias), threads);
+            gemm_bf16_packed(
+                path,
+                m,
+                (dst.as_mut_ptr(), n),
+                false,
+                (a.as_ptr(), [k, 1]),
+                &rhs,
+                1.0,
+                Some(&bias),
+                threads,
+            );
         }
         dst
     };

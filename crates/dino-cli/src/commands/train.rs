@@ -16,11 +16,12 @@ use crate::images::{self, ImageArgs};
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training images (SPEC: a directory of images, IDX or CIFAR files, or `synthetic`;
-    /// `#train`/`#test` picks a split).
-    #[arg(long, default_value = "synthetic", value_name = "SPEC")]
-    data: String,
+    /// `#train`/`#test` picks a split). Default: `synthetic`; with --resume, the run's own
+    /// (recorded in its `data.toml`).
+    #[arg(long, value_name = "SPEC")]
+    data: Option<String>,
     /// Labeled images for k-NN monitoring of the teacher (default: `synthetic#test` when training
-    /// on `synthetic`, else none).
+    /// on `synthetic`, else none; with --resume, the run's own).
     #[arg(long, value_name = "SPEC")]
     val: Option<String>,
     /// Run directory: config, log.txt, checkpoints, teacher backbone, plot.
@@ -256,6 +257,70 @@ fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// The images a run trains and monitors on, recorded in its directory (`data.toml`) so that
+/// `--resume` continues on them without being told again (and never silently on the default).
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct RunData {
+    data: String,
+    val: Option<String>,
+}
+
+impl RunData {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("data.toml")
+    }
+
+    fn read(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = Self::path(dir);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let record =
+            toml::from_str(&text).with_context(|| format!("{} is damaged; give --data and --val", path.display()))?;
+        Ok(Some(record))
+    }
+
+    /// Written whole or not at all (a temporary file renamed), as the checkpoints are.
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = Self::path(dir);
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let text = toml::to_string(self).expect("two strings serialise");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// The flags' data, else (resuming a run that has a checkpoint) the run's recorded data,
+    /// else `synthetic`; the validation images likewise, `synthetic#test` with `synthetic`.
+    fn resolve(args: &TrainArgs) -> anyhow::Result<Self> {
+        let dir = &args.output;
+        let run = RunDir(dir.clone());
+        let resuming = args.resume && (run.checkpoint().is_file() || dir.join("checkpoint.pth").is_file());
+        let recorded = if resuming { Self::read(dir)? } else { None };
+        let data = match (&args.data, &recorded) {
+            (Some(data), Some(r)) if *data != r.data => {
+                println!("note: resuming on --data {data}; {} started on {}", dir.display(), r.data);
+                data.clone()
+            }
+            (Some(data), _) => data.clone(),
+            (None, Some(r)) => r.data.clone(),
+            (None, None) if resuming => bail!(
+                "{} does not record the images it trained on (no data.toml); give --data (and --val) as when it started",
+                dir.display()
+            ),
+            (None, None) => "synthetic".to_string(),
+        };
+        let val = args
+            .val
+            .clone()
+            .or_else(|| recorded.and_then(|r| r.val))
+            .or_else(|| (data == "synthetic").then(|| "synthetic#test".to_string()));
+        Ok(Self { data, val })
+    }
+}
+
 /// Whether `config` trains a ViT (patch size and depth mean nothing to a ResNet).
 fn is_vit(config: &TrainConfig) -> anyhow::Result<bool> {
     Ok(config.model_config().map_err(anyhow::Error::msg)?.backbone.vit().is_some())
@@ -265,7 +330,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let checkpoint = RunDir(args.output.clone()).checkpoint();
     let config =
         if args.resume && checkpoint.is_file() { args.resumed_config(&checkpoint)? } else { args.resolve_config()? };
-    let data = Arc::new(images::open(&args.data, &config.images)?);
+    let specs = RunData::resolve(&args)?;
+    let data = Arc::new(images::open(&specs.data, &config.images)?);
     let config = if config.sizes_from_images() {
         let side = data.typical_side()?;
         let fitted = config.fit_to_images(side);
@@ -278,12 +344,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     } else {
         config
     };
-    let val_spec = args.val.clone().or_else(|| (args.data == "synthetic").then(|| "synthetic#test".to_string()));
-    let knn = match &val_spec {
+    let knn = match &specs.val {
         Some(spec) => {
             let queries = images::open(spec, &config.images)?;
             if queries.labels().is_none() || data.labels().is_none() {
-                bail!("k-NN monitoring needs labels in both --data and --val ({spec} or {} has none)", args.data);
+                bail!("k-NN monitoring needs labels in both --data and --val ({spec} or {} has none)", specs.data);
             }
             Some(KnnData { bank: data.clone(), queries: Arc::new(queries) })
         }
@@ -308,16 +373,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         config.batch_size,
         args.output.display()
     );
+    specs.write(&args.output)?;
     let mut progress = Progress { bar: ProgressBar::hidden(), epochs: config.epochs, stop: stop_on_signal()? };
     let summary = train(&config, data, knn, &args.output, &device, args.resume, &mut progress)?;
     let run = RunDir(args.output.clone());
     if let Some(at) = summary.stopped_at {
         progress.bar.finish_and_clear();
-        let val = args.val.as_ref().map(|v| format!(" --val '{v}'")).unwrap_or_default();
         println!(
-            "stopped after {at}; checkpoint saved to {}; continue with:\n  dino train --data '{}'{val} --output '{}' --resume",
+            "stopped after {at}; checkpoint saved to {}; continue with (the run's data and settings are recorded):\n  dino train --output '{}' --resume",
             run.checkpoint().display(),
-            args.data,
             args.output.display()
         );
         return Ok(());

@@ -199,7 +199,15 @@ pub unsafe fn gemm_bf16_packed(
             let bias = bias.filter(|_| b == 0);
             // SAFETY: the caller's contract; this task writes rows `rows` only.
             unsafe {
-                row_task(path, rows.clone(), (k0, KC.min(k - k0)), lhs, rhs.block(b), (dst, dst_rs, n), (add, scale, bias))
+                row_task(
+                    path,
+                    rows.clone(),
+                    (k0, KC.min(k - k0)),
+                    lhs,
+                    rhs.block(b),
+                    (dst, dst_rs, n),
+                    (add, scale, bias),
+                )
             }
         }
     };
@@ -312,12 +320,7 @@ unsafe fn pack<const W: usize>(
 
 /// Packs rows `r0..r0 + MR` (zeros past `m`) of k-columns `k0..k0 + kc` of an A stored by rows
 /// (column stride 1) as `[MR][pairs]`: each row one contiguous run, with no transpose.
-unsafe fn pack_rows(
-    Src((values, [rs, _])): Src,
-    (k0, kc): (usize, usize),
-    (r0, m): (usize, usize),
-    out: &mut [u32],
-) {
+unsafe fn pack_rows(Src((values, [rs, _])): Src, (k0, kc): (usize, usize), (r0, m): (usize, usize), out: &mut [u32]) {
     for (i, out) in out.chunks_exact_mut(kc.div_ceil(2)).enumerate() {
         if r0 + i < m {
             // SAFETY: row r0 + i holds columns k0..k0 + kc.
