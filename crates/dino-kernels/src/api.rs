@@ -73,6 +73,49 @@ pub fn linear_add<const D: usize>(layer: &Linear, x: Tensor<D>, residual: Tensor
     }
 }
 
+/// A transformer MLP added onto the residual stream, `residual + fc2(GELU(fc1(x)))`: x
+/// `[..., K]` and residual `[..., N]` -> `[..., N]`. Without gradients (inference, the teacher)
+/// on flex, each tile of rows runs both layers while its hidden layer is in cache; with
+/// gradients it is `linear_add(fc2, linear_gelu(fc1, x), residual)`, two nodes.
+pub fn mlp_add<const D: usize>(fc1: &Linear, fc2: &Linear, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
+    let (w1, w2) = (fc1.weight.val(), fc2.weight.val());
+    match (fc1.bias.as_ref().map(|b| b.val()), fc2.bias.as_ref().map(|b| b.val())) {
+        (Some(b1), Some(b2)) if runs_fused!(x, w1, b1, w2, b2, residual) => {
+            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_mlp_add(
+                x.into_dispatch(),
+                w1.into_dispatch(),
+                b1.into_dispatch(),
+                w2.into_dispatch(),
+                b2.into_dispatch(),
+                residual.into_dispatch(),
+            ))
+        }
+        _ => linear_add(fc2, linear_gelu(fc1, x), residual),
+    }
+}
+
+/// Multi-head self-attention added onto the residual stream, `residual + proj(attention(qkv(x)))`
+/// with the qkv layout of [`self_attention`]: x `[B, N, K]` and residual `[B, N, M]` ->
+/// `[B, N, M]`. Without gradients on flex, each tile of whole samples runs both projections and
+/// the attention while its qkv rows are in cache; with gradients it is three nodes.
+pub fn attention_add(qkv: &Linear, proj: &Linear, x: Tensor<3>, residual: Tensor<3>, heads: usize) -> Tensor<3> {
+    let (wq, wp) = (qkv.weight.val(), proj.weight.val());
+    match (qkv.bias.as_ref().map(|b| b.val()), proj.bias.as_ref().map(|b| b.val())) {
+        (Some(bq), Some(bp)) if runs_fused!(x, wq, bq, wp, bp, residual) => {
+            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_add(
+                x.into_dispatch(),
+                wq.into_dispatch(),
+                bq.into_dispatch(),
+                wp.into_dispatch(),
+                bp.into_dispatch(),
+                residual.into_dispatch(),
+                heads,
+            ))
+        }
+        _ => linear_add(proj, self_attention(linear(qkv, x), heads), residual),
+    }
+}
+
 /// ViT patch embedding by a Conv2d with kernel = stride = p (bias required):
 /// images `[B, C, H, W]` -> (`[B, h·w, D]` with patches in row-major grid order, h = H/p,
 /// w = W/p). Pixels past the last whole patch are ignored, as with PyTorch's strided conv.

@@ -330,6 +330,40 @@ impl<B: FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         )
     }
 
+    fn fused_mlp_add(
+        x: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if [&x, &w1, &b1, &w2, &b2, &residual].iter().any(|t| t.is_tracked()) {
+            // Two nodes: the backward needs the hidden layer, which the fused op never keeps.
+            return Self::fused_linear_add(Self::fused_linear_gelu(x, w1, b1), w2, b2, residual);
+        }
+        let [x, w1, b1, w2, b2, r] = [x, w1, b1, w2, b2, residual].map(Self::inner);
+        Self::from_inner(B::fused_mlp_add(x, w1, b1, w2, b2, r))
+    }
+
+    fn fused_attention_add(
+        x: FloatTensor<Self>,
+        wq: FloatTensor<Self>,
+        bq: FloatTensor<Self>,
+        wp: FloatTensor<Self>,
+        bp: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        if [&x, &wq, &bq, &wp, &bp, &residual].iter().any(|t| t.is_tracked()) {
+            // Three nodes: the backward needs qkv and the attention, which the fused op never keeps.
+            let heads = Self::fused_self_attention(Self::fused_linear(x, wq, bq), heads);
+            return Self::fused_linear_add(heads, wp, bp, residual);
+        }
+        let [x, wq, bq, wp, bp, r] = [x, wq, bq, wp, bp, residual].map(Self::inner);
+        Self::from_inner(B::fused_attention_add(x, wq, bq, wp, bp, r, heads))
+    }
+
     fn fused_linear_transposed(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
         let ((x, xn), (w, wn)) = (x.into_parts(), weight.into_parts());
         let d = shapes::linear_transposed(&x.shape(), &w.shape());

@@ -15,8 +15,8 @@
 //! Layout: `api` (these functions, which choose per op between the kernels and `composed`),
 //! `ops` (the traits a backend implements), `shapes` (the op sizes, checked for every backend),
 //! `autodiff` (one `Autodiff<B>` implementation from any backend's forwards and backwards),
-//! `cpu` (the f32 kernels for flex), `cpu_bf16` (bf16 matrix products with f32 sums; not yet
-//! called by the ops).
+//! `cpu` (the kernels for flex), `cpu_bf16` (the bf16 matrix products with f32 sums that `cpu`'s
+//! products run on when `set_matmul_precision(Bf16)` chose them).
 
 mod api;
 mod autodiff;

@@ -27,6 +27,30 @@ pub trait FusedOps: Backend {
         bias: FloatTensor<Self>,
         residual: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// A transformer MLP added onto a residual stream, residual `[..., N]` + fc2(GELU(fc1(x))):
+    /// x `[..., K]`, weights `[K, H]` and `[H, N]`, biases `[H]` and `[N]`. Tracked by autodiff
+    /// as `fused_linear_gelu` then `fused_linear_add`; fused only when nothing needs a gradient.
+    fn fused_mlp_add(
+        x: FloatTensor<Self>,
+        fc1_weight: FloatTensor<Self>,
+        fc1_bias: FloatTensor<Self>,
+        fc2_weight: FloatTensor<Self>,
+        fc2_bias: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// Multi-head self-attention added onto a residual stream, residual `[B, N, M]` +
+    /// proj(attention(qkv(x))): x `[B, N, K]`, weights `[K, 3D]` and `[D, M]`, biases `[3D]`
+    /// and `[M]`. Tracked by autodiff as `fused_linear`, `fused_self_attention` and
+    /// `fused_linear_add`; fused only when nothing needs a gradient.
+    fn fused_attention_add(
+        x: FloatTensor<Self>,
+        qkv_weight: FloatTensor<Self>,
+        qkv_bias: FloatTensor<Self>,
+        proj_weight: FloatTensor<Self>,
+        proj_bias: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
     /// A bias-free fully connected layer in PyTorch's layout (`F.linear(x, w)`): x `[..., C]`,
     /// weight `[K, C]` -> x Wᵀ `[..., K]`.
     fn fused_linear_transposed(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;

@@ -34,6 +34,28 @@ pub fn linear_add(x: &Shape, weight: &Shape, residual: &Shape) -> LinearDims {
     d
 }
 
+/// A transformer MLP added onto `residual`: x `[..., K]`, fc1's weight `[K, H]`, fc2's `[H, N]`,
+/// residual `[..., N]` -> (fc1's sizes, fc2's).
+pub fn mlp_add(x: &Shape, fc1: &Shape, fc2: &Shape, residual: &Shape) -> (LinearDims, LinearDims) {
+    let d1 = linear(x, fc1);
+    (d1, linear_add(&with_last(x, d1.n), fc2, residual))
+}
+
+/// Self-attention added onto `residual`: x `[B, N, K]`, the qkv projection's weight `[K, 3D]`,
+/// the output projection's `[D, M]`, residual `[B, N, M]` -> (qkv's sizes, the attention's,
+/// proj's).
+pub fn attention_add(
+    x: &Shape,
+    qkv: &Shape,
+    proj: &Shape,
+    residual: &Shape,
+    heads: usize,
+) -> (LinearDims, AttentionDims, LinearDims) {
+    let dq = linear(x, qkv);
+    let d = attention(&with_last(x, dq.n), heads);
+    (dq, d, linear_add(&d.output(), proj, residual))
+}
+
 /// `shape` with its last dimension replaced by `last`: a linear layer's output or input shape.
 pub fn with_last(shape: &Shape, last: usize) -> Shape {
     let mut dims = shape.to_vec();

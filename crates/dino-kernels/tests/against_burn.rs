@@ -8,8 +8,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 use dino_kernels::{
-    batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu, conv2d, gelu, layer_norm, linear,
-    linear_add, linear_gelu, linear_transposed, merge_heads, self_attention, split_heads,
+    attention_add, batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu, conv2d, gelu,
+    layer_norm, linear, linear_add, linear_gelu, linear_transposed, merge_heads, mlp_add, self_attention, split_heads,
 };
 
 fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -165,6 +165,86 @@ fn fused_linear_epilogues_match_burn() {
             let plain: Vec<Tensor<3>> = inputs.iter().map(|t| t.clone().inner()).collect();
             assert!(max_diff(fused(plain), a) < 1e-6, "{case} without autodiff");
         }
+    }
+}
+
+/// `fused` against burn's `composed` on `inputs` (leaves named by `names`): outputs and
+/// gradients agree; without gradients the fused op runs as one pass (in row tiles when there are
+/// rows enough), which must give the tracked output's bits, on autodiff and on plain flex.
+fn fused_half_matches_burn(
+    case: &str,
+    inputs: &[Tensor<3>],
+    names: &[&str],
+    fused: impl Fn(Vec<Tensor<3>>) -> Tensor<3>,
+    composed: impl Fn(Vec<Tensor<3>>) -> Tensor<3>,
+) {
+    let w = random::<3>(inputs[inputs.len() - 1].dims(), &inputs[0].device());
+    let (a, ga) = run(inputs, &w, &fused);
+    let (b, gb) = run(inputs, &w, composed);
+    assert!(max_diff(a.clone(), b) < 1e-5, "{case}");
+    for (name, (x, y)) in names.iter().zip(ga.into_iter().zip(gb)) {
+        let scale: f32 = y.clone().abs().max().into_scalar();
+        let d = max_diff(x, y);
+        assert!(d < 2e-6 * scale.max(1.0), "{case}: d{name} differs by {d} (scale {scale})");
+    }
+    let untracked = fused(inputs.to_vec()).inner();
+    assert_eq!(max_diff(untracked, a.clone()), 0.0, "{case}, without gradients");
+    let plain = fused(inputs.iter().map(|t| t.clone().inner()).collect());
+    assert_eq!(max_diff(plain, a), 0.0, "{case}, without autodiff");
+}
+
+fn layer_of(w: &Tensor<3>, b: &Tensor<3>) -> Linear {
+    let [_, k, n] = w.dims();
+    Linear {
+        weight: Param::initialized(ParamId::new(), w.clone().reshape([k, n])),
+        bias: Some(Param::initialized(ParamId::new(), b.clone().reshape([n]))),
+    }
+}
+
+/// `mlp_add` and `attention_add`, a transformer block's halves added onto the residual stream,
+/// against burn's layers, on few rows (the layers one after the other) and on many (row tiles
+/// on up to four threads).
+#[test]
+fn fused_block_halves_match_burn() {
+    let device = Device::flex().autodiff();
+    let mlp = |v: Vec<Tensor<3>>| mlp_add(&layer_of(&v[1], &v[2]), &layer_of(&v[3], &v[4]), v[0].clone(), v[5].clone());
+    let mlp_burn = |v: Vec<Tensor<3>>| {
+        let hidden = activation::gelu(layer_of(&v[1], &v[2]).forward(v[0].clone()));
+        v[5].clone() + layer_of(&v[3], &v[4]).forward(hidden)
+    };
+    let names = ["x", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "residual"];
+    for tokens in [7, 1400] {
+        let inputs = [
+            random([3, tokens, 24], &device),
+            random([1, 24, 40], &device) * 0.3,
+            random([1, 1, 40], &device),
+            random([1, 40, 24], &device) * 0.3,
+            random([1, 1, 24], &device),
+            random([3, tokens, 24], &device),
+        ];
+        fused_half_matches_burn(&format!("mlp, {tokens} tokens"), &inputs, &names, mlp, mlp_burn);
+    }
+    // 4 heads of 32: four samples of 50 tokens per tile.
+    let heads = 4;
+    let attn = |v: Vec<Tensor<3>>| {
+        attention_add(&layer_of(&v[1], &v[2]), &layer_of(&v[3], &v[4]), v[0].clone(), v[5].clone(), heads)
+    };
+    let attn_burn = |v: Vec<Tensor<3>>| {
+        let [q, k, values] = split_heads(layer_of(&v[1], &v[2]).forward(v[0].clone()), heads);
+        let heads = merge_heads(attention(q, k, values, None, None, AttentionModuleOptions::default()));
+        v[5].clone() + layer_of(&v[3], &v[4]).forward(heads)
+    };
+    let names = ["x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "residual"];
+    for samples in [2, 32] {
+        let inputs = [
+            random([samples, 50, 24], &device),
+            random([1, 24, 384], &device) * 0.3,
+            random([1, 1, 384], &device),
+            random([1, 128, 24], &device) * 0.1,
+            random([1, 1, 24], &device),
+            random([samples, 50, 24], &device),
+        ];
+        fused_half_matches_burn(&format!("attention, {samples} samples"), &inputs, &names, attn, attn_burn);
     }
 }
 

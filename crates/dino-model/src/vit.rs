@@ -9,7 +9,7 @@ use burn::nn::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use dino_kernels::{layer_norm, linear_add, linear_gelu, merge_heads, self_attention, split_heads};
+use dino_kernels::{layer_norm, linear_gelu, merge_heads, self_attention, split_heads};
 
 use crate::config::VitConfig;
 use crate::init::{linear, torch_default_uniform, trunc_normal};
@@ -59,7 +59,7 @@ impl Attention {
 
     /// `residual + forward(x)`, all `[B, N, D]`, with the projection accumulated onto the residual.
     pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        linear_add(&self.proj, self.heads(x), residual)
+        dino_kernels::attention_add(&self.qkv, &self.proj, x, residual, self.num_heads)
     }
 
     /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
@@ -123,7 +123,7 @@ impl Mlp {
 
     /// `residual + forward(x)`, all `[B, N, D]`, with fc2 accumulated onto the residual.
     pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        linear_add(&self.fc2, linear_gelu(&self.fc1, x), residual)
+        dino_kernels::mlp_add(&self.fc1, &self.fc2, x, residual)
     }
 }
 

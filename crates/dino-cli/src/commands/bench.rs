@@ -46,6 +46,18 @@ pub struct BenchArgs {
     /// product bf16 with f32 sums, inference included; on a GPU it is the training step's.
     #[arg(long, default_value = "f32", value_name = "f32|f16|bf16")]
     precision: Precision,
+    /// Time only the training step, or only inference (default: both, training first).
+    #[arg(long, value_enum, value_name = "WHAT")]
+    only: Option<Measurement>,
+}
+
+/// What `dino bench --preset` or `--config` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Measurement {
+    /// The training step (`"what": "train"`).
+    Train,
+    /// The backbone's forward pass without gradients (`"what": "infer"`).
+    Infer,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -95,10 +107,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let device = args.device.device()?;
     let step_precision = dino_train::precision::use_precision(args.precision, &device).map_err(anyhow::Error::msg)?;
-    print("train", vec![described.clone(), json!(bench_train(&config, args.steps, step_precision, &device))]);
-    let model = config.model_config().map_err(anyhow::Error::msg)?;
-    let side = config.crops.global_size as usize;
-    print("infer", vec![described, json!(bench_infer(&model, config.batch_size, side, args.steps, &device))]);
+    if args.only != Some(Measurement::Infer) {
+        print("train", vec![described.clone(), json!(bench_train(&config, args.steps, step_precision, &device))]);
+    }
+    if args.only != Some(Measurement::Train) {
+        let model = config.model_config().map_err(anyhow::Error::msg)?;
+        let side = config.crops.global_size as usize;
+        print("infer", vec![described, json!(bench_infer(&model, config.batch_size, side, args.steps, &device))]);
+    }
     Ok(())
 }
 

@@ -50,42 +50,61 @@ pub struct TrainArgs {
     device: DeviceArg,
 
     // main_dino.py's common arguments, under their names.
+    /// Epochs to train (official 100); a resumed run may be given more.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Network: vit_tiny, vit_small, vit_base, resnet18_cifar, resnet50, ... (official vit_small).
     #[arg(long)]
     arch: Option<String>,
+    /// ViT patch size in pixels (official 16); 0 derives it from the images.
     #[arg(long)]
     patch_size: Option<usize>,
+    /// K, the head's output dimension (official 65536).
     #[arg(long)]
     out_dim: Option<usize>,
+    /// Images per step (official --batch_size_per_gpu 64).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Peak learning rate for a batch of 256, scaled by batch / 256 (official 5e-4).
     #[arg(long)]
     lr: Option<f64>,
+    /// Learning rate at the end of the cosine schedule (official 1e-6).
     #[arg(long)]
     min_lr: Option<f64>,
+    /// Epochs of linear learning-rate warmup (official 10).
     #[arg(long)]
     warmup_epochs: Option<usize>,
+    /// Weight decay at the start, cosine-scheduled to --weight-decay-end (official 0.04).
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Weight decay at the end (official 0.4).
     #[arg(long)]
     weight_decay_end: Option<f64>,
+    /// Teacher EMA momentum at the start, cosine-scheduled to 1 (official 0.996).
     #[arg(long)]
     momentum_teacher: Option<f64>,
+    /// Teacher temperature after its warmup (official 0.04).
     #[arg(long)]
     teacher_temp: Option<f64>,
+    /// Teacher temperature at the start of its warmup (official 0.04).
     #[arg(long)]
     warmup_teacher_temp: Option<f64>,
+    /// Epochs of teacher-temperature warmup (official 0).
     #[arg(long)]
     warmup_teacher_temp_epochs: Option<usize>,
+    /// Per-parameter gradient norm clip; 0 disables (official 3.0).
     #[arg(long)]
     clip_grad: Option<f64>,
+    /// Epochs with the head's last layer frozen (official 1).
     #[arg(long)]
     freeze_last_layer: Option<usize>,
+    /// Stochastic depth of the student (official 0.1).
     #[arg(long)]
     drop_path_rate: Option<f64>,
+    /// Local crops per image, seen by the student only (official 8).
     #[arg(long)]
     local_crops_number: Option<usize>,
+    /// adamw, sgd or lars (official adamw).
     #[arg(long)]
     optimizer: Option<String>,
     /// Arithmetic of the forward and backward passes: f32; bf16 (on the CPU its matrix products,
@@ -93,10 +112,13 @@ pub struct TrainArgs {
     /// default --use_fp16). Weights, optimizer, EMA, norms and loss stay f32.
     #[arg(long, value_name = "f32|f16|bf16")]
     precision: Option<String>,
+    /// Seed of initialisation, data order and augmentation (official 0).
     #[arg(long)]
     seed: Option<u64>,
+    /// Threads preparing batches; 0 = all cores.
     #[arg(long)]
     num_workers: Option<usize>,
+    /// Train on the first N images only (0 = all); for quick runs.
     #[arg(long)]
     max_images: Option<usize>,
 }

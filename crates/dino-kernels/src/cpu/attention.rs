@@ -105,6 +105,22 @@ pub fn forward(qkv: &[f32], d: Dims) -> Vec<f32> {
     out
 }
 
+/// [`forward`] on the calling thread, into `out` (refilled: `[B, N, D]`), with `probs` as the
+/// scratch of each head's attention: for callers that run a task per few samples.
+pub fn forward_serial(qkv: &[f32], d: Dims, out: &mut Vec<f32>, probs: &mut Vec<MaybeUninit<f32>>) {
+    check_input(qkv, d);
+    let (n, out_len) = (d.tokens, d.batch * d.tokens * d.width());
+    out.clear();
+    out.reserve(out_len);
+    probs.resize(n * n, MaybeUninit::uninit());
+    let shared = Shared::capacity_of(out);
+    for index in 0..d.batch * d.heads {
+        head_forward(qkv, d, index, probs, shared);
+    }
+    // SAFETY: the (sample, head) calls wrote every column of every output row.
+    unsafe { out.set_len(out_len) };
+}
+
 /// Gradient of [`forward_with_probs`]: `dout` `[B, N, D]` -> dqkv `[B, N, 3D]`.
 pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
     check_input(qkv, d);

@@ -25,7 +25,7 @@ const WEIGHT_GRAD_BLOCKS: usize = 8;
 const WEIGHT_GRAD_MIN_ROWS: usize = 2048;
 /// Most rows per tile of the tiled forward pass: a tile of outputs stays in L2 for its epilogue,
 /// and packing the weight once per tile (inside the f32 gemm) stays cheap against the product.
-const TILE_ROWS: usize = 512;
+pub(super) const TILE_ROWS: usize = 512;
 
 impl Dims {
     /// Whether the forward runs as independent tiles of rows (each one single-threaded gemm,
@@ -46,7 +46,7 @@ impl Dims {
     }
 }
 
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+pub(super) fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_OPS {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -77,13 +77,18 @@ fn product([m, n, k]: [usize; 3], lhs: View<'_>, rhs: View<'_>, parallelism: gem
     out
 }
 
-fn check(x: &[f32], w: &[f32], d: Dims) {
+pub(super) fn check(x: &[f32], w: &[f32], d: Dims) {
     assert_eq!(x.len(), d.rows * d.k, "linear: input is not [rows, {}]", d.k);
     assert_eq!(w.len(), d.k * d.n, "linear: weight is not [{}, {}]", d.k, d.n);
 }
 
 /// Writes residual + b, the residual's rows from `row0` on, into every row of `tile`.
-fn init_tile<'a>(tile: &'a mut [MaybeUninit<f32>], b: &[f32], residual: &[f32], row0: usize) -> &'a mut [f32] {
+pub(super) fn init_tile<'a>(
+    tile: &'a mut [MaybeUninit<f32>],
+    b: &[f32],
+    residual: &[f32],
+    row0: usize,
+) -> &'a mut [f32] {
     let n = b.len();
     for (row, r) in tile.chunks_exact_mut(n).zip(residual[row0 * n..].chunks_exact(n)) {
         row.iter_mut().zip(r).zip(b).for_each(|((o, &r), &b)| {

@@ -3,6 +3,7 @@
 
 mod attention;
 mod batch_norm;
+mod block;
 mod buffer;
 mod conv;
 mod dino_loss;
@@ -79,6 +80,37 @@ impl FusedOps for Flex {
         let (x, w, b, r) = (dense(x), dense(weight), dense(bias), dense(residual));
         let d = shapes::linear_add(&shape(&x), &shape(&w), &shape(&r));
         tensor(linear::forward_add(values(&x), values(&w), values(&b), values(&r), d), shape(&r))
+    }
+
+    fn fused_mlp_add(
+        x: FlexTensor,
+        w1: FlexTensor,
+        b1: FlexTensor,
+        w2: FlexTensor,
+        b2: FlexTensor,
+        residual: FlexTensor,
+    ) -> FlexTensor {
+        let (x, r) = (dense(x), dense(residual));
+        let [w1, b1, w2, b2] = [w1, b1, w2, b2].map(dense);
+        let (d1, d2) = shapes::mlp_add(&shape(&x), &shape(&w1), &shape(&w2), &shape(&r));
+        let [w1, b1, w2, b2] = [&w1, &b1, &w2, &b2].map(values);
+        tensor(block::mlp_add(values(&x), (w1, b1, d1), (w2, b2, d2), values(&r)), shape(&r))
+    }
+
+    fn fused_attention_add(
+        x: FlexTensor,
+        qkv_weight: FlexTensor,
+        qkv_bias: FlexTensor,
+        proj_weight: FlexTensor,
+        proj_bias: FlexTensor,
+        residual: FlexTensor,
+        heads: usize,
+    ) -> FlexTensor {
+        let (x, r) = (dense(x), dense(residual));
+        let [wq, bq, wp, bp] = [qkv_weight, qkv_bias, proj_weight, proj_bias].map(dense);
+        let (dq, d, dp) = shapes::attention_add(&shape(&x), &shape(&wq), &shape(&wp), &shape(&r), heads);
+        let [wq, bq, wp, bp] = [&wq, &bq, &wp, &bp].map(values);
+        tensor(block::attention_add(values(&x), (wq, bq, dq), d, (wp, bp, dp), values(&r)), shape(&r))
     }
 
     fn fused_linear_transposed(x: FlexTensor, weight: FlexTensor) -> FlexTensor {

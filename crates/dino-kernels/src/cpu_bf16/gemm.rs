@@ -48,7 +48,7 @@ impl Drop for PackedRhs {
 /// Packing buffers kept per thread between products: attention makes thousands of small
 /// products a step, and a fresh buffer each time (allocation, page faults, zeroing) cost as much
 /// as some of the products. A buffer in use is taken out, so a product started meanwhile on
-/// the same thread (rayon's work stealing) gets a fresh one.
+/// the same thread (rayon's work stealing) gets another one.
 #[derive(Clone, Copy)]
 enum Scratch {
     /// Packed right operands ([`PackedRhs`]).
@@ -57,26 +57,44 @@ enum Scratch {
     A,
 }
 
+/// Buffers a thread keeps of each kind. A layer's packed weight (two at once in the fused block
+/// halves) and the attention's small operands take turns: with one buffer kept, the weight's was
+/// dropped for a small one and allocated and zeroed again every layer.
+const KEPT: usize = 4;
+
 thread_local! {
-    static SCRATCH: [std::cell::Cell<Vec<u32>>; 2] =
-        const { [std::cell::Cell::new(Vec::new()), std::cell::Cell::new(Vec::new())] };
+    static SCRATCH: [std::cell::RefCell<Vec<Vec<u32>>>; 2] =
+        const { [std::cell::RefCell::new(Vec::new()), std::cell::RefCell::new(Vec::new())] };
 }
 
 impl Scratch {
-    /// A buffer of `len` values, this thread's if it has one. Its contents are left from the
-    /// last product (packing writes every element; zeroing it first was 3 % of a step).
+    /// A buffer of at least `len` values: the smallest of this thread's that holds them, else its
+    /// largest, grown. Buffers keep their length (the values of the last product: packing
+    /// writes every element it reads, and zeroing first was 3 % of a step), so callers slice
+    /// `..len`.
     fn take(self, len: usize) -> Vec<u32> {
-        let mut buffer = SCRATCH.with(|s| s[self as usize].take());
+        let mut buffer = SCRATCH.with(|s| {
+            let mut kept = s[self as usize].borrow_mut();
+            let fits = (0..kept.len()).filter(|&i| kept[i].len() >= len).min_by_key(|&i| kept[i].len());
+            let pick = fits.or_else(|| (0..kept.len()).max_by_key(|&i| kept[i].len()));
+            pick.map(|i| kept.swap_remove(i)).unwrap_or_default()
+        });
         if buffer.len() < len {
             buffer.resize(len, 0);
         }
-        buffer.truncate(len);
         buffer
     }
 
-    /// Keeps `buffer` for this thread's next product.
+    /// Keeps `buffer` for this thread's next products (its `KEPT` largest).
     fn give_back(self, buffer: Vec<u32>) {
-        SCRATCH.with(|s| s[self as usize].set(buffer));
+        SCRATCH.with(|s| {
+            let mut kept = s[self as usize].borrow_mut();
+            kept.push(buffer);
+            if kept.len() > KEPT {
+                let smallest = (0..kept.len()).min_by_key(|&i| kept[i].len()).expect("buffers kept");
+                kept.swap_remove(smallest);
+            }
+        });
     }
 }
 
@@ -89,8 +107,9 @@ impl PackedRhs {
         let rhs = Src(rhs);
         let panels = n.div_ceil(NR);
         // Every block but the last has KC / 2 pairs (KC is even): ceil(k / 2) pairs in all.
-        let mut data = Scratch::B.take(panels * k.div_ceil(2) * NR);
-        let mut rest = &mut data[..];
+        let len = panels * k.div_ceil(2) * NR;
+        let mut data = Scratch::B.take(len);
+        let mut rest = &mut data[..len];
         let mut jobs = Vec::new();
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
@@ -349,7 +368,8 @@ unsafe fn row_task(
     // Rows of A that are contiguous are converted as they lie (`[MR][pairs]`); otherwise A's
     // rows are packed as the columns of Aᵀ (`[k, m]`: the strides swapped) into `[pairs][MR]`.
     let layout = if cs == 1 { ALayout::RowsMajor } else { ALayout::PairsMajor };
-    let mut packed_a = Scratch::A.take(tiles * pairs * MR);
+    let mut buffer = Scratch::A.take(tiles * pairs * MR);
+    let packed_a = &mut buffer[..tiles * pairs * MR];
     for (t, out) in packed_a.chunks_exact_mut(pairs * MR).enumerate() {
         let r0 = rows.start + t * MR;
         // SAFETY: the caller's contract.
@@ -373,5 +393,5 @@ unsafe fn row_task(
             unsafe { path.run(pairs, (a, layout), b, out) };
         }
     }
-    Scratch::A.give_back(packed_a);
+    Scratch::A.give_back(buffer);
 }

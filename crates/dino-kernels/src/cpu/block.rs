@@ -1,0 +1,184 @@
+//! Inference fusions of a pre-norm transformer block's two halves, each added onto the residual
+//! stream: `x + proj(attention(qkv(y)))` and `x + fc2(GELU(fc1(y)))`, y the LayerNorm of x.
+//!
+//! Each tile of rows runs its half's two products, and what lies between them, on one thread
+//! while the wide tensor in the middle (qkv, three times the stream's width; the MLP's hidden
+//! layer, four times) is in L2: it is never written to memory whole and read back, which cost
+//! more than the GELU or the attention softmax themselves. The backward needs those tensors, so
+//! these run only without gradients (inference, the teacher). They give the bits of the layers
+//! run one after the other (tested), which is what runs when there are too few rows to keep
+//! every thread on several tiles.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::linear::{self, TILE_ROWS, check, init_tile, parallelism};
+use super::matmul::Rhs;
+use super::{attention, gelu};
+use crate::shapes::{AttentionDims, LinearDims as Dims};
+
+/// Most bytes of a tile's middle tensor: made, transformed and read back while in L2 (1-2 MiB
+/// per core on current x86-64).
+const MIDDLE_BYTES: usize = 320 << 10;
+/// Rows of an MLP tile come in multiples of this (both microkernels' tile heights divide it).
+const MLP_ROW_STEP: usize = 48;
+
+/// A layer: weight `[k, n]`, bias `[n]`, and its sizes.
+pub type Layer<'a> = (&'a [f32], &'a [f32], Dims);
+
+/// Whether `rows` in tiles of `tile_rows` give every thread two tiles or more.
+fn enough_tiles(rows: usize, tile_rows: usize) -> bool {
+    rows >= 2 * rayon::current_num_threads() * tile_rows
+}
+
+/// Rows per tile of [`mlp_add`] for a hidden width `h`.
+fn mlp_tile_rows(h: usize) -> usize {
+    (MIDDLE_BYTES / (4 * h.max(1)) / MLP_ROW_STEP).clamp(1, TILE_ROWS / MLP_ROW_STEP) * MLP_ROW_STEP
+}
+
+/// Whole samples per tile of [`attention_add`]: as many qkv rows as fit `MIDDLE_BYTES`, at
+/// least one sample.
+fn attention_tile_samples(d: AttentionDims) -> usize {
+    (MIDDLE_BYTES / (4 * 3 * d.width() * d.tokens).max(1)).max(1)
+}
+
+/// residual `[rows, n]` + fc2(GELU(fc1(x))) for x `[rows, k]`, fc1 `[k, h]`, fc2 `[h, n]`.
+pub fn mlp_add(x: &[f32], fc1: Layer<'_>, fc2: Layer<'_>, residual: &[f32]) -> Vec<f32> {
+    let ((w1, b1, d1), (w2, b2, d2)) = (fc1, fc2);
+    let tile_rows = mlp_tile_rows(d1.n);
+    if !enough_tiles(d1.rows, tile_rows) {
+        return linear::forward_add(&linear::forward_gelu(x, w1, b1, d1), w2, b2, residual, d2);
+    }
+    two_layers(x, fc1, fc2, residual, tile_rows, gelu_step)
+}
+
+/// The MLP's middle step: GELU of the hidden layer, in place.
+fn gelu_step<'a>(hidden: &'a mut [f32], _: &'a mut Scratch) -> &'a [f32] {
+    gelu::forward_in_place(hidden);
+    hidden
+}
+
+/// residual `[B·N, D]` + proj(attention(qkv(x))) for x `[B·N, K]`, qkv `[K, 3D]`, proj `[D, D]`,
+/// in tiles of whole samples.
+pub fn attention_add(x: &[f32], qkv: Layer<'_>, d: AttentionDims, proj: Layer<'_>, residual: &[f32]) -> Vec<f32> {
+    let ((wq, bq, dq), (wp, bp, dp)) = (qkv, proj);
+    let samples = attention_tile_samples(d);
+    if !enough_tiles(dq.rows, samples * d.tokens) {
+        let heads = attention::forward(&linear::forward(x, wq, bq, dq), d);
+        return linear::forward_add(&heads, wp, bp, residual, dp);
+    }
+    two_layers(x, qkv, proj, residual, samples * d.tokens, attention_step(d))
+}
+
+/// The attention's middle step: the heads of a tile's samples (of `d`'s sizes) from their qkv.
+fn attention_step(d: AttentionDims) -> impl for<'a> Fn(&'a mut [f32], &'a mut Scratch) -> &'a [f32] + Sync {
+    move |qkv, (out, probs)| {
+        let tile = AttentionDims { batch: qkv.len() / (3 * d.width() * d.tokens), ..d };
+        attention::forward_serial(qkv, tile, out, probs);
+        out
+    }
+}
+
+/// Per-thread buffers of a tile's middle step: an output, and scratch of the attention.
+type Scratch = (Vec<f32>, Vec<MaybeUninit<f32>>);
+
+/// residual + second(middle(first(x))), tile by tile of `tile_rows` rows, each on one thread.
+/// `middle` gets a tile's first product (`[rows, first.n]`, bias added) and scratch buffers,
+/// and returns the second product's input (`[rows, second.k]`).
+fn two_layers(
+    x: &[f32],
+    (w1, b1, d1): Layer<'_>,
+    (w2, b2, d2): Layer<'_>,
+    residual: &[f32],
+    tile_rows: usize,
+    middle: impl for<'a> Fn(&'a mut [f32], &'a mut Scratch) -> &'a [f32] + Sync,
+) -> Vec<f32> {
+    check(x, w1, d1);
+    assert!(d2.rows == d1.rows, "two layers: {d2:?} does not follow {d1:?}");
+    assert_eq!(w2.len(), d2.k * d2.n, "two layers: the second weight is not [{}, {}]", d2.k, d2.n);
+    assert!(b1.len() == d1.n && b2.len() == d2.n, "two layers: a bias does not match its layer");
+    assert_eq!(residual.len(), d2.rows * d2.n, "two layers: residual is not [rows, {}]", d2.n);
+    let none = gemm::Parallelism::None;
+    // The weights once for every tile (in bf16, rounded and packed once).
+    // SAFETY: the weights were checked to hold [k1, n1] and [k2, n2]; they outlive the products.
+    let (first, second) = unsafe {
+        let threads = parallelism(d1.rows, d1.n, d1.k);
+        (
+            Rhs::new((w1.as_ptr(), [d1.n, 1]), [d1.k, d1.n], threads),
+            Rhs::new((w2.as_ptr(), [d2.n, 1]), [d2.k, d2.n], threads),
+        )
+    };
+    let mut y = Vec::<f32>::with_capacity(d2.rows * d2.n);
+    let out = &mut y.spare_capacity_mut()[..d2.rows * d2.n];
+    out.par_chunks_mut(tile_rows * d2.n).enumerate().for_each_init(
+        || (Vec::<f32>::with_capacity(tile_rows * d1.n), (Vec::new(), Vec::new())),
+        |(made, scratch), (t, tile)| {
+            let (row0, rows) = (t * tile_rows, tile.len() / d2.n);
+            // SAFETY: rows row0.. of x hold k1 values each (checked); `made`'s capacity holds
+            // rows·n1 values, all written by the product before `set_len`.
+            unsafe {
+                let lhs = (x.as_ptr().add(row0 * d1.k), [d1.k, 1]);
+                made.clear();
+                first.product_plus_bias(rows, (made.as_mut_ptr(), d1.n), lhs, b1, none);
+                made.set_len(rows * d1.n);
+            }
+            let input = middle(made, scratch);
+            assert_eq!(input.len(), rows * d2.k, "two layers: the middle step gave {} values", input.len());
+            let tile = init_tile(tile, b2, residual, row0);
+            // SAFETY: the tile holds rows·n2 values, the input rows·k2 (checked).
+            unsafe { second.product(rows, (tile.as_mut_ptr(), d2.n), true, (input.as_ptr(), [d2.k, 1]), 1.0, none) };
+        },
+    );
+    // SAFETY: the tiles covered every row, each written in full by `init_tile`.
+    unsafe { y.set_len(d2.rows * d2.n) };
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// The fused halves give the bits of their layers run one after the other, in tiles that
+    /// split the rows evenly or leave a ragged last tile.
+    #[test]
+    fn the_fused_halves_equal_their_layers() {
+        let (d1, d2) = (Dims { rows: 200, k: 24, n: 40 }, Dims { rows: 200, k: 40, n: 24 });
+        let (x, w1, b1) = (data(d1.rows * d1.k, 1), data(d1.k * d1.n, 2), data(d1.n, 3));
+        let (w2, b2, residual) = (data(d2.k * d2.n, 4), data(d2.n, 5), data(d2.rows * d2.n, 6));
+        let (fc1, fc2) = ((&w1[..], &b1[..], d1), (&w2[..], &b2[..], d2));
+        let layers = linear::forward_add(&linear::forward_gelu(&x, &w1, &b1, d1), &w2, &b2, &residual, d2);
+        for tile_rows in [48, 100, 200] {
+            let fused = two_layers(&x, fc1, fc2, &residual, tile_rows, gelu_step);
+            assert!(fused == layers, "MLP in tiles of {tile_rows}");
+        }
+        assert!(mlp_add(&x, fc1, fc2, &residual) == layers);
+
+        // 10 samples of 20 tokens, 2 heads of 4: qkv [24, 24], proj [8, 24] -> back to 24.
+        let d = AttentionDims { batch: 10, tokens: 20, heads: 2, head_dim: 4 };
+        let (dq, dp) = (Dims { rows: 200, k: 24, n: 24 }, Dims { rows: 200, k: 8, n: 24 });
+        let (wq, bq, wp) = (data(24 * 24, 7), data(24, 8), data(8 * 24, 9));
+        let (qkv, proj) = ((&wq[..], &bq[..], dq), (&wp[..], &b2[..], dp));
+        let heads = attention::forward(&linear::forward(&x, &wq, &bq, dq), d);
+        let layers = linear::forward_add(&heads, &wp, &b2, &residual, dp);
+        for samples in [1, 3, 10] {
+            let fused = two_layers(&x, qkv, proj, &residual, samples * d.tokens, attention_step(d));
+            assert!(fused == layers, "attention in tiles of {samples} samples");
+        }
+        assert!(attention_add(&x, qkv, d, proj, &residual) == layers);
+    }
+
+    #[test]
+    fn tiles_fit_in_l2() {
+        assert_eq!(mlp_tile_rows(768), 96);
+        assert_eq!(mlp_tile_rows(1536), 48);
+        assert_eq!(mlp_tile_rows(40), 480);
+        // ViT-Ti/4 on 28 px (50 tokens, D 192): two samples; ViT-S/16 on 224 px: one.
+        assert_eq!(attention_tile_samples(AttentionDims { batch: 64, tokens: 50, heads: 3, head_dim: 64 }), 2);
+        assert_eq!(attention_tile_samples(AttentionDims { batch: 16, tokens: 197, heads: 6, head_dim: 64 }), 1);
+    }
+}
