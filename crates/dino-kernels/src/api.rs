@@ -73,46 +73,62 @@ pub fn linear_add<const D: usize>(layer: &Linear, x: Tensor<D>, residual: Tensor
     }
 }
 
-/// A transformer MLP added onto the residual stream, `residual + fc2(GELU(fc1(x)))`: x
-/// `[..., K]` and residual `[..., N]` -> `[..., N]`. Without gradients (inference, the teacher)
-/// on flex, each tile of rows runs both layers while its hidden layer is in cache; with
-/// gradients it is `linear_add(fc2, linear_gelu(fc1, x), residual)`, two nodes.
-pub fn mlp_add<const D: usize>(fc1: &Linear, fc2: &Linear, x: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
+/// A LayerNorm's parameters: gamma and beta `[K]`, epsilon.
+pub type Norm = (Tensor<1>, Tensor<1>, f64);
+
+/// A pre-norm transformer MLP added onto its input, `x + fc2(GELU(fc1(LN(x))))`: x `[..., K]`
+/// -> `[..., K]`. Without gradients (inference, the teacher) on flex, each tile of rows runs the
+/// LayerNorm and both layers while its rows and hidden layer are in cache; with gradients it is
+/// `linear_add(fc2, linear_gelu(fc1, layer_norm(x)), x)`, three nodes.
+pub fn norm_mlp_add<const D: usize>((gamma, beta, eps): Norm, fc1: &Linear, fc2: &Linear, x: Tensor<D>) -> Tensor<D> {
     let (w1, w2) = (fc1.weight.val(), fc2.weight.val());
     match (fc1.bias.as_ref().map(|b| b.val()), fc2.bias.as_ref().map(|b| b.val())) {
-        (Some(b1), Some(b2)) if runs_fused!(x, w1, b1, w2, b2, residual) => {
-            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_mlp_add(
+        (Some(b1), Some(b2)) if runs_fused!(x, gamma, beta, w1, b1, w2, b2) => {
+            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_norm_mlp_add(
                 x.into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
                 w1.into_dispatch(),
                 b1.into_dispatch(),
                 w2.into_dispatch(),
                 b2.into_dispatch(),
-                residual.into_dispatch(),
+                eps,
             ))
         }
-        _ => linear_add(fc2, linear_gelu(fc1, x), residual),
+        _ => linear_add(fc2, linear_gelu(fc1, layer_norm(x.clone(), gamma, beta, eps)), x),
     }
 }
 
-/// Multi-head self-attention added onto the residual stream, `residual + proj(attention(qkv(x)))`
-/// with the qkv layout of [`self_attention`]: x `[B, N, K]` and residual `[B, N, M]` ->
-/// `[B, N, M]`. Without gradients on flex, each tile of whole samples runs both projections and
-/// the attention while its qkv rows are in cache; with gradients it is three nodes.
-pub fn attention_add(qkv: &Linear, proj: &Linear, x: Tensor<3>, residual: Tensor<3>, heads: usize) -> Tensor<3> {
+/// Pre-norm multi-head self-attention added onto its input, `x + proj(attention(qkv(LN(x))))`
+/// with the qkv layout of [`self_attention`]: x `[B, N, K]` -> `[B, N, K]`. Without gradients on
+/// flex, each tile of whole samples runs the LayerNorm, both projections and the attention while
+/// its rows and qkv are in cache; with gradients it is four nodes.
+pub fn norm_attention_add(
+    (gamma, beta, eps): Norm,
+    qkv: &Linear,
+    proj: &Linear,
+    x: Tensor<3>,
+    heads: usize,
+) -> Tensor<3> {
     let (wq, wp) = (qkv.weight.val(), proj.weight.val());
     match (qkv.bias.as_ref().map(|b| b.val()), proj.bias.as_ref().map(|b| b.val())) {
-        (Some(bq), Some(bp)) if runs_fused!(x, wq, bq, wp, bp, residual) => {
-            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_add(
+        (Some(bq), Some(bp)) if runs_fused!(x, gamma, beta, wq, bq, wp, bp) => {
+            Tensor::from_dispatch(<Dispatch as FusedOps>::fused_norm_attention_add(
                 x.into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
                 wq.into_dispatch(),
                 bq.into_dispatch(),
                 wp.into_dispatch(),
                 bp.into_dispatch(),
-                residual.into_dispatch(),
+                eps,
                 heads,
             ))
         }
-        _ => linear_add(proj, self_attention(linear(qkv, x), heads), residual),
+        _ => {
+            let normed = layer_norm(x.clone(), gamma, beta, eps);
+            linear_add(proj, self_attention(linear(qkv, normed), heads), x)
+        }
     }
 }
 

@@ -330,38 +330,46 @@ impl<B: FusedBackward, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         )
     }
 
-    fn fused_mlp_add(
+    fn fused_norm_mlp_add(
         x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
         w1: FloatTensor<Self>,
         b1: FloatTensor<Self>,
         w2: FloatTensor<Self>,
         b2: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
+        eps: f64,
     ) -> FloatTensor<Self> {
-        if [&x, &w1, &b1, &w2, &b2, &residual].iter().any(|t| t.is_tracked()) {
-            // Two nodes: the backward needs the hidden layer, which the fused op never keeps.
-            return Self::fused_linear_add(Self::fused_linear_gelu(x, w1, b1), w2, b2, residual);
+        if [&x, &gamma, &beta, &w1, &b1, &w2, &b2].iter().any(|t| t.is_tracked()) {
+            // Three nodes: the backward needs the normed input and the hidden layer, which the
+            // fused op never keeps.
+            let normed = Self::fused_layer_norm(x.clone(), gamma, beta, eps);
+            return Self::fused_linear_add(Self::fused_linear_gelu(normed, w1, b1), w2, b2, x);
         }
-        let [x, w1, b1, w2, b2, r] = [x, w1, b1, w2, b2, residual].map(Self::inner);
-        Self::from_inner(B::fused_mlp_add(x, w1, b1, w2, b2, r))
+        let [x, g, b, w1, b1, w2, b2] = [x, gamma, beta, w1, b1, w2, b2].map(Self::inner);
+        Self::from_inner(B::fused_norm_mlp_add(x, g, b, w1, b1, w2, b2, eps))
     }
 
-    fn fused_attention_add(
+    fn fused_norm_attention_add(
         x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
         wq: FloatTensor<Self>,
         bq: FloatTensor<Self>,
         wp: FloatTensor<Self>,
         bp: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
+        eps: f64,
         heads: usize,
     ) -> FloatTensor<Self> {
-        if [&x, &wq, &bq, &wp, &bp, &residual].iter().any(|t| t.is_tracked()) {
-            // Three nodes: the backward needs qkv and the attention, which the fused op never keeps.
-            let heads = Self::fused_self_attention(Self::fused_linear(x, wq, bq), heads);
-            return Self::fused_linear_add(heads, wp, bp, residual);
+        if [&x, &gamma, &beta, &wq, &bq, &wp, &bp].iter().any(|t| t.is_tracked()) {
+            // Four nodes: the backward needs the normed input, qkv and the attention, which the
+            // fused op never keeps.
+            let normed = Self::fused_layer_norm(x.clone(), gamma, beta, eps);
+            let heads = Self::fused_self_attention(Self::fused_linear(normed, wq, bq), heads);
+            return Self::fused_linear_add(heads, wp, bp, x);
         }
-        let [x, wq, bq, wp, bp, r] = [x, wq, bq, wp, bp, residual].map(Self::inner);
-        Self::from_inner(B::fused_attention_add(x, wq, bq, wp, bp, r, heads))
+        let [x, g, b, wq, bq, wp, bp] = [x, gamma, beta, wq, bq, wp, bp].map(Self::inner);
+        Self::from_inner(B::fused_norm_attention_add(x, g, b, wq, bq, wp, bp, eps, heads))
     }
 
     fn fused_linear_transposed(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {

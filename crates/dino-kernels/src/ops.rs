@@ -27,28 +27,35 @@ pub trait FusedOps: Backend {
         bias: FloatTensor<Self>,
         residual: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    /// A transformer MLP added onto a residual stream, residual `[..., N]` + fc2(GELU(fc1(x))):
-    /// x `[..., K]`, weights `[K, H]` and `[H, N]`, biases `[H]` and `[N]`. Tracked by autodiff
-    /// as `fused_linear_gelu` then `fused_linear_add`; fused only when nothing needs a gradient.
-    fn fused_mlp_add(
+    /// A pre-norm transformer MLP added onto its input, x + fc2(GELU(fc1(LN(x)))): x `[..., K]`,
+    /// the LayerNorm's gamma and beta `[K]`, weights `[K, H]` and `[H, K]`, biases `[H]` and
+    /// `[K]`. Tracked by autodiff as `fused_layer_norm`, `fused_linear_gelu` and
+    /// `fused_linear_add`; fused only when nothing needs a gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_norm_mlp_add(
         x: FloatTensor<Self>,
+        norm_gamma: FloatTensor<Self>,
+        norm_beta: FloatTensor<Self>,
         fc1_weight: FloatTensor<Self>,
         fc1_bias: FloatTensor<Self>,
         fc2_weight: FloatTensor<Self>,
         fc2_bias: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
+        eps: f64,
     ) -> FloatTensor<Self>;
-    /// Multi-head self-attention added onto a residual stream, residual `[B, N, M]` +
-    /// proj(attention(qkv(x))): x `[B, N, K]`, weights `[K, 3D]` and `[D, M]`, biases `[3D]`
-    /// and `[M]`. Tracked by autodiff as `fused_linear`, `fused_self_attention` and
-    /// `fused_linear_add`; fused only when nothing needs a gradient.
-    fn fused_attention_add(
+    /// Pre-norm multi-head self-attention added onto its input, x + proj(attention(qkv(LN(x)))):
+    /// x `[B, N, K]`, the LayerNorm's gamma and beta `[K]`, weights `[K, 3D]` and `[D, K]`,
+    /// biases `[3D]` and `[K]`. Tracked by autodiff as `fused_layer_norm`, `fused_linear`,
+    /// `fused_self_attention` and `fused_linear_add`; fused only when nothing needs a gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_norm_attention_add(
         x: FloatTensor<Self>,
+        norm_gamma: FloatTensor<Self>,
+        norm_beta: FloatTensor<Self>,
         qkv_weight: FloatTensor<Self>,
         qkv_bias: FloatTensor<Self>,
         proj_weight: FloatTensor<Self>,
         proj_bias: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
+        eps: f64,
         heads: usize,
     ) -> FloatTensor<Self>;
     /// A bias-free fully connected layer in PyTorch's layout (`F.linear(x, w)`): x `[..., C]`,

@@ -34,26 +34,29 @@ pub fn linear_add(x: &Shape, weight: &Shape, residual: &Shape) -> LinearDims {
     d
 }
 
-/// A transformer MLP added onto `residual`: x `[..., K]`, fc1's weight `[K, H]`, fc2's `[H, N]`,
-/// residual `[..., N]` -> (fc1's sizes, fc2's).
-pub fn mlp_add(x: &Shape, fc1: &Shape, fc2: &Shape, residual: &Shape) -> (LinearDims, LinearDims) {
+/// A pre-norm transformer MLP added onto its input: x `[..., K]`, the LayerNorm's gamma and beta
+/// `[K]`, fc1's weight `[K, H]`, fc2's `[H, K]` -> (fc1's sizes, fc2's).
+pub fn norm_mlp_add(x: &Shape, gamma: &Shape, beta: &Shape, fc1: &Shape, fc2: &Shape) -> (LinearDims, LinearDims) {
+    layer_norm(x, gamma, beta);
     let d1 = linear(x, fc1);
-    (d1, linear_add(&with_last(x, d1.n), fc2, residual))
+    (d1, linear_add(&with_last(x, d1.n), fc2, x))
 }
 
-/// Self-attention added onto `residual`: x `[B, N, K]`, the qkv projection's weight `[K, 3D]`,
-/// the output projection's `[D, M]`, residual `[B, N, M]` -> (qkv's sizes, the attention's,
-/// proj's).
-pub fn attention_add(
+/// Pre-norm self-attention added onto its input: x `[B, N, K]`, the LayerNorm's gamma and beta
+/// `[K]`, the qkv projection's weight `[K, 3D]`, the output projection's `[D, K]` -> (qkv's
+/// sizes, the attention's, proj's).
+pub fn norm_attention_add(
     x: &Shape,
+    gamma: &Shape,
+    beta: &Shape,
     qkv: &Shape,
     proj: &Shape,
-    residual: &Shape,
     heads: usize,
 ) -> (LinearDims, AttentionDims, LinearDims) {
+    layer_norm(x, gamma, beta);
     let dq = linear(x, qkv);
     let d = attention(&with_last(x, dq.n), heads);
-    (dq, d, linear_add(&d.output(), proj, residual))
+    (dq, d, linear_add(&d.output(), proj, x))
 }
 
 /// `shape` with its last dimension replaced by `last`: a linear layer's output or input shape.

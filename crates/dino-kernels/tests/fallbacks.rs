@@ -9,7 +9,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation;
 use burn::tensor::{DType, Device, Distribution, Tensor};
 use dino_kernels::{
-    AdamwScalars, adamw_step, attention_add, gelu, layer_norm, linear, linear_add, linear_gelu, mlp_add, self_attention,
+    AdamwScalars, adamw_step, gelu, layer_norm, linear, linear_add, linear_gelu, norm_attention_add, norm_mlp_add,
+    self_attention,
 };
 
 fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
@@ -83,11 +84,13 @@ fn elementwise_norm_and_attention_fallbacks_match() {
         random([1, 1, 72], &device),
         random([1, 24, 24], &device) * 0.3,
         random([1, 1, 24], &device),
-        random([2, 7, 24], &device),
+        random([1, 1, 24], &device) + 1.0,
+        random([1, 1, 24], &device),
     ];
-    fused_matches_fallback("attention_add", &block, &w_attn, 1e-5, |v| {
+    fused_matches_fallback("norm_attention_add", &block, &w_attn, 1e-5, |v| {
         let layer = |i: usize| layer(&[v[0].clone(), v[i].clone(), v[i + 1].clone()], 24, v[i].dims()[2]);
-        attention_add(&layer(1), &layer(3), v[0].clone(), v[5].clone(), 3)
+        let norm = (v[5].clone().reshape([24]), v[6].clone().reshape([24]), 1e-6);
+        norm_attention_add(norm, &layer(1), &layer(3), v[0].clone(), 3)
     });
 }
 
@@ -132,12 +135,14 @@ fn linear_fallbacks_match() {
         fused_matches_fallback("linear_add", &inputs, &w, 1e-5, |v| {
             linear_add(&layer(&v, 16, 24), v[0].clone(), v[3].clone())
         });
-        // fc2 `[24, 16]` back to the input's width, and a residual of that width.
-        let fc2 = [random([1, 24, 16], &device) * 0.3, random([1, 1, 16], &device), random([2, tokens, 16], &device)];
-        let mlp_inputs = [&inputs[..3], &fc2].concat();
-        fused_matches_fallback("mlp_add", &mlp_inputs, &random([2, tokens, 16], &device), 1e-5, |v| {
+        // fc2 `[24, 16]` back to the input's width, after a LayerNorm of the input.
+        let fc2 = [random([1, 24, 16], &device) * 0.3, random([1, 1, 16], &device)];
+        let ln = [random([1, 1, 16], &device) + 1.0, random([1, 1, 16], &device)];
+        let mlp_inputs = [&inputs[..3], &fc2, &ln].concat();
+        fused_matches_fallback("norm_mlp_add", &mlp_inputs, &random([2, tokens, 16], &device), 1e-5, |v| {
             let fc2 = layer(&[v[0].clone(), v[3].clone(), v[4].clone()], 24, 16);
-            mlp_add(&layer(&v, 16, 24), &fc2, v[0].clone(), v[5].clone())
+            let norm = (v[5].clone().reshape([16]), v[6].clone().reshape([16]), 1e-6);
+            norm_mlp_add(norm, &layer(&v, 16, 24), &fc2, v[0].clone())
         });
     }
 }

@@ -57,9 +57,9 @@ impl Attention {
         dino_kernels::linear(&self.proj, self.heads(x))
     }
 
-    /// `residual + forward(x)`, all `[B, N, D]`, with the projection accumulated onto the residual.
-    pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        dino_kernels::attention_add(&self.qkv, &self.proj, x, residual, self.num_heads)
+    /// `x + forward(norm(x))`, all `[B, N, D]`: the pre-norm residual branch as one op.
+    pub fn forward_add(&self, norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+        dino_kernels::norm_attention_add(norm.parts(), &self.qkv, &self.proj, x, self.num_heads)
     }
 
     /// `[B, N, D]` -> (`[B, N, D]`, softmax attention weights `[B, heads, N, N]`).
@@ -106,6 +106,11 @@ impl LayerNorm {
     pub fn forward<const R: usize>(&self, x: Tensor<R>) -> Tensor<R> {
         layer_norm(x, self.gamma.val(), self.beta.val(), self.epsilon)
     }
+
+    /// (gamma, beta, epsilon), for the kernels that norm inside a fused op.
+    fn parts(&self) -> dino_kernels::Norm {
+        (self.gamma.val(), self.beta.val(), self.epsilon)
+    }
 }
 
 /// The transformer MLP: fc1, GELU (exact, erf), fc2.
@@ -121,9 +126,9 @@ impl Mlp {
         dino_kernels::linear(&self.fc2, linear_gelu(&self.fc1, x))
     }
 
-    /// `residual + forward(x)`, all `[B, N, D]`, with fc2 accumulated onto the residual.
-    pub fn forward_add(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-        dino_kernels::mlp_add(&self.fc1, &self.fc2, x, residual)
+    /// `x + forward(norm(x))`, all `[B, N, D]`: the pre-norm residual branch as one op.
+    pub fn forward_add(&self, norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+        dino_kernels::norm_mlp_add(norm.parts(), &self.fc1, &self.fc2, x)
     }
 }
 
@@ -163,8 +168,8 @@ impl Block {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         if !stochastic_depth(self.drop_path, &x.device()) {
             // Without stochastic depth the branches add straight onto the residual stream.
-            let x = self.attn.forward_add(self.norm1.forward(x.clone()), x);
-            return self.mlp.forward_add(self.norm2.forward(x.clone()), x);
+            let x = self.attn.forward_add(&self.norm1, x);
+            return self.mlp.forward_add(&self.norm2, x);
         }
         let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x)), self.drop_path);
         x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path)

@@ -165,6 +165,14 @@ impl RunDir {
     pub fn checkpoint(&self) -> PathBuf {
         self.0.join("checkpoint.safetensors")
     }
+    /// An official `main_dino.py` checkpoint that `--resume` continues.
+    pub fn official_checkpoint(&self) -> PathBuf {
+        self.0.join("checkpoint.pth")
+    }
+    /// Whether `--resume` has a checkpoint to continue: ours or an official one.
+    pub fn resumable(&self) -> bool {
+        self.checkpoint().is_file() || self.official_checkpoint().is_file()
+    }
     fn kept_checkpoint(&self, epoch: usize) -> PathBuf {
         self.0.join(format!("checkpoint{epoch:04}.safetensors"))
     }
@@ -448,7 +456,7 @@ fn networks(
     let train_device = device.clone().autodiff();
     let config =
         if config.sizes_from_images() { config.clone().fit_to_images(data.typical_side()?) } else { config.clone() };
-    let official = run.0.join("checkpoint.pth");
+    let official = run.official_checkpoint();
     if resume && run.checkpoint().is_file() {
         let mut restored = load_checkpoint(&run.checkpoint(), device, &train_device)?;
         observer.note(&format!("resuming from {} after {}", run.checkpoint().display(), restored.position));

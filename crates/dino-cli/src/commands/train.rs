@@ -319,7 +319,7 @@ impl RunData {
     fn resolve(args: &TrainArgs) -> anyhow::Result<Self> {
         let dir = &args.output;
         let run = RunDir(dir.clone());
-        let resuming = args.resume && (run.checkpoint().is_file() || dir.join("checkpoint.pth").is_file());
+        let resuming = args.resume && run.resumable();
         let recorded = if resuming { Self::read(dir)? } else { None };
         let data = match (&args.data, &recorded) {
             (Some(data), Some(r)) if *data != r.data => {

@@ -1,10 +1,11 @@
 //! Inference fusions of a pre-norm transformer block's two halves, each added onto the residual
 //! stream: `x + proj(attention(qkv(y)))` and `x + fc2(GELU(fc1(y)))`, y the LayerNorm of x.
 //!
-//! Each tile of rows runs its half's two products, and what lies between them, on one thread
-//! while the wide tensor in the middle (qkv, three times the stream's width; the MLP's hidden
-//! layer, four times) is in L2: it is never written to memory whole and read back, which cost
-//! more than the GELU or the attention softmax themselves. The backward needs those tensors, so
+//! Each tile of rows runs its half on one thread: the LayerNorm of its rows of x, the two
+//! products and what lies between them, then the sum onto the same rows of x. The wide tensor in
+//! the middle (qkv, three times the stream's width; the MLP's hidden layer, four times) and the
+//! normed rows stay in L2: neither is written to memory whole and read back, which cost more
+//! than the GELU or the attention softmax themselves, and x is read from memory once. The backward needs those tensors, so
 //! these run only without gradients (inference, the teacher). They give the bits of the layers
 //! run one after the other (tested), which is what runs when there are too few rows to keep
 //! every thread on several tiles.
@@ -15,7 +16,7 @@ use rayon::prelude::*;
 
 use super::linear::{self, TILE_ROWS, check, init_tile, parallelism};
 use super::matmul::Rhs;
-use super::{attention, gelu};
+use super::{attention, gelu, layer_norm};
 use crate::shapes::{AttentionDims, LinearDims as Dims};
 
 /// Most bytes of a tile's middle tensor: made, transformed and read back while in L2 (1-2 MiB
@@ -26,6 +27,13 @@ const MLP_ROW_STEP: usize = 48;
 
 /// A layer: weight `[k, n]`, bias `[n]`, and its sizes.
 pub type Layer<'a> = (&'a [f32], &'a [f32], Dims);
+/// A LayerNorm: gamma and beta `[k]`, epsilon.
+pub type Norm<'a> = (&'a [f32], &'a [f32], f32);
+
+/// The LayerNorm of x `[rows, k]`, as its own layer.
+fn normed(x: &[f32], (gamma, beta, eps): Norm<'_>) -> Vec<f32> {
+    layer_norm::forward(x, gamma, beta, eps).0
+}
 
 /// Whether `rows` in tiles of `tile_rows` give every thread two tiles or more.
 fn enough_tiles(rows: usize, tile_rows: usize) -> bool {
@@ -43,14 +51,14 @@ fn attention_tile_samples(d: AttentionDims) -> usize {
     (MIDDLE_BYTES / (4 * 3 * d.width() * d.tokens).max(1)).max(1)
 }
 
-/// residual `[rows, n]` + fc2(GELU(fc1(x))) for x `[rows, k]`, fc1 `[k, h]`, fc2 `[h, n]`.
-pub fn mlp_add(x: &[f32], fc1: Layer<'_>, fc2: Layer<'_>, residual: &[f32]) -> Vec<f32> {
+/// x + fc2(GELU(fc1(LN(x)))) for x `[rows, k]`, fc1 `[k, h]`, fc2 `[h, k]`.
+pub fn norm_mlp_add(x: &[f32], norm: Norm<'_>, fc1: Layer<'_>, fc2: Layer<'_>) -> Vec<f32> {
     let ((w1, b1, d1), (w2, b2, d2)) = (fc1, fc2);
     let tile_rows = mlp_tile_rows(d1.n);
     if !enough_tiles(d1.rows, tile_rows) {
-        return linear::forward_add(&linear::forward_gelu(x, w1, b1, d1), w2, b2, residual, d2);
+        return linear::forward_add(&linear::forward_gelu(&normed(x, norm), w1, b1, d1), w2, b2, x, d2);
     }
-    two_layers(x, fc1, fc2, residual, tile_rows, gelu_step)
+    two_layers(x, norm, fc1, fc2, tile_rows, gelu_step)
 }
 
 /// The MLP's middle step: GELU of the hidden layer, in place.
@@ -59,16 +67,16 @@ fn gelu_step<'a>(hidden: &'a mut [f32], _: &'a mut Scratch) -> &'a [f32] {
     hidden
 }
 
-/// residual `[B·N, D]` + proj(attention(qkv(x))) for x `[B·N, K]`, qkv `[K, 3D]`, proj `[D, D]`,
-/// in tiles of whole samples.
-pub fn attention_add(x: &[f32], qkv: Layer<'_>, d: AttentionDims, proj: Layer<'_>, residual: &[f32]) -> Vec<f32> {
+/// x + proj(attention(qkv(LN(x)))) for x `[B·N, K]`, qkv `[K, 3D]`, proj `[D, K]`, in tiles of
+/// whole samples.
+pub fn norm_attention_add(x: &[f32], norm: Norm<'_>, qkv: Layer<'_>, d: AttentionDims, proj: Layer<'_>) -> Vec<f32> {
     let ((wq, bq, dq), (wp, bp, dp)) = (qkv, proj);
     let samples = attention_tile_samples(d);
     if !enough_tiles(dq.rows, samples * d.tokens) {
-        let heads = attention::forward(&linear::forward(x, wq, bq, dq), d);
-        return linear::forward_add(&heads, wp, bp, residual, dp);
+        let heads = attention::forward(&linear::forward(&normed(x, norm), wq, bq, dq), d);
+        return linear::forward_add(&heads, wp, bp, x, dp);
     }
-    two_layers(x, qkv, proj, residual, samples * d.tokens, attention_step(d))
+    two_layers(x, norm, qkv, proj, samples * d.tokens, attention_step(d))
 }
 
 /// The attention's middle step: the heads of a tile's samples (of `d`'s sizes) from their qkv.
@@ -83,22 +91,22 @@ fn attention_step(d: AttentionDims) -> impl for<'a> Fn(&'a mut [f32], &'a mut Sc
 /// Per-thread buffers of a tile's middle step: an output, and scratch of the attention.
 type Scratch = (Vec<f32>, Vec<MaybeUninit<f32>>);
 
-/// residual + second(middle(first(x))), tile by tile of `tile_rows` rows, each on one thread.
+/// x + second(middle(first(LN(x)))), tile by tile of `tile_rows` rows, each on one thread.
 /// `middle` gets a tile's first product (`[rows, first.n]`, bias added) and scratch buffers,
 /// and returns the second product's input (`[rows, second.k]`).
 fn two_layers(
     x: &[f32],
+    (gamma, beta, eps): Norm<'_>,
     (w1, b1, d1): Layer<'_>,
     (w2, b2, d2): Layer<'_>,
-    residual: &[f32],
     tile_rows: usize,
     middle: impl for<'a> Fn(&'a mut [f32], &'a mut Scratch) -> &'a [f32] + Sync,
 ) -> Vec<f32> {
     check(x, w1, d1);
-    assert!(d2.rows == d1.rows, "two layers: {d2:?} does not follow {d1:?}");
+    assert!(d2.rows == d1.rows && d2.n == d1.k, "two layers: {d2:?} does not follow {d1:?} back to its width");
     assert_eq!(w2.len(), d2.k * d2.n, "two layers: the second weight is not [{}, {}]", d2.k, d2.n);
     assert!(b1.len() == d1.n && b2.len() == d2.n, "two layers: a bias does not match its layer");
-    assert_eq!(residual.len(), d2.rows * d2.n, "two layers: residual is not [rows, {}]", d2.n);
+    assert!(gamma.len() == d1.k && beta.len() == d1.k, "two layers: the LayerNorm is not of width {}", d1.k);
     let none = gemm::Parallelism::None;
     // The weights once for every tile (in bf16, rounded and packed once).
     // SAFETY: the weights were checked to hold [k1, n1] and [k2, n2]; they outlive the products.
@@ -111,21 +119,27 @@ fn two_layers(
     };
     let mut y = Vec::<f32>::with_capacity(d2.rows * d2.n);
     let out = &mut y.spare_capacity_mut()[..d2.rows * d2.n];
+    let buffers = || {
+        let normed = (vec![0.0; tile_rows * d1.k], vec![0.0; 2 * tile_rows]);
+        (normed, Vec::<f32>::with_capacity(tile_rows * d1.n), (Vec::new(), Vec::new()))
+    };
     out.par_chunks_mut(tile_rows * d2.n).enumerate().for_each_init(
-        || (Vec::<f32>::with_capacity(tile_rows * d1.n), (Vec::new(), Vec::new())),
-        |(made, scratch), (t, tile)| {
+        buffers,
+        |((normed, stats), made, scratch), (t, tile)| {
             let (row0, rows) = (t * tile_rows, tile.len() / d2.n);
-            // SAFETY: rows row0.. of x hold k1 values each (checked); `made`'s capacity holds
-            // rows·n1 values, all written by the product before `set_len`.
+            let normed = &mut normed[..rows * d1.k];
+            layer_norm::forward_rows(&x[row0 * d1.k..][..rows * d1.k], gamma, beta, eps, normed, stats);
+            // SAFETY: `normed` holds rows·k1 values; `made`'s capacity holds rows·n1 values,
+            // all written by the product before `set_len`.
             unsafe {
-                let lhs = (x.as_ptr().add(row0 * d1.k), [d1.k, 1]);
+                let lhs = (normed.as_ptr(), [d1.k, 1]);
                 made.clear();
                 first.product_plus_bias(rows, (made.as_mut_ptr(), d1.n), lhs, b1, none);
                 made.set_len(rows * d1.n);
             }
             let input = middle(made, scratch);
             assert_eq!(input.len(), rows * d2.k, "two layers: the middle step gave {} values", input.len());
-            let tile = init_tile(tile, b2, residual, row0);
+            let tile = init_tile(tile, b2, x, row0);
             // SAFETY: the tile holds rows·n2 values, the input rows·k2 (checked).
             unsafe { second.product(rows, (tile.as_mut_ptr(), d2.n), true, (input.as_ptr(), [d2.k, 1]), 1.0, none) };
         },
@@ -149,27 +163,30 @@ mod tests {
     fn the_fused_halves_equal_their_layers() {
         let (d1, d2) = (Dims { rows: 200, k: 24, n: 40 }, Dims { rows: 200, k: 40, n: 24 });
         let (x, w1, b1) = (data(d1.rows * d1.k, 1), data(d1.k * d1.n, 2), data(d1.n, 3));
-        let (w2, b2, residual) = (data(d2.k * d2.n, 4), data(d2.n, 5), data(d2.rows * d2.n, 6));
+        let (w2, b2) = (data(d2.k * d2.n, 4), data(d2.n, 5));
+        let (gamma, beta) = (data(24, 6), data(24, 10));
+        let norm = (&gamma[..], &beta[..], 1e-6);
         let (fc1, fc2) = ((&w1[..], &b1[..], d1), (&w2[..], &b2[..], d2));
-        let layers = linear::forward_add(&linear::forward_gelu(&x, &w1, &b1, d1), &w2, &b2, &residual, d2);
+        let y = normed(&x, norm);
+        let layers = linear::forward_add(&linear::forward_gelu(&y, &w1, &b1, d1), &w2, &b2, &x, d2);
         for tile_rows in [48, 100, 200] {
-            let fused = two_layers(&x, fc1, fc2, &residual, tile_rows, gelu_step);
+            let fused = two_layers(&x, norm, fc1, fc2, tile_rows, gelu_step);
             assert!(fused == layers, "MLP in tiles of {tile_rows}");
         }
-        assert!(mlp_add(&x, fc1, fc2, &residual) == layers);
+        assert!(norm_mlp_add(&x, norm, fc1, fc2) == layers);
 
         // 10 samples of 20 tokens, 2 heads of 4: qkv [24, 24], proj [8, 24] -> back to 24.
         let d = AttentionDims { batch: 10, tokens: 20, heads: 2, head_dim: 4 };
         let (dq, dp) = (Dims { rows: 200, k: 24, n: 24 }, Dims { rows: 200, k: 8, n: 24 });
         let (wq, bq, wp) = (data(24 * 24, 7), data(24, 8), data(8 * 24, 9));
         let (qkv, proj) = ((&wq[..], &bq[..], dq), (&wp[..], &b2[..], dp));
-        let heads = attention::forward(&linear::forward(&x, &wq, &bq, dq), d);
-        let layers = linear::forward_add(&heads, &wp, &b2, &residual, dp);
+        let heads = attention::forward(&linear::forward(&y, &wq, &bq, dq), d);
+        let layers = linear::forward_add(&heads, &wp, &b2, &x, dp);
         for samples in [1, 3, 10] {
-            let fused = two_layers(&x, qkv, proj, &residual, samples * d.tokens, attention_step(d));
+            let fused = two_layers(&x, norm, qkv, proj, samples * d.tokens, attention_step(d));
             assert!(fused == layers, "attention in tiles of {samples} samples");
         }
-        assert!(attention_add(&x, qkv, d, proj, &residual) == layers);
+        assert!(norm_attention_add(&x, norm, qkv, d, proj) == layers);
     }
 
     #[test]

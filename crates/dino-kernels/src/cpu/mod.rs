@@ -82,35 +82,38 @@ impl FusedOps for Flex {
         tensor(linear::forward_add(values(&x), values(&w), values(&b), values(&r), d), shape(&r))
     }
 
-    fn fused_mlp_add(
+    fn fused_norm_mlp_add(
         x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
         w1: FlexTensor,
         b1: FlexTensor,
         w2: FlexTensor,
         b2: FlexTensor,
-        residual: FlexTensor,
+        eps: f64,
     ) -> FlexTensor {
-        let (x, r) = (dense(x), dense(residual));
-        let [w1, b1, w2, b2] = [w1, b1, w2, b2].map(dense);
-        let (d1, d2) = shapes::mlp_add(&shape(&x), &shape(&w1), &shape(&w2), &shape(&r));
-        let [w1, b1, w2, b2] = [&w1, &b1, &w2, &b2].map(values);
-        tensor(block::mlp_add(values(&x), (w1, b1, d1), (w2, b2, d2), values(&r)), shape(&r))
+        let [x, g, b, w1, b1, w2, b2] = [x, gamma, beta, w1, b1, w2, b2].map(dense);
+        let (d1, d2) = shapes::norm_mlp_add(&shape(&x), &shape(&g), &shape(&b), &shape(&w1), &shape(&w2));
+        let [g, b, w1, b1, w2, b2] = [&g, &b, &w1, &b1, &w2, &b2].map(values);
+        tensor(block::norm_mlp_add(values(&x), (g, b, eps as f32), (w1, b1, d1), (w2, b2, d2)), shape(&x))
     }
 
-    fn fused_attention_add(
+    fn fused_norm_attention_add(
         x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
         qkv_weight: FlexTensor,
         qkv_bias: FlexTensor,
         proj_weight: FlexTensor,
         proj_bias: FlexTensor,
-        residual: FlexTensor,
+        eps: f64,
         heads: usize,
     ) -> FlexTensor {
-        let (x, r) = (dense(x), dense(residual));
-        let [wq, bq, wp, bp] = [qkv_weight, qkv_bias, proj_weight, proj_bias].map(dense);
-        let (dq, d, dp) = shapes::attention_add(&shape(&x), &shape(&wq), &shape(&wp), &shape(&r), heads);
-        let [wq, bq, wp, bp] = [&wq, &bq, &wp, &bp].map(values);
-        tensor(block::attention_add(values(&x), (wq, bq, dq), d, (wp, bp, dp), values(&r)), shape(&r))
+        let [x, g, b, wq, bq, wp, bp] = [x, gamma, beta, qkv_weight, qkv_bias, proj_weight, proj_bias].map(dense);
+        let (dq, d, dp) =
+            shapes::norm_attention_add(&shape(&x), &shape(&g), &shape(&b), &shape(&wq), &shape(&wp), heads);
+        let [g, b, wq, bq, wp, bp] = [&g, &b, &wq, &bq, &wp, &bp].map(values);
+        tensor(block::norm_attention_add(values(&x), (g, b, eps as f32), (wq, bq, dq), d, (wp, bp, dp)), shape(&x))
     }
 
     fn fused_linear_transposed(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
