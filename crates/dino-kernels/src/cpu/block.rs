@@ -5,10 +5,10 @@
 //! products and what lies between them, then the sum onto the same rows of x. The wide tensor in
 //! the middle (qkv, three times the stream's width; the MLP's hidden layer, four times) and the
 //! normed rows stay in L2: neither is written to memory whole and read back, which cost more
-//! than the GELU or the attention softmax themselves, and x is read from memory once. The backward needs those tensors, so
-//! these run only without gradients (inference, the teacher). They give the bits of the layers
-//! run one after the other (tested), which is what runs when there are too few rows to keep
-//! every thread on several tiles.
+//! than the GELU or the attention softmax themselves, and x is read from memory once. The
+//! backward needs those tensors, so these run only without gradients (inference, the teacher).
+//! They give the bits of the layers run one after the other (tested), which is what runs when
+//! there are too few rows to keep every thread on several tiles.
 
 use std::mem::MaybeUninit;
 
