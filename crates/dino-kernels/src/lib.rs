@@ -1,7 +1,8 @@
 //! Fused CPU kernels for the DINO training step, with closed-form backward passes: linear layers
 //! (with GELU or residual epilogues), convolutions, BatchNorm (with ReLU), exact GELU, LayerNorm, multi-head self-attention read
-//! straight from the qkv projection, the weight-normalised last layer and the DINO loss; and the
-//! parameter updates (AdamW, gradient norm, teacher EMA).
+//! straight from the qkv projection, the weight-normalised last layer and the DINO loss; a
+//! pre-norm transformer block's two halves as one op each without gradients (inference, the
+//! teacher); and the parameter updates (AdamW, gradient norm, teacher EMA).
 //!
 //! burn's flex backend runs these as chains of single-threaded elementwise ops, each with a
 //! fresh tensor, and their autodiff graphs as a dozen nodes; here each is one parallel,
