@@ -9,6 +9,11 @@ mod load;
 
 use std::process::ExitCode;
 
+/// Large blocks on cache lines, so that the AMX kernels store tiles straight into the tensors
+/// they write (`cpu_bf16::CacheLineAligned`).
+#[global_allocator]
+static ALLOCATOR: dino_kernels::cpu_bf16::CacheLineAligned = dino_kernels::cpu_bf16::CacheLineAligned;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

@@ -4,7 +4,11 @@
 
 use std::time::Instant;
 
-use dino_kernels::cpu_bf16::{Path, gemm_bf16};
+use dino_kernels::cpu_bf16::{CacheLineAligned, Path, gemm_bf16};
+
+/// As the `dino` binary: outputs on cache lines, which the AMX kernel stores into directly.
+#[global_allocator]
+static ALLOCATOR: CacheLineAligned = CacheLineAligned;
 
 /// The best seconds of 7 rounds (this machine's speed drifts within seconds).
 fn best(mut f: impl FnMut()) -> f64 {

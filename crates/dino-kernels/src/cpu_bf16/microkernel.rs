@@ -7,7 +7,7 @@
 //! of two bf16 values is exact in f32, so the portable kernel gets the same bits (save for
 //! products that themselves fall below the normal range, which no trained network produces).
 
-/// Rows of a tile.
+/// Rows of a tile (of the AVX-512 and portable kernels; AMX makes `amx::ROWS`).
 pub(crate) const MR: usize = 12;
 /// Columns of a tile: two 16-lane vectors.
 pub(crate) const NR: usize = 32;
@@ -35,7 +35,7 @@ impl ALayout {
     }
 }
 
-/// Where a tile's sums go: its first `rows x cols` into an f32 matrix with unit column stride
+/// Where a tile's sums go: its first `rows x cols` (`rows` at most [`Path::tile_rows`]) into an f32 matrix with unit column stride
 /// (row stride `rs`), as `dst = scale · sums`, or `dst += scale · sums` when `add`, then plus
 /// `bias[j]` on column j when `bias` is not null (it points at the tile's first column's).
 #[derive(Clone, Copy)]
@@ -52,6 +52,10 @@ pub(crate) struct Out {
 /// Which microkernel runs the products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
+    /// Tile registers and `tdpbf16ps` (AMX-BF16: Intel Sapphire Rapids and later), where the OS
+    /// grants the tile state. Sums in f32 in an order of the hardware's: not the bits of the
+    /// other two, within the same error bound.
+    Amx,
     /// `vdpbf16ps` on 512-bit vectors (AVX-512 BF16: Intel Cooper Lake, Sapphire Rapids and
     /// later; AMD Zen 4 and later).
     Avx512Bf16,
@@ -60,40 +64,105 @@ pub enum Path {
 }
 
 impl Path {
-    /// The fastest kernel this CPU runs (checked once).
+    /// The kernel the products run on (chosen once): the fastest this CPU runs, or the one
+    /// `DINO_BF16_KERNEL` names (`amx`, `avx512bf16`, `portable`) where the CPU runs it, to
+    /// compare them on one machine.
     pub fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512bf16") {
-                return Path::Avx512Bf16;
+            let available = Self::runnable();
+            let fastest = *available.last().expect("the portable kernel runs anywhere");
+            let Ok(name) = std::env::var("DINO_BF16_KERNEL") else { return fastest };
+            match available.iter().find(|p| p.name() == name.to_ascii_lowercase()) {
+                Some(&path) => path,
+                None => {
+                    let names: Vec<_> = available.iter().map(|p| p.name()).collect();
+                    eprintln!("DINO_BF16_KERNEL={name}: this CPU runs {}; using {}", names.join(", "), fastest.name());
+                    fastest
+                }
             }
-            Path::Portable
         })
     }
 
-    /// Every kernel this CPU can run, the portable one included.
+    /// Every kernel this CPU can run, slowest first (the portable one first). Checking for AMX
+    /// asks the OS for the tile state, for the whole process.
     pub fn available() -> Vec<Self> {
-        let mut paths = vec![Path::Portable];
-        if Self::detect() == Path::Avx512Bf16 {
-            paths.push(Path::Avx512Bf16);
+        Self::runnable().to_vec()
+    }
+
+    /// [`Path::available`], found once.
+    fn runnable() -> &'static [Path] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Path>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            let mut paths = vec![Path::Portable];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                paths.push(Path::Avx512Bf16);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if super::amx::usable() {
+                paths.push(Path::Amx);
+            }
+            paths
+        })
+    }
+
+    /// The name `DINO_BF16_KERNEL` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Amx => "amx",
+            Path::Avx512Bf16 => "avx512bf16",
+            Path::Portable => "portable",
         }
-        paths
+    }
+
+    /// Rows of A one call of [`Path::run`] multiplies.
+    pub(crate) fn tile_rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx => super::amx::ROWS,
+            _ => MR,
+        }
+    }
+
+    /// The pairs of k a packed A row holds for `pairs` of them: AMX reads whole tile rows of
+    /// `amx::PAIRS` (zeros past k), the others exactly `pairs`.
+    pub(crate) fn padded_pairs(self, pairs: usize) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx => pairs.next_multiple_of(super::amx::PAIRS),
+            _ => pairs,
+        }
     }
 
     /// `out (+)= scale · Σ_p a[p] ⊗ b[p]` over `pairs` packed k-pairs (`a` in `layout`, `b`:
     /// `[pairs][NR]`), written straight from the sums (no tile in memory on the fast path).
+    /// On AMX `pairs` is a [`Path::padded_pairs`] count and `a` is `RowsMajor`.
     ///
     /// # Safety
-    /// `out` must address `out.rows <= MR` rows of `out.cols <= NR` writable values, and its
-    /// bias (when not null) `out.cols` values.
+    /// `out` must address `out.rows <= self.tile_rows()` rows of `out.cols <= NR` writable
+    /// values, and its bias (when not null) `out.cols` values.
     pub(crate) unsafe fn run(self, pairs: usize, (a, layout): (&[u32], ALayout), b: &[u32], out: Out) {
-        assert!(a.len() >= pairs * MR && b.len() >= pairs * NR, "packed panels hold every pair");
-        assert!(out.rows <= MR && out.cols <= NR, "a tile is at most {MR} x {NR}");
+        let rows = self.tile_rows();
+        assert!(a.len() >= pairs * rows && b.len() >= pairs * NR, "packed panels hold every pair");
+        assert!(out.rows <= rows && out.cols <= NR, "a tile is at most {rows} x {NR}");
         match self {
             #[cfg(target_arch = "x86_64")]
+            Path::Amx => {
+                assert!(Self::runnable().contains(&Path::Amx), "this CPU (or OS) offers no AMX-BF16");
+                assert!(
+                    layout == ALayout::RowsMajor && pairs.is_multiple_of(super::amx::PAIRS),
+                    "AMX reads whole tile rows"
+                );
+                // SAFETY: the tile state was granted (detect), the asserts bound every read, and
+                // the caller's contract every write.
+                unsafe { super::amx::tile(pairs / super::amx::PAIRS, a.as_ptr(), pairs, b.as_ptr(), out) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Path::Amx => unreachable!("detect() offers AMX on x86-64 only"),
+            #[cfg(target_arch = "x86_64")]
             Path::Avx512Bf16 => {
-                assert_eq!(Self::detect(), Path::Avx512Bf16, "this CPU has no AVX-512 BF16");
+                assert!(std::arch::is_x86_feature_detected!("avx512bf16"), "this CPU has no AVX-512 BF16");
                 // SAFETY: the CPU has the instructions, the asserts bound every read, and the
                 // caller's contract every write.
                 unsafe {
@@ -173,6 +242,9 @@ crate::cpu::simd::multiversion! {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::Epilogue;
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -202,23 +274,53 @@ mod avx512 {
                 }
             }
         }
-        // The first `cols` lanes of the two vectors of a row.
-        let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
-        let (m0, m1) = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
-        let scale = _mm512_set1_ps(out.scale);
-        // SAFETY: a bias holds `cols` values; masked lanes are not read.
-        let bias = (!out.bias.is_null())
-            .then(|| unsafe { (_mm512_maskz_loadu_ps(m0, out.bias), _mm512_maskz_loadu_ps(m1, out.bias.add(16))) });
+        // SAFETY: the caller's contract for `out`.
+        let epilogue = unsafe { Epilogue::new(out) };
         for (i, row) in acc.iter().enumerate().take(out.rows) {
-            // SAFETY: row i of `out` holds `cols` values; masked lanes are neither read nor written.
+            // SAFETY: as above.
+            unsafe { epilogue.store(out, i, row[0], row[1]) };
+        }
+    }
+
+    /// What a tile's rows are stored with: `dst = scale · sums (+ dst) (+ bias)` on the first
+    /// `cols` lanes of a row's two vectors.
+    pub(crate) struct Epilogue {
+        masks: (__mmask16, __mmask16),
+        scale: __m512,
+        bias: Option<(__m512, __m512)>,
+    }
+
+    impl Epilogue {
+        /// # Safety
+        /// The CPU must have AVX-512 F; a bias in `out` must hold `out.cols` values.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(crate) unsafe fn new(out: Out) -> Self {
+            let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
+            let (m0, m1) = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
+            // SAFETY: masked lanes are not read.
+            let bias = (!out.bias.is_null())
+                .then(|| unsafe { (_mm512_maskz_loadu_ps(m0, out.bias), _mm512_maskz_loadu_ps(m1, out.bias.add(16))) });
+            Self { masks: (m0, m1), scale: _mm512_set1_ps(out.scale), bias }
+        }
+
+        /// Stores row `i`'s sums `(v0, v1)`.
+        ///
+        /// # Safety
+        /// As [`Epilogue::new`]; row `i` of `out` must hold `out.cols` values.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(crate) unsafe fn store(&self, out: Out, i: usize, v0: __m512, v1: __m512) {
+            let (m0, m1) = self.masks;
+            // SAFETY: the caller's contract; masked lanes are neither read nor written.
             unsafe {
                 let dst = out.ptr.add(i * out.rs);
-                let (mut v0, mut v1) = (_mm512_mul_ps(row[0], scale), _mm512_mul_ps(row[1], scale));
+                let (mut v0, mut v1) = (_mm512_mul_ps(v0, self.scale), _mm512_mul_ps(v1, self.scale));
                 if out.add {
                     v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, dst), v0);
                     v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, dst.add(16)), v1);
                 }
-                if let Some((b0, b1)) = bias {
+                if let Some((b0, b1)) = self.bias {
                     (v0, v1) = (_mm512_add_ps(v0, b0), _mm512_add_ps(v1, b1));
                 }
                 _mm512_mask_storeu_ps(dst, m0, v0);

@@ -11,11 +11,16 @@
 //! No crate does this: `gemm` 0.19 has f16 kernels (`gemm-f16`) but none for bf16, and a
 //! BLAS with `sbgemm` (oneDNN, OpenBLAS) is a C dependency.
 
+mod alloc;
+#[cfg(target_arch = "x86_64")]
+mod amx;
+mod convert;
 mod gemm;
 mod microkernel;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+pub use alloc::CacheLineAligned;
 pub use gemm::{Operand, PackedRhs, gemm_bf16, gemm_bf16_packed};
 pub use microkernel::Path;
 

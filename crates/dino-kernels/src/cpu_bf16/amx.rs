@@ -1,0 +1,259 @@
+//! The AMX-BF16 microkernel (Intel Sapphire Rapids and later): a `ROWS x NR` block of sums made
+//! by `tdpbf16ps` on tile registers, 2 x 2 tiles of 16 x 16 f32 sums.
+//!
+//! - A is packed as `[ROWS][stride]` k-pairs (each row of A contiguous along k, `stride` a whole
+//!   number of `PAIRS`), B as the usual `[pairs][NR]` panel: a B tile is 16 of its pairs by 16
+//!   columns, read with a 128-byte row stride, so one packed weight serves every path.
+//! - Each step loads 2 A tiles and 2 B tiles (16 pairs of k) and runs 4 `tdpbf16ps`; the 4 sum
+//!   tiles go through a stack buffer to the same epilogue as the AVX-512 kernel.
+//! - The instructions are written as `asm!`: Rust's AMX intrinsics are unstable (`x86_amx_intrinsics`).
+//!   The compiler never allocates tile registers, so the kernel owns `tmm0..tmm7`.
+//! - Sums are f32, but `tdpbf16ps` adds a pair's two products in an order (and with internal
+//!   rounding) that Intel does not specify: the bits differ from `vdpbf16ps`'s, the error stays
+//!   within the same bound of a plain reference (tested).
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::Cell;
+
+use super::microkernel::{Epilogue, NR, Out};
+
+/// Rows of A (and of the sums) per call: two tiles of 16.
+pub(crate) const ROWS: usize = 32;
+/// k-pairs per step: a tile row is 64 bytes.
+pub(crate) const PAIRS: usize = 16;
+
+/// Whether this process can run the kernel: the CPU has AMX-BF16 (CPUID leaf 7: EDX bits 22 and
+/// 24) and AVX-512 (the epilogue), and the OS grants the tile state. Linux hands it out per
+/// process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, kernel 5.16 and later);
+/// without it the first tile instruction faults, so the request is the check.
+pub(crate) fn usable() -> bool {
+    // CPUID leaf 7 exists on every x86-64 CPU that reports AVX-512 (checked first).
+    let has_amx = std::arch::is_x86_feature_detected!("avx512f") && {
+        let edx = __cpuid_count(7, 0).edx;
+        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    };
+    has_amx && request_tile_state()
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: the request only changes which state this process's threads may use.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The tile configuration (palette 1): tiles 0-3 hold 16 x 16 sums, 4-5 A (16 rows x 16
+/// pairs), 6-7 B (16 pairs x 16 columns); every tile 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct Config {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: Config = {
+    let (mut bytes_per_row, mut rows) = ([0; 16], [0; 16]);
+    let mut t = 0;
+    while t < 8 {
+        (bytes_per_row[t], rows[t]) = (64, 16);
+        t += 1;
+    }
+    Config { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row, rows }
+};
+
+thread_local! {
+    /// Whether this thread has loaded [`CONFIG`]. Nothing else in the process uses tiles, and
+    /// the OS keeps a thread's configuration across context switches, so each thread loads it
+    /// once rather than once per product (attention makes thousands of small ones a step).
+    static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// 32 rows by 32 columns of f32, 64-byte aligned for the tile loads and stores.
+#[repr(C, align(64))]
+struct Block([[f32; NR]; ROWS]);
+
+/// A bias row, 64-byte aligned, zeros past the tile's columns.
+#[repr(C, align(64))]
+struct Row([f32; NR]);
+
+/// `out (+)= scale · A · B (+ bias)` for `steps` steps of `PAIRS` k-pairs: `a` is `[ROWS][a_rs]`
+/// packed pairs, `b` a `[steps · PAIRS][NR]` panel.
+///
+/// With `scale` 1 and not both `add` and a bias (every product but attention's scores), the sum
+/// tiles start from what is added (`dst`, or the bias loaded into all 16 rows with a zero
+/// stride) and are stored straight into `dst`: no pass over the sums (that pass and the stack
+/// buffer were a third of the kernel's time). A tile at the matrix's edge goes through a
+/// staging block in the same way, so every tile of a product adds in the same order.
+/// Otherwise the sums start from zero and go through [`Epilogue`].
+///
+/// # Safety
+/// [`usable`] must have returned true; `a` and `b` must hold what they are said to, and `out`
+/// address its rows (at most `ROWS`) and columns (at most `NR`).
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u32, out: Out) {
+    if !CONFIGURED.get() {
+        // SAFETY: a valid palette-1 configuration; `usable` granted the state.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+        CONFIGURED.set(true);
+    }
+    let direct = out.scale == 1.0 && (!out.add || out.bias.is_null());
+    // The sums go straight to `dst` when it holds the whole 32 x 32 block and its rows start
+    // on cache lines: a tile row that straddles two lines is 5 times slower to load or store
+    // than the staging block and a vector copy (glibc's large blocks start 16 bytes into a page).
+    let in_place = direct
+        && out.rows == ROWS
+        && out.cols == NR
+        && (out.ptr as usize).is_multiple_of(64)
+        && out.rs.is_multiple_of(16);
+    // Not zeroed (4 KiB a call): the tile stores write all of it, and a tile that adds has its
+    // rows copied in first.
+    let mut stage = std::mem::MaybeUninit::<Block>::uninit();
+    let staged = stage.as_mut_ptr() as *mut f32;
+    // Where the sum tiles are loaded from and stored to.
+    let (c, c_rs) = if in_place { (out.ptr, out.rs) } else { (staged, NR) };
+    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
+    let masks = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
+    // SAFETY (all): the caller's contract bounds the rows and columns of `out` (and its bias)
+    // that are read and written; the tiles read 16 rows of 64 bytes inside `a`, `b`, `c` or
+    // `bias`, and write 16 rows of 64 bytes inside `c`.
+    unsafe {
+        if direct && out.add {
+            if !in_place {
+                for i in 0..ROWS {
+                    let (from, to) = (out.ptr.add(i * out.rs), staged.add(i * NR));
+                    let (m0, m1) = if i < out.rows { masks } else { (0, 0) };
+                    _mm512_store_ps(to, _mm512_maskz_loadu_ps(m0, from));
+                    _mm512_store_ps(to.add(16), _mm512_maskz_loadu_ps(m1, from.add(16)));
+                }
+            }
+            load_sums(c, c_rs);
+        } else if direct && !out.bias.is_null() {
+            let mut bias = Row([0.0; NR]);
+            bias.0[..out.cols].copy_from_slice(std::slice::from_raw_parts(out.bias, out.cols));
+            let row = bias.0.as_ptr();
+            // A zero stride loads the bias into every row.
+            asm!(
+                "tileloadd tmm0, [{left} + {zero}]",
+                "tileloadd tmm1, [{right} + {zero}]",
+                "tileloadd tmm2, [{left} + {zero}]",
+                "tileloadd tmm3, [{right} + {zero}]",
+                left = in(reg) row,
+                right = in(reg) row.add(16),
+                zero = in(reg) 0usize,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        }
+        // Tile registers are not renamed: a load waits for the products that read the
+        // register before. So each step's products go in the order that frees a register
+        // soonest, and the next step's tile is loaded into it right then, while the other
+        // products run (in the plain order every load waited for the whole step).
+        let (a_stride, b_stride) = (a_rs * 4, NR * 4);
+        let a_at = |s: usize| a.add(s * PAIRS);
+        let b_at = |s: usize| b.add(s * PAIRS * NR);
+        if steps > 0 {
+            asm!(
+                "tileloadd tmm4, [{a0} + {a_stride}]",
+                "tileloadd tmm6, [{b0} + {b_stride}]",
+                "tileloadd tmm7, [{b1} + {b_stride}]",
+                "tileloadd tmm5, [{a1} + {a_stride}]",
+                a0 = in(reg) a_at(0),
+                a1 = in(reg) a_at(0).add(16 * a_rs),
+                b0 = in(reg) b_at(0),
+                b1 = in(reg) b_at(0).add(16),
+                a_stride = in(reg) a_stride,
+                b_stride = in(reg) b_stride,
+                options(nostack, readonly),
+            );
+        }
+        for s in 1..steps {
+            // The next panel (it follows this one) into L1 while this one is multiplied.
+            let next = b_at(steps + s - 1) as *const i8;
+            for line in (0..PAIRS * NR * 4).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(line));
+            }
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a0} + {a_stride}]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{b0} + {b_stride}]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm7, [{b1} + {b_stride}]",
+                "tileloadd tmm5, [{a1} + {a_stride}]",
+                a0 = in(reg) a_at(s),
+                a1 = in(reg) a_at(s).add(16 * a_rs),
+                b0 = in(reg) b_at(s),
+                b1 = in(reg) b_at(s).add(16),
+                a_stride = in(reg) a_stride,
+                b_stride = in(reg) b_stride,
+                options(nostack, readonly),
+            );
+        }
+        if steps > 0 {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        asm!(
+            "tilestored [{top} + {stride}], tmm0",
+            "tilestored [{top_right} + {stride}], tmm1",
+            "tilestored [{bottom} + {stride}], tmm2",
+            "tilestored [{bottom_right} + {stride}], tmm3",
+            top = in(reg) c,
+            top_right = in(reg) c.add(16),
+            bottom = in(reg) c.add(16 * c_rs),
+            bottom_right = in(reg) c.add(16 * c_rs + 16),
+            stride = in(reg) c_rs * 4,
+            options(nostack),
+        );
+        if direct && !in_place {
+            for i in 0..out.rows {
+                let (from, to) = (staged.add(i * NR), out.ptr.add(i * out.rs));
+                _mm512_mask_storeu_ps(to, masks.0, _mm512_load_ps(from));
+                _mm512_mask_storeu_ps(to.add(16), masks.1, _mm512_load_ps(from.add(16)));
+            }
+        } else if !direct {
+            let epilogue = Epilogue::new(out);
+            for (i, row) in stage.assume_init_ref().0.iter().enumerate().take(out.rows) {
+                epilogue.store(out, i, _mm512_load_ps(row.as_ptr()), _mm512_load_ps(row.as_ptr().add(16)));
+            }
+        }
+    }
+}
+
+/// Loads the four sum tiles from the 32 x 32 block at `c` (row stride `c_rs` values).
+///
+/// # Safety
+/// The tile state must be configured, and `c` address the block.
+#[inline(always)]
+unsafe fn load_sums(c: *const f32, c_rs: usize) {
+    unsafe {
+        asm!(
+            "tileloadd tmm0, [{top} + {stride}]",
+            "tileloadd tmm1, [{top_right} + {stride}]",
+            "tileloadd tmm2, [{bottom} + {stride}]",
+            "tileloadd tmm3, [{bottom_right} + {stride}]",
+            top = in(reg) c,
+            top_right = in(reg) c.add(16),
+            bottom = in(reg) c.add(16 * c_rs),
+            bottom_right = in(reg) c.add(16 * c_rs + 16),
+            stride = in(reg) c_rs * 4,
+            options(nostack, readonly),
+        );
+    }
+}
