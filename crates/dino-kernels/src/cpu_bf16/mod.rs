@@ -5,8 +5,11 @@
 //! - [`gemm_bf16`]: `dst = scale · lhs · rhs (+ dst)` on strided f32 matrices whose values are
 //!   rounded to bf16 while they are packed, then multiplied in pairs along k with f32 sums;
 //!   [`PackedRhs`] and [`gemm_bf16_packed`] round and pack a weight once for many products.
-//! - The microkernel is chosen once per process ([`Path::detect`]): `vdpbf16ps` (AVX-512 BF16)
-//!   where the CPU has it, else a portable one that gives the same bits on any CPU.
+//! - The microkernel is chosen once per process ([`Path::detect`]): AMX tiles (`tdpbf16ps`)
+//!   where the CPU has AMX-BF16 and the OS grants the tile state, else `vdpbf16ps` (AVX-512
+//!   BF16) where the CPU has it, else a portable one that gives `vdpbf16ps`'s bits on any CPU.
+//! - [`CacheLineAligned`]: the allocator the `dino` binary installs, so that the outputs the
+//!   AMX kernel stores into start on cache lines.
 //!
 //! No crate does this: `gemm` 0.19 has f16 kernels (`gemm-f16`) but none for bf16, and a
 //! BLAS with `sbgemm` (oneDNN, OpenBLAS) is a C dependency.
