@@ -210,7 +210,7 @@ mod tests {
             for (kc, cols, rs) in [(1, W, W), (2, W, W + 5), (7, W - 3, W + 1), (64, W, 40), (33, 1, W)] {
                 let rows = values((kc - 1) * rs + cols, (kc * cols) as u32);
                 let (mut want, mut got) = (vec![0u32; kc.div_ceil(2) * W], vec![0u32; kc.div_ceil(2) * W]);
-                interleave_rows_portable_w::<W>(&rows, rs, kc, cols, &mut want);
+                portable_interleave::<W>(&rows, rs, kc, cols, &mut want);
                 // SAFETY: checked above.
                 unsafe { avx512::interleave_rows::<W>(&rows, rs, kc, cols, &mut got) };
                 assert_eq!(got, want, "{W} columns, kc {kc}, cols {cols}");
@@ -219,9 +219,5 @@ mod tests {
         panels::<NR>();
         panels::<MR>();
         panels::<16>();
-    }
-
-    fn interleave_rows_portable_w<const W: usize>(rows: &[f32], rs: usize, kc: usize, cols: usize, out: &mut [u32]) {
-        portable_interleave::<W>(rows, rs, kc, cols, out)
     }
 }
