@@ -16,7 +16,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::Cell;
 
-use super::microkernel::{Epilogue, NR, Out};
+use super::microkernel::{Epilogue, NR, Out, row_masks};
 
 /// Rows of A (and of the sums) per call: two tiles of 16.
 pub(crate) const ROWS: usize = 32;
@@ -120,8 +120,7 @@ pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u3
     let staged = stage.as_mut_ptr() as *mut f32;
     // Where the sum tiles are loaded from and stored to.
     let (c, c_rs) = if in_place { (out.ptr, out.rs) } else { (staged, NR) };
-    let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
-    let masks = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
+    let masks = row_masks(out.cols);
     // SAFETY (all): the caller's contract bounds the rows and columns of `out` (and its bias)
     // that are read and written; the tiles read 16 rows of 64 bytes inside `a`, `b`, `c` or
     // `bias`, and write 16 rows of 64 bytes inside `c`.

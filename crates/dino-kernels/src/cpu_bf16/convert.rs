@@ -113,11 +113,7 @@ crate::cpu::simd::multiversion! {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// The first `n` (at most 16) lanes.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 }
-    }
+    use super::super::microkernel::lanes;
 
     /// # Safety
     /// The CPU must have AVX-512 F, BW and BF16.

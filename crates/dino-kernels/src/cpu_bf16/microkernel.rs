@@ -35,8 +35,8 @@ impl ALayout {
     }
 }
 
-/// Where a tile's sums go: its first `rows x cols` (`rows` at most [`Path::tile_rows`]) into an f32 matrix with unit column stride
-/// (row stride `rs`), as `dst = scale · sums`, or `dst += scale · sums` when `add`, then plus
+/// Where a tile's sums go: its first `rows x cols` (`rows` at most [`Path::tile_rows`]) into an
+/// f32 matrix with unit column stride (row stride `rs`), as `dst = scale · sums`, or `dst += scale · sums` when `add`, then plus
 /// `bias[j]` on column j when `bias` is not null (it points at the tile's first column's).
 #[derive(Clone, Copy)]
 pub(crate) struct Out {
@@ -242,7 +242,7 @@ crate::cpu::simd::multiversion! {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::Epilogue;
+pub(crate) use avx512::{Epilogue, lanes, row_masks};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -282,6 +282,18 @@ mod avx512 {
         }
     }
 
+    /// The first `n` (at most 16) lanes of a vector.
+    #[inline(always)]
+    pub(crate) fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 }
+    }
+
+    /// The lanes of a tile row's two vectors that hold its first `cols` columns.
+    #[inline(always)]
+    pub(crate) fn row_masks(cols: usize) -> (__mmask16, __mmask16) {
+        (lanes(cols), lanes(cols.saturating_sub(16)))
+    }
+
     /// What a tile's rows are stored with: `dst = scale · sums (+ dst) (+ bias)` on the first
     /// `cols` lanes of a row's two vectors.
     pub(crate) struct Epilogue {
@@ -296,8 +308,7 @@ mod avx512 {
         #[inline]
         #[target_feature(enable = "avx512f")]
         pub(crate) unsafe fn new(out: Out) -> Self {
-            let lanes = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as __mmask16 };
-            let (m0, m1) = (lanes(out.cols), lanes(out.cols.saturating_sub(16)));
+            let (m0, m1) = row_masks(out.cols);
             // SAFETY: masked lanes are not read.
             let bias = (!out.bias.is_null())
                 .then(|| unsafe { (_mm512_maskz_loadu_ps(m0, out.bias), _mm512_maskz_loadu_ps(m1, out.bias.add(16))) });
