@@ -67,6 +67,9 @@ impl ComputeArgs {
             );
         }
         dino_train::precision::use_precision(self.precision, &device).map_err(anyhow::Error::msg)?;
+        if let Some(warning) = dino_train::precision::slow_precision_warning(self.precision, &device) {
+            eprintln!("warning: {warning}");
+        }
         Ok(device)
     }
 }

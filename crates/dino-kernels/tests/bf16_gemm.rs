@@ -224,3 +224,15 @@ fn the_bias_is_added_once_to_the_sums() {
         }
     }
 }
+
+/// The user is warned exactly when the chosen kernel can be slower than f32: never on AMX,
+/// always on the portable kernel (unless `DINO_BF16_KERNEL` chose it).
+#[test]
+fn a_slow_kernel_is_warned_of() {
+    let chosen = std::env::var_os("DINO_BF16_KERNEL").is_some();
+    match Path::detect() {
+        Path::Amx => assert_eq!(Path::slow_warning(), None),
+        Path::Portable if !chosen => assert!(Path::slow_warning().is_some_and(|w| w.contains("portable"))),
+        _ => {}
+    }
+}

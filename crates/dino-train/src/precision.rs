@@ -76,6 +76,13 @@ pub fn use_precision(precision: Precision, device: &burn::tensor::Device) -> Res
     Ok(Precision::F32)
 }
 
+/// A line for the user when `precision` on `device` runs on a bf16 kernel that may be slower
+/// than f32 on this machine ([`dino_kernels::cpu_bf16::Path::slow_warning`]).
+pub fn slow_precision_warning(precision: Precision, device: &burn::tensor::Device) -> Option<String> {
+    let cpu_bf16 = precision == Precision::Bf16 && *device == burn::tensor::Device::flex();
+    cpu_bf16.then(dino_kernels::cpu_bf16::Path::slow_warning).flatten()
+}
+
 /// Refuses a half type `device` cannot compute in (WGSL has no bf16), naming what it offers.
 pub fn check_support(precision: Precision, device: &burn::tensor::Device) -> Result<(), String> {
     match precision.half() {

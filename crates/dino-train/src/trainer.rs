@@ -274,6 +274,9 @@ pub fn train(
     observer: &mut dyn Observer,
 ) -> Result<Summary, TrainError> {
     let step_precision = crate::precision::use_precision(config.precision, device).map_err(TrainError::Config)?;
+    if let Some(warning) = crate::precision::slow_precision_warning(config.precision, device) {
+        observer.warning(&warning);
+    }
     let run = RunDir::prepare(dir)?;
     let started = Instant::now();
     let Restored { state, position: start, epoch_sums: mut resumed_sums, mut scaler, config, .. } =

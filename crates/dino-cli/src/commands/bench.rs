@@ -107,6 +107,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let device = args.device.device()?;
     let step_precision = dino_train::precision::use_precision(args.precision, &device).map_err(anyhow::Error::msg)?;
+    if let Some(warning) = dino_train::precision::slow_precision_warning(args.precision, &device) {
+        eprintln!("warning: {warning}");
+    }
     if args.only != Some(Measurement::Infer) {
         print("train", vec![described.clone(), json!(bench_train(&config, args.steps, step_precision, &device))]);
     }

@@ -28,12 +28,16 @@ pub(crate) const PAIRS: usize = 16;
 /// process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, kernel 5.16 and later);
 /// without it the first tile instruction faults, so the request is the check.
 pub(crate) fn usable() -> bool {
+    in_cpu() && request_tile_state()
+}
+
+/// Whether the CPU has AMX-BF16 and AVX-512, whatever the OS grants.
+pub(crate) fn in_cpu() -> bool {
     // CPUID leaf 7 exists on every x86-64 CPU that reports AVX-512 (checked first).
-    let has_amx = std::arch::is_x86_feature_detected!("avx512f") && {
+    std::arch::is_x86_feature_detected!("avx512f") && {
         let edx = __cpuid_count(7, 0).edx;
         edx & (1 << 22) != 0 && edx & (1 << 24) != 0
-    };
-    has_amx && request_tile_state()
+    }
 }
 
 #[cfg(target_os = "linux")]

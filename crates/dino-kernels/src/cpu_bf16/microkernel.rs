@@ -84,6 +84,33 @@ impl Path {
         })
     }
 
+    /// Why [`Path::detect`]'s kernel may make bf16 slower than f32 on this machine, as a line for
+    /// the user, or `None`: the CPU has AMX-BF16 but the OS refused its tile state (Linux before
+    /// 5.16), so the products run on `vdpbf16ps`, slower than f32 on Sapphire Rapids (49.6
+    /// against 70.9 img/s, BENCHMARKS.md §2); or the CPU has no bf16 instructions and they run
+    /// on the portable kernel (small28 training at 18.2 img/s there against 66.6 in f32).
+    /// Silent when `DINO_BF16_KERNEL` chose the kernel.
+    pub fn slow_warning() -> Option<String> {
+        if std::env::var_os("DINO_BF16_KERNEL").is_some() {
+            return None;
+        }
+        match Self::detect() {
+            Path::Amx => None,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 if super::amx::in_cpu() => Some(
+                "this CPU has AMX-BF16 but the OS did not grant its tile state (Linux 5.16 or later does), so bf16 \
+                 products run on AVX-512 BF16, which can be slower than --precision f32 here"
+                    .into(),
+            ),
+            Path::Avx512Bf16 => None,
+            Path::Portable => Some(
+                "this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so bf16 products run on a portable kernel, \
+                 slower than --precision f32"
+                    .into(),
+            ),
+        }
+    }
+
     /// Every kernel this CPU can run, slowest first (the portable one first). Checking for AMX
     /// asks the OS for the tile state, for the whole process.
     pub fn available() -> Vec<Self> {
