@@ -1,10 +1,10 @@
 //! The f32 CPU target: `FusedOps` and `FusedBackward` for burn's flex backend, each op one
 //! parallel, vectorised pass over dense row-major buffers (one module per op family).
 
-mod attention;
+pub(crate) mod attention;
 mod batch_norm;
 mod block;
-mod buffer;
+pub(crate) mod buffer;
 mod conv;
 mod dino_loss;
 mod gelu;

@@ -126,13 +126,23 @@ pub fn sum(x: &[f32]) -> f32 {
 pub fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     for c in chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
             *l = if v > *l { v } else { *l };
         }
     }
-    lanes.iter().fold(tail, |m, &v| m.max(v))
+    // Halving the lanes in a tree of plain comparisons: a fold of NaN-aware `f32::max` is a
+    // chain of 16 dependent steps, which made this pass 40 % of a 197-token softmax. The maximum
+    // is the same value whichever order finds it.
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] = if lanes[i + width] > lanes[i] { lanes[i + width] } else { lanes[i] };
+        }
+    }
+    if lanes[0] > tail { lanes[0] } else { tail }
 }
 
 /// Dot product of two equally long slices, in 16 independent lanes.

@@ -51,7 +51,7 @@ pub struct PackedRhs {
 /// line, so that no AMX tile row straddles two cache lines: a tile load that does runs 5 times
 /// slower (16 ns against 3 per 1 KiB tile, measured on Sapphire Rapids).
 #[derive(Default)]
-struct Aligned(Vec<Line>);
+pub(super) struct Aligned(Vec<Line>);
 
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -59,7 +59,7 @@ struct Line([u32; 16]);
 
 impl Aligned {
     /// Room for `len` values (more kept: callers slice `..len`).
-    fn grow(&mut self, len: usize) {
+    pub(super) fn grow(&mut self, len: usize) {
         if self.len() < len {
             self.0.resize(len.div_ceil(16), Line([0; 16]));
         }

@@ -17,6 +17,8 @@
 mod alloc;
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention;
 mod convert;
 mod gemm;
 mod microkernel;
@@ -45,6 +47,12 @@ static BF16: AtomicBool = AtomicBool::new(false);
 /// precision: set it before the first product (tests that change it need their own binary).
 pub fn set_matmul_precision(precision: MatmulPrecision) {
     BF16.store(precision == MatmulPrecision::Bf16, Ordering::Relaxed);
+}
+
+/// Whether the products run in bf16 on AMX tiles (the precision set to bf16, and the CPU's
+/// fastest kernel AMX, or the one `DINO_BF16_KERNEL` chose).
+pub(crate) fn amx_products() -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && Path::detect() == Path::Amx
 }
 
 /// The arithmetic [`set_matmul_precision`] chose (f32 unless set).
