@@ -8,6 +8,8 @@
 //! - The microkernel is chosen once per process ([`Path::detect`]): AMX tiles (`tdpbf16ps`)
 //!   where the CPU has AMX-BF16 and the OS grants the tile state, else `vdpbf16ps` (AVX-512
 //!   BF16) where the CPU has it, else a portable one that gives `vdpbf16ps`'s bits on any CPU.
+//! - `attention`: an attention head on AMX tiles (q kᵀ, softmax, P v with S and P in L1), which
+//!   `cpu::attention` runs in place of two general products when the products are AMX ones.
 //! - [`CacheLineAligned`]: the allocator the `dino` binary installs, so that the outputs the
 //!   AMX kernel stores into start on cache lines.
 //!
