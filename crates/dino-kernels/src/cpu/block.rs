@@ -156,7 +156,7 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 1000.0 - 1.0).collect()
+        crate::cpu::test_data(len, seed, 1.0)
     }
 
     /// The fused halves give the bits of their layers run one after the other, in tiles that

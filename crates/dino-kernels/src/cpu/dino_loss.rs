@@ -109,7 +109,7 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 500.0 - 2.0).collect()
+        crate::cpu::test_data(len, seed, 2.0)
     }
 
     /// Teacher probabilities: a softmax of random logits per row.

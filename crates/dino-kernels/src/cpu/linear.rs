@@ -300,7 +300,7 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 1000.0 - 1.0).collect()
+        crate::cpu::test_data(len, seed, 1.0)
     }
 
     /// The layer's output and gradients from f64 loops: (y, dx, dW, db).

@@ -359,3 +359,11 @@ impl FusedBackward for Flex {
         tensor(ds, shape(&s))
     }
 }
+
+/// Test data: `len` deterministic values spread over [-half_range, half_range).
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u32, half_range: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 1000.0 - 1.0) * half_range)
+        .collect()
+}

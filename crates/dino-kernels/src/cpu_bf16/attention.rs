@@ -213,10 +213,6 @@ mod tests {
     use super::super::{Path, gemm_bf16};
     use super::*;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32 ^ seed).wrapping_mul(2654435761)) % 2000) as f32 / 500.0 - 2.0).collect()
-    }
-
     /// The head gives the bits of the general product on AMX (two products and the softmax
     /// between), for token counts and head widths on and off the tiles' edges.
     #[test]
@@ -227,7 +223,7 @@ mod tests {
         for (n, dim) in [(197, 64), (50, 64), (32, 32), (5, 48), (70, 96), (1, 8)] {
             let (width, heads) = (2 * dim, 2);
             let row = 3 * width;
-            let qkv = data(n * row, n as u32);
+            let qkv = crate::cpu::test_data(n * row, n as u32, 2.0);
             let scale = (dim as f32).powf(-0.5);
             for h in 0..heads {
                 let q = qkv[h * dim..].as_ptr();
