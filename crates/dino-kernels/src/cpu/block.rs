@@ -1,20 +1,23 @@
 //! Inference fusions of a pre-norm transformer block's two halves, each added onto the residual
-//! stream: `x + proj(attention(qkv(y)))` and `x + fc2(GELU(fc1(y)))`, y the LayerNorm of x.
+//! stream in place: `x += proj(attention(qkv(y)))` and `x += fc2(GELU(fc1(y)))`, y the
+//! LayerNorm of x.
 //!
 //! Each tile of rows runs its half on one thread: the LayerNorm of its rows of x, the two
 //! products and what lies between them, then the sum onto the same rows of x. The wide tensor in
 //! the middle (qkv, three times the stream's width; the MLP's hidden layer, four times) and the
 //! normed rows stay in L2: neither is written to memory whole and read back, which cost more
-//! than the GELU or the attention softmax themselves, and x is read from memory once. The
-//! backward needs those tensors, so these run only without gradients (inference, the teacher).
-//! They give the bits of the layers run one after the other (tested), which is what runs when
-//! there are too few rows to keep every thread on several tiles.
+//! than the GELU or the attention softmax themselves, and x is read from memory once. The sums
+//! go back into x's rows (a tile reads only its own), not into a fresh buffer: writing a new
+//! stream of ViT-S/16's 16 x 197 x 384 values cost a tenth of each half in cache misses.
+//! The backward needs the middle tensors, so these run only without gradients (inference, the
+//! teacher). They give the bits of the layers run one after the other (tested), which is what
+//! runs when there are too few rows to keep every thread on several tiles.
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::linear::{self, TILE_ROWS, check, init_tile, parallelism};
+use super::linear::{self, TILE_ROWS, check, parallelism};
 use super::matmul::Rhs;
 use super::{attention, gelu, layer_norm};
 use crate::shapes::{AttentionDims, LinearDims as Dims};
@@ -53,12 +56,13 @@ fn attention_tile_samples(d: AttentionDims) -> usize {
     (MIDDLE_BYTES / (4 * 3 * d.width() * d.tokens).max(1)).max(1)
 }
 
-/// x + fc2(GELU(fc1(LN(x)))) for x `[rows, k]`, fc1 `[k, h]`, fc2 `[h, k]`.
-pub fn norm_mlp_add(x: &[f32], norm: Norm<'_>, fc1: Layer<'_>, fc2: Layer<'_>) -> Vec<f32> {
+/// x += fc2(GELU(fc1(LN(x)))) for x `[rows, k]`, fc1 `[k, h]`, fc2 `[h, k]`.
+pub fn norm_mlp_add(x: &mut [f32], norm: Norm<'_>, fc1: Layer<'_>, fc2: Layer<'_>) {
     let ((w1, b1, d1), (w2, b2, d2)) = (fc1, fc2);
     let tile_rows = mlp_tile_rows(d1.n);
     if !enough_tiles(d1.rows, tile_rows) {
-        return linear::forward_add(&linear::forward_gelu(&normed(x, norm), w1, b1, d1), w2, b2, x, d2);
+        let y = linear::forward_add(&linear::forward_gelu(&normed(x, norm), w1, b1, d1), w2, b2, x, d2);
+        return x.copy_from_slice(&y);
     }
     two_layers(x, norm, fc1, fc2, tile_rows, gelu_step)
 }
@@ -69,14 +73,15 @@ fn gelu_step<'a>(hidden: &'a mut [f32], _: &'a mut Scratch) -> &'a [f32] {
     hidden
 }
 
-/// x + proj(attention(qkv(LN(x)))) for x `[B·N, K]`, qkv `[K, 3D]`, proj `[D, K]`, in tiles of
+/// x += proj(attention(qkv(LN(x)))) for x `[B·N, K]`, qkv `[K, 3D]`, proj `[D, K]`, in tiles of
 /// whole samples.
-pub fn norm_attention_add(x: &[f32], norm: Norm<'_>, qkv: Layer<'_>, d: AttentionDims, proj: Layer<'_>) -> Vec<f32> {
+pub fn norm_attention_add(x: &mut [f32], norm: Norm<'_>, qkv: Layer<'_>, d: AttentionDims, proj: Layer<'_>) {
     let ((wq, bq, dq), (wp, bp, dp)) = (qkv, proj);
     let samples = attention_tile_samples(d);
     if !enough_tiles(dq.rows, samples * d.tokens) {
         let heads = attention::forward(&linear::forward(&normed(x, norm), wq, bq, dq), d);
-        return linear::forward_add(&heads, wp, bp, x, dp);
+        let y = linear::forward_add(&heads, wp, bp, x, dp);
+        return x.copy_from_slice(&y);
     }
     two_layers(x, norm, qkv, proj, samples * d.tokens, attention_step(d))
 }
@@ -93,17 +98,17 @@ fn attention_step(d: AttentionDims) -> impl for<'a> Fn(&'a mut [f32], &'a mut Sc
 /// Per-thread buffers of a tile's middle step: an output, and scratch of the attention.
 type Scratch = (Vec<f32>, Vec<MaybeUninit<f32>>);
 
-/// x + second(middle(first(LN(x)))), tile by tile of `tile_rows` rows, each on one thread.
+/// x += second(middle(first(LN(x)))), tile by tile of `tile_rows` rows, each on one thread.
 /// `middle` gets a tile's first product (`[rows, first.n]`, bias added) and scratch buffers,
 /// and returns the second product's input (`[rows, second.k]`).
 fn two_layers(
-    x: &[f32],
+    x: &mut [f32],
     (gamma, beta, eps): Norm<'_>,
     (w1, b1, d1): Layer<'_>,
     (w2, b2, d2): Layer<'_>,
     tile_rows: usize,
     middle: impl for<'a> Fn(&'a mut [f32], &'a mut Scratch) -> &'a [f32] + Sync,
-) -> Vec<f32> {
+) {
     check(x, w1, d1);
     assert!(d2.rows == d1.rows && d2.n == d1.k, "two layers: {d2:?} does not follow {d1:?} back to its width");
     assert_eq!(w2.len(), d2.k * d2.n, "two layers: the second weight is not [{}, {}]", d2.k, d2.n);
@@ -119,36 +124,31 @@ fn two_layers(
             Rhs::new((w2.as_ptr(), [d2.n, 1]), [d2.k, d2.n], threads),
         )
     };
-    let mut y = Vec::<f32>::with_capacity(d2.rows * d2.n);
-    let out = &mut y.spare_capacity_mut()[..d2.rows * d2.n];
     let buffers = || {
         let normed = (vec![0.0; tile_rows * d1.k], vec![0.0; 2 * tile_rows]);
         (normed, Vec::<f32>::with_capacity(tile_rows * d1.n), (Vec::new(), Vec::new()))
     };
-    out.par_chunks_mut(tile_rows * d2.n).enumerate().for_each_init(
-        buffers,
-        |((normed, stats), made, scratch), (t, tile)| {
-            let (row0, rows) = (t * tile_rows, tile.len() / d2.n);
-            let normed = &mut normed[..rows * d1.k];
-            layer_norm::forward_rows(&x[row0 * d1.k..][..rows * d1.k], gamma, beta, eps, normed, stats);
-            // SAFETY: `normed` holds rows·k1 values; `made`'s capacity holds rows·n1 values,
-            // all written by the product before `set_len`.
-            unsafe {
-                let lhs = (normed.as_ptr(), [d1.k, 1]);
-                made.clear();
-                first.product_plus_bias(rows, (made.as_mut_ptr(), d1.n), lhs, b1, none);
-                made.set_len(rows * d1.n);
-            }
-            let input = middle(made, scratch);
-            assert_eq!(input.len(), rows * d2.k, "two layers: the middle step gave {} values", input.len());
-            let tile = init_tile(tile, b2, x, row0);
-            // SAFETY: the tile holds rows·n2 values, the input rows·k2 (checked).
-            unsafe { second.product(rows, (tile.as_mut_ptr(), d2.n), true, (input.as_ptr(), [d2.k, 1]), 1.0, none) };
-        },
-    );
-    // SAFETY: the tiles covered every row, each written in full by `init_tile`.
-    unsafe { y.set_len(d2.rows * d2.n) };
-    y
+    x.par_chunks_mut(tile_rows * d2.n).for_each_init(buffers, |((normed, stats), made, scratch), tile| {
+        let rows = tile.len() / d2.n;
+        let normed = &mut normed[..rows * d1.k];
+        layer_norm::forward_rows(tile, gamma, beta, eps, normed, stats);
+        // SAFETY: `normed` holds rows·k1 values; `made`'s capacity holds rows·n1 values,
+        // all written by the product before `set_len`.
+        unsafe {
+            let lhs = (normed.as_ptr(), [d1.k, 1]);
+            made.clear();
+            first.product_plus_bias(rows, (made.as_mut_ptr(), d1.n), lhs, b1, none);
+            made.set_len(rows * d1.n);
+        }
+        let input = middle(made, scratch);
+        assert_eq!(input.len(), rows * d2.k, "two layers: the middle step gave {} values", input.len());
+        // The residual plus the bias (the order of `linear::forward_add`), then the sums.
+        for row in tile.chunks_exact_mut(d2.n) {
+            row.iter_mut().zip(b2).for_each(|(x, &b)| *x += b);
+        }
+        // SAFETY: the tile holds rows·n2 values, the input rows·k2 (checked).
+        unsafe { second.product(rows, (tile.as_mut_ptr(), d2.n), true, (input.as_ptr(), [d2.k, 1]), 1.0, none) };
+    });
 }
 
 #[cfg(test)]
@@ -171,11 +171,16 @@ mod tests {
         let (fc1, fc2) = ((&w1[..], &b1[..], d1), (&w2[..], &b2[..], d2));
         let y = normed(&x, norm);
         let layers = linear::forward_add(&linear::forward_gelu(&y, &w1, &b1, d1), &w2, &b2, &x, d2);
+        let fused = |f: &dyn Fn(&mut [f32])| {
+            let mut x = x.clone();
+            f(&mut x);
+            x
+        };
         for tile_rows in [48, 100, 200] {
-            let fused = two_layers(&x, norm, fc1, fc2, tile_rows, gelu_step);
+            let fused = fused(&|x| two_layers(x, norm, fc1, fc2, tile_rows, gelu_step));
             assert!(fused == layers, "MLP in tiles of {tile_rows}");
         }
-        assert!(norm_mlp_add(&x, norm, fc1, fc2) == layers);
+        assert!(fused(&|x| norm_mlp_add(x, norm, fc1, fc2)) == layers);
 
         // 10 samples of 20 tokens, 2 heads of 4: qkv [24, 24], proj [8, 24] -> back to 24.
         let d = AttentionDims { batch: 10, tokens: 20, heads: 2, head_dim: 4 };
@@ -185,10 +190,10 @@ mod tests {
         let heads = attention::forward(&linear::forward(&y, &wq, &bq, dq), d);
         let layers = linear::forward_add(&heads, &wp, &b2, &x, dp);
         for samples in [1, 3, 10] {
-            let fused = two_layers(&x, norm, qkv, proj, samples * d.tokens, attention_step(d));
+            let fused = fused(&|x| two_layers(x, norm, qkv, proj, samples * d.tokens, attention_step(d)));
             assert!(fused == layers, "attention in tiles of {samples} samples");
         }
-        assert!(norm_attention_add(&x, norm, qkv, d, proj) == layers);
+        assert!(fused(&|x| norm_attention_add(x, norm, qkv, d, proj)) == layers);
     }
 
     #[test]

@@ -92,10 +92,13 @@ impl FusedOps for Flex {
         b2: FlexTensor,
         eps: f64,
     ) -> FlexTensor {
-        let [x, g, b, w1, b1, w2, b2] = [x, gamma, beta, w1, b1, w2, b2].map(dense);
+        // The sums go into x's buffer (a copy only when x is shared or a view).
+        let mut x = owned(x);
+        let [g, b, w1, b1, w2, b2] = [gamma, beta, w1, b1, w2, b2].map(dense);
         let (d1, d2) = shapes::norm_mlp_add(&shape(&x), &shape(&g), &shape(&b), &shape(&w1), &shape(&w2));
         let [g, b, w1, b1, w2, b2] = [&g, &b, &w1, &b1, &w2, &b2].map(values);
-        tensor(block::norm_mlp_add(values(&x), (g, b, eps as f32), (w1, b1, d1), (w2, b2, d2)), shape(&x))
+        block::norm_mlp_add(x.storage_mut(), (g, b, eps as f32), (w1, b1, d1), (w2, b2, d2));
+        x
     }
 
     fn fused_norm_attention_add(
@@ -109,11 +112,13 @@ impl FusedOps for Flex {
         eps: f64,
         heads: usize,
     ) -> FlexTensor {
-        let [x, g, b, wq, bq, wp, bp] = [x, gamma, beta, qkv_weight, qkv_bias, proj_weight, proj_bias].map(dense);
+        let mut x = owned(x);
+        let [g, b, wq, bq, wp, bp] = [gamma, beta, qkv_weight, qkv_bias, proj_weight, proj_bias].map(dense);
         let (dq, d, dp) =
             shapes::norm_attention_add(&shape(&x), &shape(&g), &shape(&b), &shape(&wq), &shape(&wp), heads);
         let [g, b, wq, bq, wp, bp] = [&g, &b, &wq, &bq, &wp, &bp].map(values);
-        tensor(block::norm_attention_add(values(&x), (g, b, eps as f32), (wq, bq, dq), d, (wp, bp, dp)), shape(&x))
+        block::norm_attention_add(x.storage_mut(), (g, b, eps as f32), (wq, bq, dq), d, (wp, bp, dp));
+        x
     }
 
     fn fused_linear_transposed(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
