@@ -8,7 +8,8 @@
 //! normed rows stay in L2: neither is written to memory whole and read back, which cost more
 //! than the GELU or the attention softmax themselves, and x is read from memory once. The sums
 //! go back into x's rows (a tile reads only its own), not into a fresh buffer: writing a new
-//! stream of ViT-S/16's 16 x 197 x 384 values cost a tenth of each half in cache misses.
+//! stream of ViT-S/16's 16 x 197 x 384 values cost 6-11 % of each half in a harness (1-3 % of
+//! inference in the bench) in cache misses.
 //! The backward needs the middle tensors, so these run only without gradients (inference, the
 //! teacher). They give the bits of the layers run one after the other (tested), which is what
 //! runs when there are too few rows to keep every thread on several tiles.
