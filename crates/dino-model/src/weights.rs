@@ -655,7 +655,10 @@ pub fn write_safetensors(
     })
 }
 
-fn write_durably(tmp: &Path, bytes: &[u8], path: &Path) -> std::io::Result<()> {
+/// Replaces `path` with `bytes` whole or not at all: written to `tmp`, synced, renamed over
+/// `path`, and the directory synced, so that a process killed at any moment leaves the old file
+/// or the new one (and perhaps `tmp`).
+pub fn write_durably(tmp: &Path, bytes: &[u8], path: &Path) -> std::io::Result<()> {
     use std::io::Write;
     let mut file = fs::File::create(tmp)?;
     file.write_all(bytes)?;

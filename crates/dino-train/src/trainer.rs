@@ -15,7 +15,7 @@ use dino_data::{BadImage, DataError, Dataset, EvalTransform, count_skips, descri
 use dino_eval::{DatasetFeatures, ExtractOptions, FeatureSpec, dataset_features, knn_classify, pixel_features};
 use dino_model::DinoModel;
 use dino_model::batch_norm::eval_mode;
-use dino_model::weights::{describe_ignored, save_backbone};
+use dino_model::weights::{describe_ignored, save_backbone, write_durably};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainConfig;
@@ -159,6 +159,7 @@ impl RunDir {
         for file in [run.checkpoint(), run.teacher_backbone()] {
             let _ = fs::remove_file(file.with_extension("safetensors.tmp"));
         }
+        let _ = fs::remove_file(log_rewrite(&run.log()));
         Ok(run)
     }
 
@@ -501,6 +502,11 @@ fn networks(
     })
 }
 
+/// Where [`keep_log_before`] writes the new `log.txt` before renaming it over the old one.
+fn log_rewrite(log: &Path) -> PathBuf {
+    log.with_extension("txt.tmp")
+}
+
 /// Keeps the lines of `log.txt` of the epochs before `epoch`: a fresh run starts an empty log,
 /// and a run resumed after a kill drops the line of an epoch its checkpoint does not hold
 /// (the line is written before the checkpoint), so every epoch has exactly one line.
@@ -515,7 +521,9 @@ fn keep_log_before(log: &Path, epoch: usize) -> Result<(), TrainError> {
         .map(|line| format!("{line}\n"))
         .collect();
     if epoch == 0 || kept != text {
-        fs::write(log, kept).map_err(io_err(log))?;
+        // Truncating in place lost the kept lines too when a kill landed between the truncation
+        // and the write (the interrupt test caught it about once in six runs).
+        write_durably(&log_rewrite(log), kept.as_bytes(), log).map_err(io_err(log))?;
     }
     Ok(())
 }
