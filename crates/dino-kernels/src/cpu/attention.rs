@@ -138,7 +138,8 @@ pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
     let mut dqkv = Vec::with_capacity(qkv.len());
     let shared = Shared::capacity_of(&mut dqkv);
     probs.par_chunks(n * n).enumerate().for_each_init(
-        || vec![0.0; n * n],
+        // dS's scratch, made on the general path only (rayon calls this once per split).
+        Vec::new,
         |ds, (index, p)| {
             let (b, h) = (index / d.heads, index % d.heads);
             let base = b * n * row + h * dh;
@@ -150,6 +151,14 @@ pub fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], d: Dims) -> Vec<f32> {
                 let go = dout.as_ptr().add(b * n * width + h * dh);
                 let dq = shared.at(base);
                 let (dk, dv) = (dq.add(width), dq.add(2 * width));
+                // With bf16 products on AMX, `cpu_bf16::attention` runs the head (the same bits).
+                #[cfg(target_arch = "x86_64")]
+                if crate::cpu_bf16::amx_products() {
+                    let head = crate::cpu_bf16::attention::Head { tokens: n, dim: dh, scale: d.scale() };
+                    let grads = (dq, dk, dv, row);
+                    return crate::cpu_bf16::attention::head_backward(&head, (q, k, v, row), p, (go, width), grads);
+                }
+                ds.resize(n * n, 0.0);
                 gemm([n, dh, n], (dv, row), false, (p.as_ptr(), [1, n]), (go, [width, 1]), 1.0, Parallelism::None);
                 gemm([n, n, dh], (ds.as_mut_ptr(), n), false, (go, [width, 1]), (v, [1, row]), 1.0, Parallelism::None);
                 softmax_backward_rows(p, ds, n, d.scale());

@@ -86,20 +86,31 @@ pub fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// [`exp`]'s input range (the clamp).
+pub(crate) const EXP_RANGE: (f32, f32) = (-87.3, 88.3);
+/// -ln 2 in two parts (Cody-Waite): r = x - n ln 2 as `n · EXP_LN2.1 + (n · EXP_LN2.0 + x)`.
+#[allow(clippy::excessive_precision)]
+pub(crate) const EXP_LN2: (f32, f32) = (-0.693_359_4, 2.121_944_4e-4);
+/// [`exp`]'s polynomial in r, highest degree first.
+#[allow(clippy::excessive_precision)]
+pub(crate) const EXP_POLYNOMIAL: [f32; 6] =
+    [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+
 /// exp(x) for f32 within 2 ulp (Cephes `expf`): x = n ln2 + r, a degree-5 polynomial in r,
 /// times 2^n built from its bits. Inputs are clamped to [-87.3, 88.3], so exp of a very
 /// negative number is about 1e-38 rather than 0.
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.3);
+    let [p0, p1, p2, p3, p4, p5] = EXP_POLYNOMIAL;
+    let x = x.clamp(EXP_RANGE.0, EXP_RANGE.1);
     let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
-    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
-    let mut p = r.mul_add(1.987_569_1e-4, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    let r = n.mul_add(EXP_LN2.1, n.mul_add(EXP_LN2.0, x));
+    let mut p = r.mul_add(p0, p1);
+    p = p.mul_add(r, p2);
+    p = p.mul_add(r, p3);
+    p = p.mul_add(r, p4);
+    p = p.mul_add(r, p5);
     let y = p.mul_add(r * r, r) + 1.0;
     // 2^n from n's bits: adding 1.5·2^23 puts the integer n in the low mantissa bits (exact for
     // |n| < 2^22), which stays in SIMD registers; `n as i32` is a saturating scalar conversion.

@@ -37,6 +37,19 @@ pub(super) fn pairs_of(run: &[f32], out: &mut [u32]) {
     portable_pairs_of(run, out)
 }
 
+/// `values[i] *= by`, then [`pairs_of`] them into `out` (`ceil(values.len() / 2)` values): a
+/// softmax row's normalisation and its conversion in one pass.
+pub(super) fn scaled_pairs_of(values: &mut [f32], by: f32, out: &mut [u32]) {
+    assert_eq!(out.len(), values.len().div_ceil(2), "pairs of a run");
+    #[cfg(target_arch = "x86_64")]
+    if vectorised() {
+        // SAFETY: the CPU has the instructions; the assert bounds the stores to `out`.
+        return unsafe { avx512::scaled_pairs_of(values, by, out) };
+    }
+    values.iter_mut().for_each(|v| *v *= by);
+    portable_pairs_of(values, out)
+}
+
 /// `out[p][j] = pair(rows[2p][j], rows[2p + 1][j])` for `j < cols` (an odd last row pairs with
 /// 0): `kc` contiguous rows `rs` apart (of B, or of Aᵀ) interleaved into `[pairs][W]`, one
 /// panel a call. `out` must be zero past `cols` in each row (the vector path writes zeros
@@ -135,6 +148,26 @@ mod avx512 {
     }
 
     /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16; `out` must hold `ceil(values.len() / 2)` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn scaled_pairs_of(values: &mut [f32], by: f32, out: &mut [u32]) {
+        let (n, by) = (values.len(), _mm512_set1_ps(by));
+        for i in (0..n).step_by(32) {
+            let (m0, m1) = (lanes(n - i), lanes((n - i).saturating_sub(16)));
+            // SAFETY: masked lanes are not read or written; the others lie in `values` and `out`.
+            unsafe {
+                let at = values.as_mut_ptr().add(i);
+                let lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, at), by);
+                let hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, at.add(16)), by);
+                _mm512_mask_storeu_ps(at, m0, lo);
+                _mm512_mask_storeu_ps(at.add(16), m1, hi);
+                let words: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i / 2) as *mut i32, lanes((n - i).div_ceil(2)), words);
+            }
+        }
+    }
+
+    /// # Safety
     /// The CPU must have AVX-512 F, BW and BF16; `rows` must hold `kc` rows of `cols` values
     /// `rs` apart (the last may end there), and `out` `[pairs][W]` with `pairs <= ceil(kc / 2)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -201,6 +234,16 @@ mod tests {
                 unsafe { avx512::pairs_of(&run, &mut got) };
                 assert_eq!(got, want, "pairs_of, {len} values into {outs}");
             }
+            let (mut scaled, mut got) = (run.clone(), vec![7u32; len.div_ceil(2)]);
+            let mut want = vec![7u32; len.div_ceil(2)];
+            let by = 0.37;
+            let product: Vec<f32> = run.iter().map(|v| v * by).collect();
+            portable_pairs_of(&product, &mut want);
+            // SAFETY: checked above.
+            unsafe { avx512::scaled_pairs_of(&mut scaled, by, &mut got) };
+            assert_eq!(got, want, "scaled_pairs_of, {len} values");
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&scaled), bits(&product), "scaled_pairs_of's products, {len} values");
         }
         fn panels<const W: usize>() {
             for (kc, cols, rs) in [(1, W, W), (2, W, W + 5), (7, W - 3, W + 1), (64, W, 40), (33, 1, W)] {

@@ -239,6 +239,14 @@ pub unsafe fn gemm_bf16_packed(
     if m == 0 || n == 0 {
         return;
     }
+    // The bias copied once onto cache lines, where AMX loads a panel's bias straight into tiles.
+    let mut aligned = Aligned::default();
+    let bias = bias.map(|bias| {
+        aligned.grow(bias.len());
+        aligned.iter_mut().zip(bias).for_each(|(a, b)| *a = b.to_bits());
+        // SAFETY: a u32 and an f32 have the same size and alignment, and every bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const f32, bias.len()) }
+    });
     let (dst, lhs) = (Dst(dst), Src(lhs));
     if k == 0 {
         for i in 0..m {
