@@ -279,11 +279,7 @@ pub(crate) unsafe fn head_backward(
     }
     let Padded { n: padded_n, dim_pairs, token_pairs, panels } = Padded::of(head);
     BACKWARD.with(|buffers| {
-        let BackwardBuffers { a, b, ds, rows } = &mut *buffers.borrow_mut();
-        let [a0, a1, a2, a3] = a;
-        let [b0, b1, b2, b3] = b;
-        let (pt, go_a, ds_a, dst) = (a0, a1, a2, a3);
-        let (go_b, vt, kb, qb) = (b0, b1, b2, b3);
+        let BackwardBuffers { a: [pt, go_a, ds_a, dst], b: [go_b, vt, kb, qb], ds, rows } = &mut *buffers.borrow_mut();
         for m in [&mut *pt, ds_a, dst] {
             m.grow(padded_n * token_pairs);
         }
