@@ -18,6 +18,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::buffer::assume_init;
 use super::linear::{self, TILE_ROWS, check, parallelism};
 use super::matmul::Rhs;
 use super::{attention, gelu, layer_norm};
@@ -126,13 +127,15 @@ fn two_layers(
         )
     };
     let buffers = || {
-        let normed = (vec![0.0; tile_rows * d1.k], vec![0.0; 2 * tile_rows]);
+        let normed = (vec![MaybeUninit::uninit(); tile_rows * d1.k], vec![0.0; 2 * tile_rows]);
         (normed, Vec::<f32>::with_capacity(tile_rows * d1.n), (Vec::new(), Vec::new()))
     };
     x.par_chunks_mut(tile_rows * d2.n).for_each_init(buffers, |((normed, stats), made, scratch), tile| {
         let rows = tile.len() / d2.n;
         let normed = &mut normed[..rows * d1.k];
         layer_norm::forward_rows(tile, gamma, beta, eps, normed, stats);
+        // SAFETY: the LayerNorm wrote every value of its rows.
+        let normed = unsafe { assume_init(normed) };
         // SAFETY: `normed` holds rows·k1 values; `made`'s capacity holds rows·n1 values,
         // all written by the product before `set_len`.
         unsafe {

@@ -72,6 +72,18 @@ pub unsafe fn par_filled(
     v
 }
 
+/// `out` filled from `values` (one for each element), as initialised floats: for kernels whose
+/// first pass over an output row writes every element, so that it needs no zeroing first.
+#[inline(always)]
+pub fn filled(out: &mut [MaybeUninit<f32>], values: impl ExactSizeIterator<Item = f32>) -> &mut [f32] {
+    assert_eq!(values.len(), out.len(), "a row filled from as many values");
+    out.iter_mut().zip(values).for_each(|(o, v)| {
+        o.write(v);
+    });
+    // SAFETY: every element was just written (as many values as elements).
+    unsafe { assume_init(out) }
+}
+
 /// Zeroes `s` and returns it as initialised floats (done by each task on its own chunk, while
 /// it is in cache, rather than in one serial pass over a whole fresh buffer).
 pub fn zeroed(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {

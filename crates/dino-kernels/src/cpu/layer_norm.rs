@@ -5,20 +5,27 @@
 //! backward; here the forward is one read and one write per element and keeps per-row
 //! `(mean, 1/σ)` for the backward.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
-use super::buffer::{Shared, zeroed};
+use super::buffer::{Shared, filled};
 use super::rows_per_task;
 use super::simd::{dot, multiversion, sum};
 
 multiversion! {
-    fn forward_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], stats: &mut [f32]) {
+    fn forward_rows(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        y: &mut [MaybeUninit<f32>],
+        stats: &mut [f32],
+    ) {
         let width = gamma.len();
         for ((x, y), stats) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)).zip(stats.chunks_exact_mut(2)) {
             let mean = sum(x) / width as f32;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x - mean;
-            }
+            let y = filled(y, x.iter().map(|&x| x - mean));
             let rstd = 1.0 / (dot(y, y) / width as f32 + eps).sqrt();
             for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
                 *y = *y * rstd * g + b;
@@ -35,7 +42,7 @@ multiversion! {
         gamma: &[f32],
         stats: &[f32],
         dy: &[f32],
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) {
@@ -44,9 +51,7 @@ multiversion! {
         for (((x, dy), dx), stats) in rows.zip(stats.chunks_exact(2)) {
             let (mean, rstd) = (stats[0], stats[1]);
             // dx holds x̂ first, then the gradient.
-            for (h, &x) in dx.iter_mut().zip(x) {
-                *h = (x - mean) * rstd;
-            }
+            let dx = filled(dx, x.iter().map(|&x| (x - mean) * rstd));
             for (((dg, db), &h), &d) in dgamma.iter_mut().zip(dbeta.iter_mut()).zip(dx.iter()).zip(dy) {
                 *dg += d * h;
                 *db += d;
@@ -87,7 +92,7 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (Vec<f32>, V
     let y_out = Shared::capacity_of(&mut y);
     stats.par_chunks_mut(2 * rows).zip(x.par_chunks(rows * width)).enumerate().for_each(|(i, (stats, x))| {
         // SAFETY: task i alone writes its rows of y, inside the capacity.
-        let y = zeroed(unsafe { y_out.uninit_slice(i * rows * width, x.len()) });
+        let y = unsafe { y_out.uninit_slice(i * rows * width, x.len()) };
         forward_rows(x, gamma, beta, eps, y, stats)
     });
     // SAFETY: the tasks' rows cover all of x, so every element of y was written.
@@ -113,7 +118,7 @@ pub fn backward(x: &[f32], gamma: &[f32], stats: &[f32], dy: &[f32]) -> (Vec<f32
         .enumerate()
         .map(|(i, ((x, dy), stats))| {
             // SAFETY: task i alone writes its rows of dx, inside the capacity.
-            let dx = zeroed(unsafe { dx_out.uninit_slice(i * rows * width, x.len()) });
+            let dx = unsafe { dx_out.uninit_slice(i * rows * width, x.len()) };
             let (mut dgamma, mut dbeta) = (vec![0.0; width], vec![0.0; width]);
             backward_rows(x, gamma, stats, dy, dx, &mut dgamma, &mut dbeta);
             (dgamma, dbeta)

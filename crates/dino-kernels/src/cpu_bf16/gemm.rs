@@ -319,6 +319,9 @@ unsafe fn pack<const W: usize>(
             let column = &mut column[..kc.div_ceil(2)];
             for j in 0..cols {
                 if rs == 1 {
+                    if j + AHEAD < cols {
+                        prefetch(values.wrapping_add((c0 + j + AHEAD) * cs + k0), kc);
+                    }
                     pairs_of(run(values.add((c0 + j) * cs + k0), kc), column);
                 } else {
                     let at = |r: usize| if r < kc { *values.add((k0 + r) * rs + (c0 + j) * cs) } else { 0.0 };
@@ -341,6 +344,9 @@ unsafe fn pack_rows(
     out: &mut [u32],
 ) {
     for (i, out) in out.chunks_exact_mut(stride).enumerate() {
+        if r0 + i + AHEAD < m {
+            prefetch(values.wrapping_add((r0 + i + AHEAD) * rs + k0), kc);
+        }
         if r0 + i < m {
             let (pairs, padding) = out.split_at_mut(kc.div_ceil(2));
             // SAFETY: row r0 + i holds columns k0..k0 + kc.
@@ -349,6 +355,26 @@ unsafe fn pack_rows(
         } else {
             out.fill(0);
         }
+    }
+}
+
+/// Runs ahead of the one being converted (rows of A, or columns of a B stored by columns) whose
+/// values are fetched meanwhile. A run is a few cache lines, a whole row of the matrix away
+/// from the last: the hardware's prefetchers do not follow, and in training the conversions
+/// waited on L3 and memory (perf: `pairs_of` 11.8 % of an official_s16 step; 5.4 % with these
+/// prefetches, the step 5 % faster). 2 runs ahead did as well as 4; prefetching the rows that
+/// `interleave_rows` pairs, 8 or 24 pairs ahead, gained nothing.
+const AHEAD: usize = 2;
+
+/// Asks for the cache lines of `len` values at `at` into L1.
+#[inline(always)]
+fn prefetch(at: *const f32, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..len).step_by(16) {
+        // SAFETY: a prefetch does not fault, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.wrapping_add(line) as *const i8)
+        };
     }
 }
 
