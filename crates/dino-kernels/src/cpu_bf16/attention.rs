@@ -364,10 +364,10 @@ unsafe fn softmax_rows<const R: usize>(
         };
         let mut sum = [_mm512_setzero_ps(); R];
         for i in (0..whole).step_by(16) {
-            for r in 0..R {
+            for (r, sum) in sum.iter_mut().enumerate() {
                 let e = exp_at(r, i, 0xffff);
                 _mm512_storeu_ps(p.add(r * n + i), e);
-                sum[r] = _mm512_add_ps(sum[r], e);
+                *sum = _mm512_add_ps(*sum, e);
             }
         }
         let rest = lanes(n - whole);
