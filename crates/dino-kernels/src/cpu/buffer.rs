@@ -77,9 +77,12 @@ pub unsafe fn par_filled(
 #[inline(always)]
 pub fn filled(out: &mut [MaybeUninit<f32>], values: impl ExactSizeIterator<Item = f32>) -> &mut [f32] {
     assert_eq!(values.len(), out.len(), "a row filled from as many values");
-    out.iter_mut().zip(values).for_each(|(o, v)| {
+    // A `for` loop: `for_each` went through `Map::fold`, which was not inlined into the callers'
+    // AVX-512 builds and ran as baseline (SSE) code (perf: 2 % of official_s16 inference's
+    // samples; LayerNorm with it 5.7 %, without 4.0 %).
+    for (o, v) in out.iter_mut().zip(values) {
         o.write(v);
-    });
+    }
     // SAFETY: every element was just written (as many values as elements).
     unsafe { assume_init(out) }
 }
