@@ -72,4 +72,11 @@ impl ComputeArgs {
         }
         Ok(device)
     }
+
+    /// [`Self::device`] for a command that only runs the network forward (its weights fixed):
+    /// with bf16, each weight is rounded and packed for the products once, kept while the
+    /// guard lives, rather than once per batch.
+    pub fn inference_device(&self) -> anyhow::Result<(Device, dino_kernels::KeepPackedWeights)> {
+        Ok((self.device()?, dino_kernels::keep_packed_weights()))
+    }
 }

@@ -1,5 +1,6 @@
 //! GFLOP/s of the bf16 product (`dino_kernels::cpu_bf16`) on every kernel this CPU runs, against
-//! the f32 product of the `gemm` crate that the f32 kernels use, on the training step's shapes:
+//! the f32 product of the `gemm` crate that the f32 kernels use, on small28's training shapes and
+//! official_s16's inference shapes:
 //! `cargo run --release -p dino-kernels --example bf16_gemm [threads]`.
 
 use std::time::Instant;
@@ -33,6 +34,11 @@ fn main() {
         ("fc2     6400x768 . 768x192", [6400, 192, 768]),
         ("fc1 dW  768x6400 . 6400x192", [768, 192, 6400]),
         ("square  2048^3", [2048, 2048, 2048]),
+        // official_s16's inference: 16 images x 197 tokens = 3152 rows, width 384.
+        ("s16 qkv 3152x384 . 384x1152", [3152, 1152, 384]),
+        ("s16 proj 3152x384 . 384x384", [3152, 384, 384]),
+        ("s16 fc1 3152x384 . 384x1536", [3152, 1536, 384]),
+        ("s16 fc2 3152x1536 . 1536x384", [3152, 384, 1536]),
     ];
     for (name, [m, n, k]) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();

@@ -29,9 +29,9 @@ mod shapes;
 
 pub use api::*;
 pub use composed::{merge_heads, split_heads};
-pub use cpu::AdamwScalars;
 /// `a·b` in 16 vectorised lanes, for callers outside the kernels (nearest-neighbour search).
 pub use cpu::simd::dot;
+pub use cpu::{AdamwScalars, KeepPackedWeights, keep_packed_weights};
 pub use cpu_bf16::{MatmulPrecision, matmul_precision, set_matmul_precision};
 pub use ops::{FusedBackward, FusedOps};
 pub use shapes::{AttentionDims, ChannelDims, ConvDims, LinearDims, LossDims, PatchDims};

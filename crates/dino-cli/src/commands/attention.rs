@@ -60,7 +60,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     {
         bail!("--fps must be in (0, 100] (a GIF counts time in 10 ms steps), got {fps}");
     }
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (config, backbone) = args.weights.load(&device)?;
     let (Some(config), Some(vit)) = (config.vit(), backbone.as_vit()) else {
         bail!(

@@ -116,6 +116,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.only != Some(Measurement::Train) {
         let model = config.model_config().map_err(anyhow::Error::msg)?;
         let side = config.crops.global_size as usize;
+        // As the inference commands run (`ComputeArgs::inference_device`).
+        let _packed = dino_kernels::keep_packed_weights();
         print("infer", vec![described, json!(bench_infer(&model, config.batch_size, side, args.steps, &device))]);
     }
     Ok(())

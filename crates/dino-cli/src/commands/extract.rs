@@ -68,7 +68,7 @@ pub fn run(args: ExtractArgs) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let policy = args.images.policy()?;
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (config, backbone) = args.weights.load(&device)?;
     let total = inputs.paths.len() + inputs.skipped.len();
     let data = Dataset::from_files("the input images", inputs, &policy)?;

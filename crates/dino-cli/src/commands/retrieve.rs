@@ -109,7 +109,7 @@ pub fn run(args: RetrieveArgs) -> anyhow::Result<()> {
         Listing { paths: args.query.clone(), skipped: Vec::new() },
         &ImagePolicy { strict: true, ..policy },
     )?;
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (config, backbone) = args.weights.load(&device)?;
     // The official retrieval and copy-detection features: the final-normed CLS token, L2-normalised.
     let options = ExtractOptions {

@@ -1,6 +1,8 @@
 //! The one place the f32 kernels multiply matrices: the `gemm` crate in f32, or the bf16 product
 //! of `cpu_bf16` when `set_matmul_precision(Bf16)` chose it.
 
+use std::sync::Arc;
+
 pub use crate::cpu_bf16::Operand;
 use crate::cpu_bf16::{self, MatmulPrecision, PackedRhs, Path, gemm_bf16_packed};
 
@@ -16,7 +18,8 @@ fn threads(parallelism: gemm::Parallelism) -> usize {
 /// so that a layer's weight is converted once per call, not once per row tile.
 pub enum Rhs {
     F32(Operand, [usize; 2]),
-    Bf16(PackedRhs),
+    /// Packed for these products, or kept from earlier ones (`kept_weights`).
+    Bf16(Arc<PackedRhs>),
 }
 
 // SAFETY: an `F32` operand is only read, by products that the owner of its matrix waits for.
@@ -31,8 +34,20 @@ impl Rhs {
     pub unsafe fn new(rhs: Operand, [k, n]: [usize; 2], parallelism: gemm::Parallelism) -> Self {
         match cpu_bf16::matmul_precision() {
             MatmulPrecision::F32 => Self::F32(rhs, [k, n]),
-            // SAFETY: the caller's contract.
-            MatmulPrecision::Bf16 => Self::Bf16(unsafe { PackedRhs::new(rhs, [k, n], threads(parallelism)) }),
+            // SAFETY (both): the caller's contract.
+            MatmulPrecision::Bf16 => Self::Bf16(unsafe {
+                let threads = threads(parallelism);
+                super::kept_weights::packed(rhs, [k, n], threads)
+                    .unwrap_or_else(|| Arc::new(PackedRhs::new(rhs, [k, n], threads)))
+            }),
+        }
+    }
+
+    /// Bytes a weight's value takes in the products of the current precision.
+    pub fn value_bytes() -> usize {
+        match cpu_bf16::matmul_precision() {
+            MatmulPrecision::F32 => 4,
+            MatmulPrecision::Bf16 => 2,
         }
     }
 

@@ -8,6 +8,7 @@ pub(crate) mod buffer;
 mod conv;
 mod dino_loss;
 mod gelu;
+mod kept_weights;
 mod layer_norm;
 mod linear;
 mod matmul;
@@ -16,6 +17,7 @@ mod patch_embed;
 pub(crate) mod simd;
 mod weight_norm;
 
+pub use kept_weights::{KeepPackedWeights, keep_packed_weights};
 pub use optim::AdamwScalars;
 pub(crate) use optim::adamw;
 
@@ -47,6 +49,14 @@ fn owned(t: FlexTensor) -> FlexTensor {
     if exact && t.is_unique() { t } else { t.to_contiguous() }
 }
 
+/// A layer's weight: [`dense`], and registered for `kept_weights` (inference keeps its packed
+/// bf16 copy across forwards).
+fn weight(t: FlexTensor) -> FlexTensor {
+    let t = dense(t);
+    kept_weights::register(&t);
+    t
+}
+
 fn values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("fused kernels run on dense f32 tensors")
 }
@@ -64,20 +74,20 @@ fn scalar(value: f64) -> FlexTensor {
 }
 
 impl FusedOps for Flex {
-    fn fused_linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (x, w, b) = (dense(x), dense(weight), dense(bias));
+    fn fused_linear(x: FlexTensor, w: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let (x, w, b) = (dense(x), weight(w), dense(bias));
         let d = shapes::linear(&shape(&x), &shape(&w));
         tensor(linear::forward(values(&x), values(&w), values(&b), d), shapes::with_last(&shape(&x), d.n))
     }
 
-    fn fused_linear_gelu(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (x, w, b) = (dense(x), dense(weight), dense(bias));
+    fn fused_linear_gelu(x: FlexTensor, w: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let (x, w, b) = (dense(x), weight(w), dense(bias));
         let d = shapes::linear(&shape(&x), &shape(&w));
         tensor(linear::forward_gelu(values(&x), values(&w), values(&b), d), shapes::with_last(&shape(&x), d.n))
     }
 
-    fn fused_linear_add(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, residual: FlexTensor) -> FlexTensor {
-        let (x, w, b, r) = (dense(x), dense(weight), dense(bias), dense(residual));
+    fn fused_linear_add(x: FlexTensor, w: FlexTensor, bias: FlexTensor, residual: FlexTensor) -> FlexTensor {
+        let (x, w, b, r) = (dense(x), weight(w), dense(bias), dense(residual));
         let d = shapes::linear_add(&shape(&x), &shape(&w), &shape(&r));
         tensor(linear::forward_add(values(&x), values(&w), values(&b), values(&r), d), shape(&r))
     }
@@ -94,7 +104,8 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         // The sums go into x's buffer (a copy only when x is shared or a view).
         let mut x = owned(x);
-        let [g, b, w1, b1, w2, b2] = [gamma, beta, w1, b1, w2, b2].map(dense);
+        let (w1, w2) = (weight(w1), weight(w2));
+        let [g, b, b1, b2] = [gamma, beta, b1, b2].map(dense);
         let (d1, d2) = shapes::norm_mlp_add(&shape(&x), &shape(&g), &shape(&b), &shape(&w1), &shape(&w2));
         let [g, b, w1, b1, w2, b2] = [&g, &b, &w1, &b1, &w2, &b2].map(values);
         block::norm_mlp_add(x.storage_mut(), (g, b, eps as f32), (w1, b1, d1), (w2, b2, d2));
@@ -113,7 +124,8 @@ impl FusedOps for Flex {
         heads: usize,
     ) -> FlexTensor {
         let mut x = owned(x);
-        let [g, b, wq, bq, wp, bp] = [gamma, beta, qkv_weight, qkv_bias, proj_weight, proj_bias].map(dense);
+        let (wq, wp) = (weight(qkv_weight), weight(proj_weight));
+        let [g, b, bq, bp] = [gamma, beta, qkv_bias, proj_bias].map(dense);
         let (dq, d, dp) =
             shapes::norm_attention_add(&shape(&x), &shape(&g), &shape(&b), &shape(&wq), &shape(&wp), heads);
         let [g, b, wq, bq, wp, bp] = [&g, &b, &wq, &bq, &wp, &bp].map(values);
@@ -121,8 +133,8 @@ impl FusedOps for Flex {
         x
     }
 
-    fn fused_linear_transposed(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        let (x, w) = (dense(x), dense(weight));
+    fn fused_linear_transposed(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (x, w) = (dense(x), weight(w));
         let d = shapes::linear_transposed(&shape(&x), &shape(&w));
         tensor(linear::forward_transposed(values(&x), values(&w), d), shapes::with_last(&shape(&x), d.n))
     }

@@ -125,6 +125,9 @@ pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u3
     // Where the sum tiles are loaded from and stored to.
     let (c, c_rs) = if in_place { (out.ptr, out.rs) } else { (staged, NR) };
     let masks = row_masks(out.cols);
+    // A tile of 16 rows or fewer (a product's last, such as ViT-S/16's 197 tokens = 6 x 32 + 5)
+    // runs the top two sum tiles only: half the products of a full one.
+    let half = out.rows <= ROWS / 2;
     // SAFETY (all): the caller's contract bounds the rows and columns of `out` (and its bias)
     // that are read and written; the tiles read 16 rows of 64 bytes inside `a`, `b`, `c` or
     // `bias`, and write 16 rows of 64 bytes inside `c`.
@@ -138,7 +141,7 @@ pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u3
                     _mm512_store_ps(to.add(16), _mm512_maskz_loadu_ps(m1, from.add(16)));
                 }
             }
-            load_sums(c, c_rs);
+            load_sums(c, c_rs, half);
         } else if direct && !out.bias.is_null() {
             // A whole panel's bias on a cache line (as `gemm_bf16_packed` passes it) is loaded
             // where it lies. A row copied just before the load stalled it (a tile load waits
@@ -165,13 +168,58 @@ pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u3
         } else {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
         }
-        // Tile registers are not renamed: a load waits for the products that read the
-        // register before. So each step's products go in the order that frees a register
-        // soonest, and the next step's tile is loaded into it right then, while the other
-        // products run (in the plain order every load waited for the whole step).
-        let (a_stride, b_stride) = (a_rs * 4, NR * 4);
-        let a_at = |s: usize| a.add(s * PAIRS);
-        let b_at = |s: usize| b.add(s * PAIRS * NR);
+        if half {
+            top_steps(steps, a, a_rs, b);
+        } else {
+            steps_2x2(steps, a, a_rs, b);
+        }
+        asm!(
+            "tilestored [{top} + {stride}], tmm0",
+            "tilestored [{top_right} + {stride}], tmm1",
+            top = in(reg) c,
+            top_right = in(reg) c.add(16),
+            stride = in(reg) c_rs * 4,
+            options(nostack),
+        );
+        if !half {
+            asm!(
+                "tilestored [{bottom} + {stride}], tmm2",
+                "tilestored [{bottom_right} + {stride}], tmm3",
+                bottom = in(reg) c.add(16 * c_rs),
+                bottom_right = in(reg) c.add(16 * c_rs + 16),
+                stride = in(reg) c_rs * 4,
+                options(nostack),
+            );
+        }
+        if direct && !in_place {
+            for i in 0..out.rows {
+                let (from, to) = (staged.add(i * NR), out.ptr.add(i * out.rs));
+                _mm512_mask_storeu_ps(to, masks.0, _mm512_load_ps(from));
+                _mm512_mask_storeu_ps(to.add(16), masks.1, _mm512_load_ps(from.add(16)));
+            }
+        } else if !direct {
+            let epilogue = Epilogue::new(out);
+            for (i, row) in stage.assume_init_ref().0.iter().enumerate().take(out.rows) {
+                epilogue.store(out, i, _mm512_load_ps(row.as_ptr()), _mm512_load_ps(row.as_ptr().add(16)));
+            }
+        }
+    }
+}
+
+/// `steps` steps of 32 rows: 2 A tiles by 2 B tiles into the sums in `tmm0..tmm3`.
+///
+/// # Safety
+/// As [`tile`]'s, with the tile state configured.
+#[inline(always)]
+unsafe fn steps_2x2(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
+    // Tile registers are not renamed: a load waits for the products that read the register
+    // before. So each step's products go in the order that frees a register soonest, and the
+    // next step's tile is loaded into it right then, while the other products run (in the plain
+    // order every load waited for the whole step).
+    let (a_stride, b_stride) = (a_rs * 4, NR * 4);
+    let a_at = |s: usize| unsafe { a.add(s * PAIRS) };
+    let b_at = |s: usize| unsafe { b.add(s * PAIRS * NR) };
+    unsafe {
         if steps > 0 {
             asm!(
                 "tileloadd tmm4, [{a0} + {a_stride}]",
@@ -220,51 +268,83 @@ pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u3
                 options(nostack, nomem),
             );
         }
-        asm!(
-            "tilestored [{top} + {stride}], tmm0",
-            "tilestored [{top_right} + {stride}], tmm1",
-            "tilestored [{bottom} + {stride}], tmm2",
-            "tilestored [{bottom_right} + {stride}], tmm3",
-            top = in(reg) c,
-            top_right = in(reg) c.add(16),
-            bottom = in(reg) c.add(16 * c_rs),
-            bottom_right = in(reg) c.add(16 * c_rs + 16),
-            stride = in(reg) c_rs * 4,
-            options(nostack),
-        );
-        if direct && !in_place {
-            for i in 0..out.rows {
-                let (from, to) = (staged.add(i * NR), out.ptr.add(i * out.rs));
-                _mm512_mask_storeu_ps(to, masks.0, _mm512_load_ps(from));
-                _mm512_mask_storeu_ps(to.add(16), masks.1, _mm512_load_ps(from.add(16)));
+    }
+}
+
+/// `steps` steps of the top 16 rows only: 1 A tile by 2 B tiles into `tmm0` and `tmm1`, in
+/// [`steps_2x2`]'s order.
+///
+/// # Safety
+/// As [`tile`]'s, with the tile state configured.
+#[inline(always)]
+unsafe fn top_steps(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
+    let (a_stride, b_stride) = (a_rs * 4, NR * 4);
+    let a_at = |s: usize| unsafe { a.add(s * PAIRS) };
+    let b_at = |s: usize| unsafe { b.add(s * PAIRS * NR) };
+    unsafe {
+        if steps > 0 {
+            asm!(
+                "tileloadd tmm4, [{a0} + {a_stride}]",
+                "tileloadd tmm6, [{b0} + {b_stride}]",
+                "tileloadd tmm7, [{b1} + {b_stride}]",
+                a0 = in(reg) a_at(0),
+                b0 = in(reg) b_at(0),
+                b1 = in(reg) b_at(0).add(16),
+                a_stride = in(reg) a_stride,
+                b_stride = in(reg) b_stride,
+                options(nostack, readonly),
+            );
+        }
+        for s in 1..steps {
+            let next = b_at(steps + s - 1) as *const i8;
+            for line in (0..PAIRS * NR * 4).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(line));
             }
-        } else if !direct {
-            let epilogue = Epilogue::new(out);
-            for (i, row) in stage.assume_init_ref().0.iter().enumerate().take(out.rows) {
-                epilogue.store(out, i, _mm512_load_ps(row.as_ptr()), _mm512_load_ps(row.as_ptr().add(16)));
-            }
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm6, [{b0} + {b_stride}]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a0} + {a_stride}]",
+                "tileloadd tmm7, [{b1} + {b_stride}]",
+                a0 = in(reg) a_at(s),
+                b0 = in(reg) b_at(s),
+                b1 = in(reg) b_at(s).add(16),
+                a_stride = in(reg) a_stride,
+                b_stride = in(reg) b_stride,
+                options(nostack, readonly),
+            );
+        }
+        if steps > 0 {
+            asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
         }
     }
 }
 
-/// Loads the four sum tiles from the 32 x 32 block at `c` (row stride `c_rs` values).
+/// Loads the sum tiles from the 32 x 32 block at `c` (row stride `c_rs` values): the top two
+/// only when `top` (16 rows).
 ///
 /// # Safety
-/// The tile state must be configured, and `c` address the block.
+/// The tile state must be configured, and `c` address the block (its top half when `top`).
 #[inline(always)]
-unsafe fn load_sums(c: *const f32, c_rs: usize) {
+unsafe fn load_sums(c: *const f32, c_rs: usize, top: bool) {
     unsafe {
         asm!(
-            "tileloadd tmm0, [{top} + {stride}]",
-            "tileloadd tmm1, [{top_right} + {stride}]",
-            "tileloadd tmm2, [{bottom} + {stride}]",
-            "tileloadd tmm3, [{bottom_right} + {stride}]",
-            top = in(reg) c,
-            top_right = in(reg) c.add(16),
-            bottom = in(reg) c.add(16 * c_rs),
-            bottom_right = in(reg) c.add(16 * c_rs + 16),
+            "tileloadd tmm0, [{left} + {stride}]",
+            "tileloadd tmm1, [{right} + {stride}]",
+            left = in(reg) c,
+            right = in(reg) c.add(16),
             stride = in(reg) c_rs * 4,
             options(nostack, readonly),
         );
+        if !top {
+            asm!(
+                "tileloadd tmm2, [{left} + {stride}]",
+                "tileloadd tmm3, [{right} + {stride}]",
+                left = in(reg) c.add(16 * c_rs),
+                right = in(reg) c.add(16 * c_rs + 16),
+                stride = in(reg) c_rs * 4,
+                options(nostack, readonly),
+            );
+        }
     }
 }

@@ -140,7 +140,7 @@ pub fn run(args: CopyDetectionArgs) -> anyhow::Result<()> {
         bail!("--imsize must be at least one patch");
     }
     let policy = args.images.policy()?;
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (config, backbone) = args.weights.load(&device)?;
     let Some(vit) = backbone.as_vit() else {
         bail!(

@@ -278,7 +278,7 @@ fn knn(args: KnnArgs) -> anyhow::Result<()> {
     if bank.dim != queries.dim {
         bail!("bank and test features differ in size ({} vs {}); give --resize and --crop", bank.dim, queries.dim);
     }
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let results = knn_classify(
         &bank.values,
         &bank_labels,
@@ -324,7 +324,7 @@ fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)
     let policy = args.source.images.policy()?;
     let (train, _) = labeled(args.train.as_deref().unwrap_or_default(), &policy)?;
     let (test, _) = labeled(args.test.as_deref().unwrap_or_default(), &policy)?;
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let sets = [(&train, limit(args.max_train), "bank"), (&test, limit(args.max_test), "test")];
     let (mut features, what) = args.source.compute(&sets, &device)?;
     let queries = features.pop().expect("two sets");
@@ -335,7 +335,7 @@ fn compute_features(args: &KnnArgs) -> anyhow::Result<(Labeled, Labeled, String)
 /// PCA of the L2-normalised features (the space the k-NN searches), coloured by class.
 fn embedding(args: EmbeddingArgs) -> anyhow::Result<()> {
     let (data, _) = labeled(&args.data, &args.source.images.policy()?)?;
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (features, what) = args.source.compute(&[(&data, limit(args.max_images), "features")], &device)?;
     let (features, labels) = &features[0];
     let points = pca_2d(features);
@@ -357,7 +357,7 @@ fn linear(args: LinearArgs) -> anyhow::Result<()> {
     if args.lr.is_nan() || args.lr <= 0.0 {
         bail!("--lr must be positive");
     }
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (model, backbone) = args.weights.load(&device)?;
     let features = FeatureSpec::new(args.n_last_blocks, args.avgpool, &model)
         .map_err(|e| anyhow::anyhow!("--n-last-blocks: {e}"))?;

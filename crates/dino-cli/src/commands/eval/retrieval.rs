@@ -83,7 +83,7 @@ pub fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         );
     }
     let policy = args.images.policy()?;
-    let device = args.compute.device()?;
+    let (device, _packed) = args.compute.inference_device()?;
     let (_, backbone) = args.weights.load(&device)?;
     let imsize = (args.imsize > 0).then_some(args.imsize);
 
