@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use super::buffer::assume_init;
 use super::linear::{self, check, parallelism};
 use super::matmul::Rhs;
+use super::simd::multiversion;
 use super::{attention, gelu, layer_norm};
 use crate::shapes::{AttentionDims, LinearDims as Dims};
 
@@ -168,12 +169,20 @@ fn two_layers(
         let input = middle(made, scratch);
         assert_eq!(input.len(), rows * d2.k, "two layers: the middle step gave {} values", input.len());
         // The residual plus the bias (the order of `linear::forward_add`), then the sums.
-        for row in tile.chunks_exact_mut(d2.n) {
-            row.iter_mut().zip(b2).for_each(|(x, &b)| *x += b);
-        }
+        add_to_rows(tile, b2);
         // SAFETY: the tile holds rows·n2 values, the input rows·k2 (checked).
         unsafe { second.product(rows, (tile.as_mut_ptr(), d2.n), true, (input.as_ptr(), [d2.k, 1]), 1.0, none) };
     });
+}
+
+multiversion! {
+    /// `rows[i][j] += b[j]` for rows of `b.len()` values. Compiled for AVX-512 too: in baseline
+    /// SSE it was 2 % of ViT-S/16's bf16 inference (perf).
+    fn add_to_rows(rows: &mut [f32], b: &[f32]) {
+        for row in rows.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(x, &b)| *x += b);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -79,8 +79,17 @@ pub(super) fn register(weight: &FlexTensor) {
 /// # Safety
 /// `rhs` must address the whole `[k, n]` matrix under its strides.
 pub(super) unsafe fn packed(rhs: Operand, dims: [usize; 2], threads: usize) -> Option<Arc<PackedRhs>> {
+    if !keeping() {
+        return None;
+    }
+    if let Some(kept) = kept().find(rhs, dims)? {
+        return Some(kept);
+    }
+    // Packed without the lock: the packing runs on rayon's pool, whose threads may meanwhile
+    // take other tasks that multiply (and look here).
     // SAFETY: the caller's contract.
-    if keeping() { unsafe { kept().packed(rhs, dims, threads) } } else { None }
+    let packed = Arc::new(unsafe { PackedRhs::new(rhs, dims, threads) });
+    Some(kept().keep(rhs, dims, packed))
 }
 
 impl Registry {
@@ -97,26 +106,33 @@ impl Registry {
         }
     }
 
-    /// # Safety
-    /// As [`packed`]'s.
-    unsafe fn packed(&mut self, rhs: Operand, [k, n]: [usize; 2], threads: usize) -> Option<Arc<PackedRhs>> {
-        let (at, [rs, cs]) = rhs;
+    /// The live registered weight whose values hold `rhs` `[k, n]`. A live weight's buffer is
+    /// unchanged since it was registered, and two live buffers never overlap, so the one that
+    /// holds the operand is the operand's own.
+    fn weight_of(&mut self, (at, [rs, cs]): Operand, [k, n]: [usize; 2]) -> Option<&mut Weight> {
         if k == 0 || n == 0 {
             return None;
         }
         let start = at as usize;
         let end = start + 4 * ((k - 1) * rs + (n - 1) * cs + 1);
-        // A live weight's buffer is unchanged since it was registered; two live buffers never
-        // overlap, so the one that holds the operand is the operand's own.
-        let weight =
-            self.0.iter_mut().find(|w| w.owner.strong_count() > 0 && w.bytes.start <= start && end <= w.bytes.end)?;
-        if let Some((.., packed)) = weight.packed.iter().find(|(operand, dims, _)| *operand == rhs && *dims == [k, n]) {
-            return Some(packed.clone());
+        self.0.iter_mut().find(|w| w.owner.strong_count() > 0 && w.bytes.start <= start && end <= w.bytes.end)
+    }
+
+    /// `None` when `rhs` is not in a kept weight; else its packed copy, if made yet.
+    fn find(&mut self, rhs: Operand, dims: [usize; 2]) -> Option<Option<Arc<PackedRhs>>> {
+        let weight = self.weight_of(rhs, dims)?;
+        Some(weight.packed.iter().find(|(operand, d, _)| *operand == rhs && *d == dims).map(|(.., p)| p.clone()))
+    }
+
+    /// Keeps `packed`, the copy of `rhs`, if its weight is still registered; returns the copy
+    /// kept (another thread's, if it kept one first).
+    fn keep(&mut self, rhs: Operand, dims: [usize; 2], packed: Arc<PackedRhs>) -> Arc<PackedRhs> {
+        let Some(weight) = self.weight_of(rhs, dims) else { return packed };
+        if let Some((.., first)) = weight.packed.iter().find(|(operand, d, _)| *operand == rhs && *d == dims) {
+            return first.clone();
         }
-        // SAFETY: the caller's contract.
-        let packed = Arc::new(unsafe { PackedRhs::new(rhs, [k, n], threads) });
-        weight.packed.push((rhs, [k, n], packed.clone()));
-        Some(packed)
+        weight.packed.push((rhs, dims, packed.clone()));
+        packed
     }
 }
 
@@ -126,10 +142,12 @@ mod tests {
 
     use super::*;
 
+    /// [`super::packed`] on `registry`: `w`'s kept copy, packed on first use.
     fn packed(registry: &mut Registry, w: &FlexTensor) -> Option<Arc<PackedRhs>> {
-        let values = super::super::values(w);
+        let rhs = (super::super::values(w).as_ptr(), [8, 1]);
+        let kept = registry.find(rhs, [4, 8])?;
         // SAFETY: the operand is the whole [4, 8] weight.
-        unsafe { registry.packed((values.as_ptr(), [8, 1]), [4, 8], 1) }
+        Some(kept.unwrap_or_else(|| registry.keep(rhs, [4, 8], Arc::new(unsafe { PackedRhs::new(rhs, [4, 8], 1) }))))
     }
 
     /// A copy is shared while its weight lives unchanged, and dropped from use when the weight
