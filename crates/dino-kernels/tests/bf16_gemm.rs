@@ -236,3 +236,39 @@ fn a_slow_kernel_is_warned_of() {
         _ => {}
     }
 }
+
+/// Rows of a packed tile past the matrix's last row keep whatever the thread's packing buffer
+/// held (they make sums that are never stored): a product after one whose rows were all NaN
+/// and infinities still gives exactly the bits it gives on a fresh thread.
+#[test]
+fn rows_past_the_matrix_never_reach_the_result() {
+    let (n, k) = (40, 300);
+    let b = values(k * n, 2);
+    let product = |path: Path, a: &[f32], m: usize| {
+        let mut dst = vec![0.0f32; m * n];
+        unsafe {
+            gemm_bf16(
+                path,
+                [m, n, k],
+                (dst.as_mut_ptr(), n),
+                false,
+                (a.as_ptr(), [k, 1]),
+                (b.as_ptr(), [n, 1]),
+                1.0,
+                1,
+            );
+        }
+        dst
+    };
+    for path in Path::available() {
+        for m in [1, 5, 17, 33] {
+            let a = values(m * k, 1);
+            let fresh = std::thread::scope(|s| s.spawn(|| product(path, &a, m)).join().unwrap());
+            let poison: Vec<f32> = (0..96 * k).map(|i| [f32::NAN, f32::INFINITY, -f32::INFINITY][i % 3]).collect();
+            assert!(product(path, &poison, 96).iter().all(|v| !v.is_finite()));
+            let after = product(path, &a, m);
+            let same = fresh.iter().zip(&after).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{path:?}, {m} rows after a product of NaN rows");
+        }
+    }
+}

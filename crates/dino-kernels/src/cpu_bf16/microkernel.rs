@@ -162,13 +162,19 @@ impl Path {
         }
     }
 
+    /// Panics unless this CPU (and OS) runs this kernel: what [`Path::run`] needs.
+    pub(crate) fn check_runnable(self) {
+        assert!(Self::runnable().contains(&self), "this CPU (or OS) does not run the {} kernel", self.name());
+    }
+
     /// `out (+)= scale · Σ_p a[p] ⊗ b[p]` over `pairs` packed k-pairs (`a` in `layout`, `b`:
     /// `[pairs][NR]`), written straight from the sums (no tile in memory on the fast path).
     /// On AMX `pairs` is a [`Path::padded_pairs`] count and `a` is `RowsMajor`.
     ///
     /// # Safety
-    /// `out` must address `out.rows <= self.tile_rows()` rows of `out.cols <= NR` writable
-    /// values, and its bias (when not null) `out.cols` values.
+    /// `self` must be one of [`Path::available`]'s (checked once per product by
+    /// [`Path::check_runnable`], not per tile); `out` must address `out.rows <= self.tile_rows()`
+    /// rows of `out.cols <= NR` writable values, and its bias (when not null) `out.cols` values.
     pub(crate) unsafe fn run(self, pairs: usize, (a, layout): (&[u32], ALayout), b: &[u32], out: Out) {
         let rows = self.tile_rows();
         assert!(a.len() >= pairs * rows && b.len() >= pairs * NR, "packed panels hold every pair");
@@ -176,22 +182,20 @@ impl Path {
         match self {
             #[cfg(target_arch = "x86_64")]
             Path::Amx => {
-                assert!(Self::runnable().contains(&Path::Amx), "this CPU (or OS) offers no AMX-BF16");
                 assert!(
                     layout == ALayout::RowsMajor && pairs.is_multiple_of(super::amx::PAIRS),
                     "AMX reads whole tile rows"
                 );
-                // SAFETY: the tile state was granted (detect), the asserts bound every read, and
-                // the caller's contract every write.
+                // SAFETY: the tile state was granted (the caller's contract), the asserts bound
+                // every read, and the caller's contract every write.
                 unsafe { super::amx::tile(pairs / super::amx::PAIRS, a.as_ptr(), pairs, b.as_ptr(), out) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Path::Amx => unreachable!("detect() offers AMX on x86-64 only"),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512Bf16 => {
-                assert!(std::arch::is_x86_feature_detected!("avx512bf16"), "this CPU has no AVX-512 BF16");
-                // SAFETY: the CPU has the instructions, the asserts bound every read, and the
-                // caller's contract every write.
+                // SAFETY: the CPU has the instructions (the caller's contract), the asserts bound
+                // every read, and the caller's contract every write.
                 unsafe {
                     match layout {
                         ALayout::PairsMajor => avx512::tile::<false>(pairs, a.as_ptr(), b.as_ptr(), out),
