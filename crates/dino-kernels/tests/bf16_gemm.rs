@@ -152,25 +152,23 @@ fn paths_and_thread_counts_agree_to_the_bit() {
     }
 }
 
+/// `a [m, k] · b [k, n]`, both stored by rows, on `path` and the calling thread.
+fn product_by_rows(path: Path, [m, n, k]: [usize; 3], a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut dst = vec![0.0f32; m * n];
+    // SAFETY: a holds m·k values, b k·n and dst m·n, each stored by rows.
+    unsafe {
+        gemm_bf16(path, [m, n, k], (dst.as_mut_ptr(), n), false, (a.as_ptr(), [k, 1]), (b.as_ptr(), [n, 1]), 1.0, 1);
+    }
+    dst
+}
+
 /// The product really is bf16: on values that bf16 cannot hold it differs from the f32 product
 /// by about bf16's precision, not f32's.
 #[test]
 fn inputs_are_rounded_to_bf16() {
     let (m, n, k) = (4, 4, 64);
     let (a, b) = (values(m * k, 1), values(k * n, 2));
-    let mut dst = vec![0.0f32; m * n];
-    unsafe {
-        gemm_bf16(
-            Path::detect(),
-            [m, n, k],
-            (dst.as_mut_ptr(), n),
-            false,
-            (a.as_ptr(), [k, 1]),
-            (b.as_ptr(), [n, 1]),
-            1.0,
-            1,
-        );
-    }
+    let dst = product_by_rows(Path::detect(), [m, n, k], &a, &b);
     let mut worst = 0.0f64;
     for i in 0..m {
         for j in 0..n {
@@ -244,22 +242,7 @@ fn a_slow_kernel_is_warned_of() {
 fn rows_past_the_matrix_never_reach_the_result() {
     let (n, k) = (40, 300);
     let b = values(k * n, 2);
-    let product = |path: Path, a: &[f32], m: usize| {
-        let mut dst = vec![0.0f32; m * n];
-        unsafe {
-            gemm_bf16(
-                path,
-                [m, n, k],
-                (dst.as_mut_ptr(), n),
-                false,
-                (a.as_ptr(), [k, 1]),
-                (b.as_ptr(), [n, 1]),
-                1.0,
-                1,
-            );
-        }
-        dst
-    };
+    let product = |path: Path, a: &[f32], m: usize| product_by_rows(path, [m, n, k], a, &b);
     for path in Path::available() {
         for m in [1, 5, 17, 33] {
             let a = values(m * k, 1);
