@@ -235,7 +235,7 @@ pub(crate) unsafe fn head_forward(
             unsafe { row_tile(&qa[r0 * dim_pairs..], dim_pairs, kb, (ROWS, padded_n), (s_ptr, padded_n)) };
             // P = softmax(S · scale), as f32 (the caller's) and as bf16 A rows, 4 rows at a time.
             // Rows of P past the tokens keep what they held: they make rows of P v that are not
-            // stored (zeroing them was a tenth of the `memset` in ViT-S/16's inference).
+            // stored, so zeroing them was work for nothing.
             let (tile_pa, valid, mut i) = (&mut pa[..ROWS * token_pairs], ROWS.min(n - r0), 0);
             while i < valid {
                 let rows = if i + SOFTMAX_ROWS <= valid { SOFTMAX_ROWS } else { 1 };

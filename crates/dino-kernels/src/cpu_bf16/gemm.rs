@@ -348,8 +348,8 @@ unsafe fn pack_rows(
         if r0 + i + AHEAD < m {
             prefetch(values.wrapping_add((r0 + i + AHEAD) * rs + k0), kc);
         }
-        // Rows past m keep what they held: their sums are not stored (zeroing the last tile's
-        // rows past a sample's 197 tokens was most of the `memset` in ViT-S/16's inference).
+        // Rows past m keep what they held: their sums are not stored, so zeroing them (27 rows
+        // of the last tile of a 197-token sample, per k-block) was work for nothing.
         if r0 + i < m {
             let (pairs, padding) = out.split_at_mut(kc.div_ceil(2));
             // SAFETY: row r0 + i holds columns k0..k0 + kc.
