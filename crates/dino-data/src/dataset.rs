@@ -526,6 +526,7 @@ fn image_folder(dir: &Path, split: Split, policy: &ImagePolicy) -> Result<Datase
 ///   shortcut two crops of one image share, which DINO learns instead of the shape;
 ///   BENCHMARKS.md, section 3);
 /// - **noise**: pixel noise, so no two images of a class match pixel for pixel.
+///
 /// Texture classes (stripes, checkerboard) have a random period and phase.
 fn synthetic_image(class: usize, rng: &mut StdRng) -> RgbImage {
     let s = SYNTHETIC_SIZE as f32;

@@ -31,6 +31,9 @@ pub struct MultiCropBatch {
     pub skipped: Vec<BadImage>,
 }
 
+/// One image's crops, and the files skipped to reach it.
+type Sample = (Vec<Vec<f32>>, Vec<BadImage>);
+
 /// Mixes a seed with the epoch and an index into an RNG seed (splitmix64 steps).
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
     let mut z = seed ^ a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b.wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -70,7 +73,7 @@ pub fn epoch_batches(
         let mut order: Vec<usize> = (0..dataset.len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch as u64, u64::MAX)));
         for indices in order.chunks_exact(batch_size).skip(skip) {
-            let samples: Result<Vec<(Vec<Vec<f32>>, Vec<BadImage>)>, DataError> = pool.install(|| {
+            let samples: Result<Vec<Sample>, DataError> = pool.install(|| {
                 indices
                     .par_iter()
                     .map(|&i| {

@@ -72,12 +72,15 @@ impl DatasetFeatures {
     }
 }
 
+/// Rows that loaded, each with its image's index, and the images skipped.
+type Loaded<T> = (Vec<(usize, T)>, Vec<BadImage>);
+
 /// The rows of `count` images loaded in parallel by `load`, in order, with the skipped ones set
 /// aside.
 fn rows_of<T: Send>(
     count: usize,
     load: impl Fn(usize) -> Result<Result<T, BadImage>, EvalError> + Sync,
-) -> Result<(Vec<(usize, T)>, Vec<BadImage>), EvalError> {
+) -> Result<Loaded<T>, EvalError> {
     let loaded = (0..count).into_par_iter().map(|i| load(i).map(|r| (i, r))).collect::<Result<Vec<_>, _>>()?;
     let (mut rows, mut skipped) = (Vec::new(), Vec::new());
     for (i, row) in loaded {

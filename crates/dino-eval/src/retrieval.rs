@@ -432,7 +432,8 @@ mod tests {
         std::fs::write(&index_path, b"not an index").unwrap();
         let e = FeatureIndex::open(&index_path).unwrap_err().to_string();
         assert!(e.contains("index.safetensors"), "{e}");
-        let (index, update) = update_index(&index_path, "m2", 3, &[c.clone()], extractor(&mut calls)).unwrap();
+        let (index, update) =
+            update_index(&index_path, "m2", 3, std::slice::from_ref(&c), extractor(&mut calls)).unwrap();
         assert!(update.rebuilt.is_some() && index.len() == 1);
     }
 

@@ -305,7 +305,7 @@ mod tests {
     fn map_and_precision_follow_revisitop() {
         // Positives 3 and 7 of ten images; junk 5 ranked second.
         let ranking = vec![3, 5, 1, 7, 0, 2, 4, 6, 8, 9];
-        let r = compute_map(&[ranking.clone()], &[(vec![3, 7], vec![5])], &[1, 5, 10]);
+        let r = compute_map(std::slice::from_ref(&ranking), &[(vec![3, 7], vec![5])], &[1, 5, 10]);
         // Positions 0 and 3, the second moved up to 2 past the junk image:
         // AP = ((1 + 1) / 2 + (1/2 + 2/3) / 2) / 2 = 0.791666...
         assert!((r.map - (1.0 + (0.5 + 2.0 / 3.0) / 2.0) / 2.0).abs() < 1e-12, "{}", r.map);

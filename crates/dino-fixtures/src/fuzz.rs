@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use mutatis::Mutate;
 
 /// The fixed RNG seed of every target.
-pub const SEED: u64 = 0xD1_0F_0221;
+pub const SEED: u64 = 0xD10F_0221;
 
 /// Seconds per target in the test suite.
 pub const DEFAULT_SECONDS: f64 = 2.0;

@@ -193,21 +193,21 @@ fn weights_of_another_network_are_refused_with_both_named() {
     let weights = Weights::read(&path, CheckpointKey::Teacher).unwrap();
 
     let deeper = VitConfig { depth: 3, ..vit_config.clone() };
-    let e = one_line(weights.vit(&deeper, &device).err().expect("a deeper ViT must not load"));
+    let e = one_line(weights.vit(&deeper, &device).expect_err("a deeper ViT must not load"));
     assert!(
         e.contains("model.safetensors: holds a ViT (embed dim 16, 2 blocks")
             && e.contains("not a ViT (embed dim 16, 3 blocks"),
         "{e}"
     );
     let bigger_images = VitConfig { img_size: 32, ..vit_config.clone() };
-    let e = one_line(weights.vit(&bigger_images, &device).err().expect("another grid must not load"));
+    let e = one_line(weights.vit(&bigger_images, &device).expect_err("another grid must not load"));
     assert!(e.contains("16 px images") && e.contains("32 px images"), "{e}");
 
     let other_out = DinoHeadConfig { out_dim: 64, ..head.clone() };
-    let e = one_line(weights.dino_head(&other_out, &device).err().expect("another out_dim must not load"));
+    let e = one_line(weights.dino_head(&other_out, &device).expect_err("another out_dim must not load"));
     assert!(e.contains("holds a DINO head 16 -> out_dim 32") && e.contains("not a DINO head 16 -> out_dim 64"), "{e}");
     let other_bottleneck = DinoHeadConfig { bottleneck_dim: 12, ..head.clone() };
-    let e = one_line(weights.dino_head(&other_bottleneck, &device).err().expect("another bottleneck must not load"));
+    let e = one_line(weights.dino_head(&other_bottleneck, &device).expect_err("another bottleneck must not load"));
     assert!(e.contains("bottleneck 8") && e.contains("bottleneck 12"), "{e}");
     // The same network loads; norm_last_layer is not in the shapes and is not compared.
     weights.vit(&vit_config, &device).unwrap();

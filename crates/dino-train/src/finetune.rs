@@ -191,16 +191,15 @@ pub fn layer_decay_scales(model: &Classifier, decay: f64) -> HashMap<ParamId, f6
     layers.found.into_iter().map(|(id, path)| (id, decay.powi((top - layer(&path)) as i32))).collect()
 }
 
-/// Fine-tunes `model` (on the autodiff twin of `device`) on `train` and tests it on `test` after
-/// every epoch (`test_transform`, top-1 over the test images that decode). `on_best` receives the
+/// Fine-tunes `model` (on the autodiff twin of `device`) on `train` and tests it on `test` (its
+/// images and their transform) after every epoch: top-1 over the test images that decode. `on_best` receives the
 /// network of each new best epoch (to save it); `progress` hears every batch and epoch. Returns
 /// the last network and the epochs.
 pub fn finetune(
     model: Classifier,
     config: &FinetuneConfig,
     train: &Dataset,
-    test: &Dataset,
-    test_transform: &EvalTransform,
+    (test, test_transform): (&Dataset, &EvalTransform),
     device: &Device,
     mut on_best: impl FnMut(&Classifier, &FinetuneEpoch) -> Result<(), TrainError>,
     mut progress: impl FnMut(FinetuneProgress),

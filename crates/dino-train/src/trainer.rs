@@ -698,7 +698,7 @@ fn write_epoch(
     writeln!(file, "{}", serde_json::to_string(log).expect("logs serialise")).map_err(io_err(&run.log()))?;
     let epoch = log.epoch;
     save_checkpoint(&run.checkpoint(), (state, scaler), Position { epoch: epoch + 1, iteration: 0 }, None, config)?;
-    if config.saveckp_freq > 0 && epoch % config.saveckp_freq == 0 {
+    if config.saveckp_freq > 0 && epoch.is_multiple_of(config.saveckp_freq) {
         fs::copy(run.checkpoint(), run.kept_checkpoint(epoch)).map_err(io_err(&run.kept_checkpoint(epoch)))?;
     }
     let model_config = config.model_config().map_err(TrainError::Config)?;

@@ -166,7 +166,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     };
     let mut failed_log = None;
     let (_, history) =
-        finetune(model, &recipe, &train, &test, &test_transform, &device, save_best, |event| match event {
+        finetune(model, &recipe, &train, (&test, &test_transform), &device, save_best, |event| match event {
             FinetuneProgress::Batch { epoch, done, .. } => {
                 progress.set_prefix(format!("epoch {}", epoch + 1));
                 progress.set_position(done as u64);

@@ -36,10 +36,6 @@ const MIDDLE_BYTES: usize = 320 << 10;
 const LARGE_MIDDLE_BYTES: usize = 2 << 20;
 /// The weights' bytes above which an MLP's tiles take `LARGE_MIDDLE_BYTES`.
 const WEIGHTS_IN_L2: usize = 1 << 20;
-/// Rows of an MLP tile come in multiples of this: whole AMX tiles of 32 rows (at 48 rows every
-/// other one was half empty).
-const MLP_ROW_STEP: usize = 32;
-
 /// A layer: weight `[k, n]`, bias `[n]`, and its sizes.
 pub type Layer<'a> = (&'a [f32], &'a [f32], Dims);
 /// A LayerNorm: gamma and beta `[k]`, epsilon.
@@ -55,22 +51,13 @@ fn enough_tiles(rows: usize, tile_rows: usize) -> bool {
     rows >= 2 * rayon::current_num_threads() * tile_rows
 }
 
-/// Rows per tile of [`mlp_add`] for `rows` rows, a hidden width `h`, weights of `weight_bytes`
-/// in all and `threads` threads: the fewest tiles whose hidden layer fits `MIDDLE_BYTES` (or
-/// `LARGE_MIDDLE_BYTES`), in a number the threads share evenly (an odd tile out idled one core
-/// for a tile's time: 3 % of ViT-S/16's inference in 33 tiles).
-fn mlp_tile_rows(rows: usize, h: usize, weight_bytes: usize, threads: usize) -> usize {
+/// Rows per tile of [`norm_mlp_add`] for `rows` rows, a hidden width `h` and weights of
+/// `weight_bytes` in all: the fewest tiles whose hidden layer fits `MIDDLE_BYTES` (or
+/// `LARGE_MIDDLE_BYTES`), shared evenly by the threads, in whole calls of the product's kernel
+/// (`step` rows: at 48 rows every other AMX tile of 32 was half empty).
+fn mlp_tile_rows(rows: usize, h: usize, weight_bytes: usize, step: usize, threads: usize) -> usize {
     let middle = if weight_bytes > WEIGHTS_IN_L2 { LARGE_MIDDLE_BYTES } else { MIDDLE_BYTES };
-    let most = (middle / (4 * h.max(1)) / MLP_ROW_STEP).max(1) * MLP_ROW_STEP;
-    let mut tiles = threads * rows.div_ceil(threads * most).max(1);
-    loop {
-        let tile_rows = rows.div_ceil(tiles).next_multiple_of(MLP_ROW_STEP);
-        // Rounding up to the step can leave fewer tiles, and the threads unequal shares.
-        if rows.div_ceil(tile_rows).is_multiple_of(threads) || tile_rows == MLP_ROW_STEP {
-            return tile_rows;
-        }
-        tiles += threads;
-    }
+    linear::even_tile_rows(rows, middle / (4 * h.max(1)), step, threads)
 }
 
 /// Whole samples per tile of [`attention_add`]: as many qkv rows as fit `MIDDLE_BYTES`, at
@@ -83,7 +70,8 @@ fn attention_tile_samples(d: AttentionDims) -> usize {
 pub fn norm_mlp_add(x: &mut [f32], norm: Norm<'_>, fc1: Layer<'_>, fc2: Layer<'_>) {
     let ((w1, b1, d1), (w2, b2, d2)) = (fc1, fc2);
     let weight_bytes = (w1.len() + w2.len()) * Rhs::value_bytes();
-    let tile_rows = mlp_tile_rows(d1.rows, d1.n, weight_bytes, rayon::current_num_threads().max(1));
+    let threads = rayon::current_num_threads().max(1);
+    let tile_rows = mlp_tile_rows(d1.rows, d1.n, weight_bytes, Rhs::row_step(), threads);
     if !enough_tiles(d1.rows, tile_rows) {
         let y = linear::forward_add(&linear::forward_gelu(&normed(x, norm), w1, b1, d1), w2, b2, x, d2);
         return x.copy_from_slice(&y);
@@ -232,19 +220,21 @@ mod tests {
 
     #[test]
     fn mlp_tiles_fit_and_split_evenly() {
-        // ViT-S/16's inference on 16 images (2.4 MiB of bf16 weights): 10 tiles of 320 rows.
-        assert_eq!(mlp_tile_rows(16 * 197, 1536, 2 * 384 * 1536 * 2, 2), 320);
+        // ViT-S/16's inference on 16 images (2.4 MiB of bf16 weights), AMX: 10 tiles of 320 rows.
+        assert_eq!(mlp_tile_rows(16 * 197, 1536, 2 * 384 * 1536 * 2, 32, 2), 320);
         // small28's (0.6 MiB): 34 tiles of 96 rows, each hidden layer within 320 KiB.
-        assert_eq!(mlp_tile_rows(64 * 50, 768, 2 * 192 * 768 * 2, 2), 96);
-        for threads in [1, 2, 3, 8] {
-            for rows in [1, 31, 32, 500, 1576, 3152, 6400, 20_000] {
-                for (h, weights) in [(40, 4 << 10), (768, 600 << 10), (1536, 2400 << 10), (1536, 4800 << 10)] {
-                    let tile = mlp_tile_rows(rows, h, weights, threads);
-                    let middle = if weights > WEIGHTS_IN_L2 { LARGE_MIDDLE_BYTES } else { MIDDLE_BYTES };
-                    assert!(tile.is_multiple_of(MLP_ROW_STEP), "{rows} rows: tiles of {tile}");
-                    let even = rows.div_ceil(tile).is_multiple_of(threads);
-                    assert!(even || tile == MLP_ROW_STEP, "{rows} rows on {threads} threads: tiles of {tile}");
-                    assert!(4 * h * tile <= middle.max(4 * h * MLP_ROW_STEP), "{rows} rows, h {h}: tiles of {tile}");
+        assert_eq!(mlp_tile_rows(64 * 50, 768, 2 * 192 * 768 * 2, 32, 2), 96);
+        for step in [12, 16, 32] {
+            for threads in [1, 2, 3, 8] {
+                for rows in [0, 1, 31, 32, 500, 1576, 3152, 6400, 20_000] {
+                    for (h, weights) in [(40, 4 << 10), (768, 600 << 10), (1536, 2400 << 10), (1536, 4800 << 10)] {
+                        let tile = mlp_tile_rows(rows, h, weights, step, threads);
+                        let middle = if weights > WEIGHTS_IN_L2 { LARGE_MIDDLE_BYTES } else { MIDDLE_BYTES };
+                        let at = format!("{rows} rows, h {h}, {threads} threads, steps of {step}: tiles of {tile}");
+                        assert!(tile > 0 && tile.is_multiple_of(step), "{at}");
+                        assert!(rows.div_ceil(tile).is_multiple_of(threads) || tile == step, "{at}");
+                        assert!(4 * h * tile <= middle.max(4 * h * step), "{at}");
+                    }
                 }
             }
         }

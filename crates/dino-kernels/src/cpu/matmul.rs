@@ -51,6 +51,16 @@ impl Rhs {
         }
     }
 
+    /// Rows of the left operand the current precision's kernel multiplies in one call: tiles of
+    /// rows in multiples of it leave no call part empty. 16 in f32 (the rounding the f32 tiles
+    /// always had); in bf16 the chosen kernel's (AMX 32, the others 12).
+    pub fn row_step() -> usize {
+        match cpu_bf16::matmul_precision() {
+            MatmulPrecision::F32 => 16,
+            MatmulPrecision::Bf16 => Path::detect().tile_rows(),
+        }
+    }
+
     /// `dst[m, n] = scale · lhs[m, k] · self`, plus the previous `dst` when `accumulate`; `dst`
     /// is (first element, row stride) of a matrix with unit column stride.
     ///

@@ -217,58 +217,51 @@ unsafe fn steps_2x2(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
     // next step's tile is loaded into it right then, while the other products run (in the plain
     // order every load waited for the whole step).
     let (a_stride, b_stride) = (a_rs * 4, NR * 4);
-    let a_at = |s: usize| unsafe { a.add(s * PAIRS) };
-    let b_at = |s: usize| unsafe { b.add(s * PAIRS * NR) };
-    unsafe {
-        if steps > 0 {
-            asm!(
-                "tileloadd tmm4, [{a0} + {a_stride}]",
-                "tileloadd tmm6, [{b0} + {b_stride}]",
-                "tileloadd tmm7, [{b1} + {b_stride}]",
-                "tileloadd tmm5, [{a1} + {a_stride}]",
-                a0 = in(reg) a_at(0),
-                a1 = in(reg) a_at(0).add(16 * a_rs),
-                b0 = in(reg) b_at(0),
-                b1 = in(reg) b_at(0).add(16),
-                a_stride = in(reg) a_stride,
-                b_stride = in(reg) b_stride,
-                options(nostack, readonly),
-            );
-        }
-        for s in 1..steps {
-            // The next panel (it follows this one) into L1 while this one is multiplied.
-            let next = b_at(steps + s - 1) as *const i8;
-            for line in (0..PAIRS * NR * 4).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(line));
-            }
-            asm!(
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm4, [{a0} + {a_stride}]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tileloadd tmm6, [{b0} + {b_stride}]",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm7, [{b1} + {b_stride}]",
-                "tileloadd tmm5, [{a1} + {a_stride}]",
-                a0 = in(reg) a_at(s),
-                a1 = in(reg) a_at(s).add(16 * a_rs),
-                b0 = in(reg) b_at(s),
-                b1 = in(reg) b_at(s).add(16),
-                a_stride = in(reg) a_stride,
-                b_stride = in(reg) b_stride,
-                options(nostack, readonly),
-            );
-        }
-        if steps > 0 {
-            asm!(
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                options(nostack, nomem),
-            );
-        }
-    }
+    // SAFETY (all): `pipeline` passes the step's tiles, inside A and B by the caller's contract.
+    let load = |a: *const u32, b: *const u32| unsafe {
+        asm!(
+            "tileloadd tmm4, [{a0} + {a_stride}]",
+            "tileloadd tmm6, [{b0} + {b_stride}]",
+            "tileloadd tmm7, [{b1} + {b_stride}]",
+            "tileloadd tmm5, [{a1} + {a_stride}]",
+            a0 = in(reg) a,
+            a1 = in(reg) a.add(16 * a_rs),
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(16),
+            a_stride = in(reg) a_stride,
+            b_stride = in(reg) b_stride,
+            options(nostack, readonly),
+        )
+    };
+    let multiply_and_load = |a: *const u32, b: *const u32| unsafe {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {a_stride}]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b0} + {b_stride}]",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm7, [{b1} + {b_stride}]",
+            "tileloadd tmm5, [{a1} + {a_stride}]",
+            a0 = in(reg) a,
+            a1 = in(reg) a.add(16 * a_rs),
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(16),
+            a_stride = in(reg) a_stride,
+            b_stride = in(reg) b_stride,
+            options(nostack, readonly),
+        )
+    };
+    let multiply = || unsafe {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            options(nostack, nomem),
+        )
+    };
+    unsafe { pipeline(steps, a, b, load, multiply_and_load, multiply) }
 }
 
 /// `steps` steps of the top 16 rows only: 1 A tile by 2 B tiles into `tmm0` and `tmm1`, in
@@ -279,45 +272,71 @@ unsafe fn steps_2x2(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
 #[inline(always)]
 unsafe fn top_steps(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
     let (a_stride, b_stride) = (a_rs * 4, NR * 4);
-    let a_at = |s: usize| unsafe { a.add(s * PAIRS) };
-    let b_at = |s: usize| unsafe { b.add(s * PAIRS * NR) };
+    // SAFETY (all): as in `steps_2x2`.
+    let load = |a: *const u32, b: *const u32| unsafe {
+        asm!(
+            "tileloadd tmm4, [{a0} + {a_stride}]",
+            "tileloadd tmm6, [{b0} + {b_stride}]",
+            "tileloadd tmm7, [{b1} + {b_stride}]",
+            a0 = in(reg) a,
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(16),
+            a_stride = in(reg) a_stride,
+            b_stride = in(reg) b_stride,
+            options(nostack, readonly),
+        )
+    };
+    let multiply_and_load = |a: *const u32, b: *const u32| unsafe {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm6, [{b0} + {b_stride}]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {a_stride}]",
+            "tileloadd tmm7, [{b1} + {b_stride}]",
+            a0 = in(reg) a,
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(16),
+            a_stride = in(reg) a_stride,
+            b_stride = in(reg) b_stride,
+            options(nostack, readonly),
+        )
+    };
+    let multiply =
+        || unsafe { asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem)) };
+    unsafe { pipeline(steps, a, b, load, multiply_and_load, multiply) }
+}
+
+/// The loop of [`steps_2x2`] and [`top_steps`] over `steps` k-steps of A (`PAIRS` pairs each,
+/// along a row) and B (`PAIRS` rows of `NR`): `load` takes step 0's tiles, `multiply_and_load`
+/// each later step's while the step before is multiplied, `multiply` the last step's; the next
+/// panel of B (it follows this one) goes into L1 meanwhile.
+///
+/// # Safety
+/// As [`tile`]'s, with the tile state configured.
+#[inline(always)]
+unsafe fn pipeline(
+    steps: usize,
+    a: *const u32,
+    b: *const u32,
+    load: impl Fn(*const u32, *const u32),
+    multiply_and_load: impl Fn(*const u32, *const u32),
+    multiply: impl Fn(),
+) {
+    if steps == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract: A's steps, B's and the panel after it lie in the operands.
     unsafe {
-        if steps > 0 {
-            asm!(
-                "tileloadd tmm4, [{a0} + {a_stride}]",
-                "tileloadd tmm6, [{b0} + {b_stride}]",
-                "tileloadd tmm7, [{b1} + {b_stride}]",
-                a0 = in(reg) a_at(0),
-                b0 = in(reg) b_at(0),
-                b1 = in(reg) b_at(0).add(16),
-                a_stride = in(reg) a_stride,
-                b_stride = in(reg) b_stride,
-                options(nostack, readonly),
-            );
-        }
+        load(a, b);
         for s in 1..steps {
-            let next = b_at(steps + s - 1) as *const i8;
+            let next = b.add((steps + s - 1) * PAIRS * NR) as *const i8;
             for line in (0..PAIRS * NR * 4).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(next.add(line));
             }
-            asm!(
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm6, [{b0} + {b_stride}]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm4, [{a0} + {a_stride}]",
-                "tileloadd tmm7, [{b1} + {b_stride}]",
-                a0 = in(reg) a_at(s),
-                b0 = in(reg) b_at(s),
-                b1 = in(reg) b_at(s).add(16),
-                a_stride = in(reg) a_stride,
-                b_stride = in(reg) b_stride,
-                options(nostack, readonly),
-            );
-        }
-        if steps > 0 {
-            asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
+            multiply_and_load(a.add(s * PAIRS), b.add(s * PAIRS * NR));
         }
     }
+    multiply();
 }
 
 /// Loads the sum tiles from the 32 x 32 block at `c` (row stride `c_rs` values): the top two

@@ -151,7 +151,7 @@ crate::cpu::simd::multiversion! {
     fn transform_input(padded: &[f32], windows: &[usize], tiling: Tiling, stride: usize, v: &mut [f32]) {
         let (channels, wp) = (tiling.d.in_channels, tiling.wp);
         let plane = tiling.hp * wp;
-        let runs = tiling.across % LANES == 0;
+        let runs = tiling.across.is_multiple_of(LANES);
         for c in 0..channels {
             for (g, group) in windows.chunks(LANES).enumerate() {
                 let mut d = [[[0.0f32; LANES]; 4]; 4];
