@@ -206,6 +206,27 @@ pub(crate) unsafe fn tile(steps: usize, a: *const u32, a_rs: usize, b: *const u3
     }
 }
 
+/// A closure `|a, b|` running `instructions` on one k-step's tiles: A's top tile at `{a0}` (and
+/// with `bottom`, the bottom one that many values on, at `{a1}`), B's left and right tiles at
+/// `{b0}` and `{b1}`; the row strides in bytes are `{a_stride}` (A's rows of `a_rs` values) and
+/// `{b_stride}`.
+macro_rules! on_step {
+    ($a_rs:expr $(, bottom = $bottom:expr)?; $($instruction:literal),+) => {
+        |a: *const u32, b: *const u32| unsafe {
+            asm!(
+                $($instruction),+,
+                a0 = in(reg) a,
+                $(a1 = in(reg) a.add($bottom),)?
+                b0 = in(reg) b,
+                b1 = in(reg) b.add(16),
+                a_stride = in(reg) $a_rs * 4,
+                b_stride = in(reg) NR * 4,
+                options(nostack, readonly),
+            )
+        }
+    };
+}
+
 /// `steps` steps of 32 rows: 2 A tiles by 2 B tiles into the sums in `tmm0..tmm3`.
 ///
 /// # Safety
@@ -216,42 +237,23 @@ unsafe fn steps_2x2(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
     // before. So each step's products go in the order that frees a register soonest, and the
     // next step's tile is loaded into it right then, while the other products run (in the plain
     // order every load waited for the whole step).
-    let (a_stride, b_stride) = (a_rs * 4, NR * 4);
     // SAFETY (all): `pipeline` passes the step's tiles, inside A and B by the caller's contract.
-    let load = |a: *const u32, b: *const u32| unsafe {
-        asm!(
-            "tileloadd tmm4, [{a0} + {a_stride}]",
-            "tileloadd tmm6, [{b0} + {b_stride}]",
-            "tileloadd tmm7, [{b1} + {b_stride}]",
-            "tileloadd tmm5, [{a1} + {a_stride}]",
-            a0 = in(reg) a,
-            a1 = in(reg) a.add(16 * a_rs),
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(16),
-            a_stride = in(reg) a_stride,
-            b_stride = in(reg) b_stride,
-            options(nostack, readonly),
-        )
-    };
-    let multiply_and_load = |a: *const u32, b: *const u32| unsafe {
-        asm!(
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a0} + {a_stride}]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tileloadd tmm6, [{b0} + {b_stride}]",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "tileloadd tmm7, [{b1} + {b_stride}]",
-            "tileloadd tmm5, [{a1} + {a_stride}]",
-            a0 = in(reg) a,
-            a1 = in(reg) a.add(16 * a_rs),
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(16),
-            a_stride = in(reg) a_stride,
-            b_stride = in(reg) b_stride,
-            options(nostack, readonly),
-        )
-    };
+    let load = on_step!(a_rs, bottom = 16 * a_rs;
+        "tileloadd tmm4, [{a0} + {a_stride}]",
+        "tileloadd tmm6, [{b0} + {b_stride}]",
+        "tileloadd tmm7, [{b1} + {b_stride}]",
+        "tileloadd tmm5, [{a1} + {a_stride}]"
+    );
+    let multiply_and_load = on_step!(a_rs, bottom = 16 * a_rs;
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm4, [{a0} + {a_stride}]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tileloadd tmm6, [{b0} + {b_stride}]",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "tileloadd tmm7, [{b1} + {b_stride}]",
+        "tileloadd tmm5, [{a1} + {a_stride}]"
+    );
     let multiply = || unsafe {
         asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
@@ -271,36 +273,19 @@ unsafe fn steps_2x2(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
 /// As [`tile`]'s, with the tile state configured.
 #[inline(always)]
 unsafe fn top_steps(steps: usize, a: *const u32, a_rs: usize, b: *const u32) {
-    let (a_stride, b_stride) = (a_rs * 4, NR * 4);
     // SAFETY (all): as in `steps_2x2`.
-    let load = |a: *const u32, b: *const u32| unsafe {
-        asm!(
-            "tileloadd tmm4, [{a0} + {a_stride}]",
-            "tileloadd tmm6, [{b0} + {b_stride}]",
-            "tileloadd tmm7, [{b1} + {b_stride}]",
-            a0 = in(reg) a,
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(16),
-            a_stride = in(reg) a_stride,
-            b_stride = in(reg) b_stride,
-            options(nostack, readonly),
-        )
-    };
-    let multiply_and_load = |a: *const u32, b: *const u32| unsafe {
-        asm!(
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm6, [{b0} + {b_stride}]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm4, [{a0} + {a_stride}]",
-            "tileloadd tmm7, [{b1} + {b_stride}]",
-            a0 = in(reg) a,
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(16),
-            a_stride = in(reg) a_stride,
-            b_stride = in(reg) b_stride,
-            options(nostack, readonly),
-        )
-    };
+    let load = on_step!(a_rs;
+        "tileloadd tmm4, [{a0} + {a_stride}]",
+        "tileloadd tmm6, [{b0} + {b_stride}]",
+        "tileloadd tmm7, [{b1} + {b_stride}]"
+    );
+    let multiply_and_load = on_step!(a_rs;
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm6, [{b0} + {b_stride}]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm4, [{a0} + {a_stride}]",
+        "tileloadd tmm7, [{b1} + {b_stride}]"
+    );
     let multiply =
         || unsafe { asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem)) };
     unsafe { pipeline(steps, a, b, load, multiply_and_load, multiply) }
