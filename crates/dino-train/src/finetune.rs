@@ -192,9 +192,9 @@ pub fn layer_decay_scales(model: &Classifier, decay: f64) -> HashMap<ParamId, f6
 }
 
 /// Fine-tunes `model` (on the autodiff twin of `device`) on `train` and tests it on `test` (its
-/// images and their transform) after every epoch: top-1 over the test images that decode. `on_best` receives the
-/// network of each new best epoch (to save it); `progress` hears every batch and epoch. Returns
-/// the last network and the epochs.
+/// images and their transform) after every epoch: top-1 over the test images that decode.
+/// `on_best` receives the network of each new best epoch (to save it); `progress` hears every
+/// batch and epoch. Returns the last network and the epochs.
 pub fn finetune(
     model: Classifier,
     config: &FinetuneConfig,
